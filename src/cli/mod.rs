@@ -1,0 +1,78 @@
+//! Command-line interface: one subcommand per file. `main` maps errors to exit codes in one
+//! place: 0 success, 2 bad usage or bad input, 1 anything else. Errors print as one line.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod schedule;
+
+/// Denoising diffusion models: schedules, samplers, training, likelihoods.
+#[derive(Parser, Debug)]
+#[command(name = "diffuse", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print or plot noise schedules (beta_t, alpha_bar_t, posterior variance, SNR).
+    Schedule(schedule::ScheduleArgs),
+}
+
+/// An error in how the tool was called (a flag combination that makes no sense): exit code 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Shorthand for returning a [`UsageError`].
+#[allow(dead_code)]
+pub fn usage<T>(msg: impl Into<String>) -> anyhow::Result<T> {
+    Err(UsageError(msg.into()).into())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Schedule(args) => schedule::run(args),
+    }
+}
+
+/// Exit code for an error: 2 when the user's input is at fault, else 1.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if cause.downcast_ref::<UsageError>().is_some() {
+            return 2;
+        }
+        if let Some(e) = cause.downcast_ref::<diffuse::Error>() {
+            return if e.is_user_error() { 2 } else { 1 };
+        }
+    }
+    1
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let line = format!("{err:#}").replace('\n', " ");
+            eprintln!("error: {line}");
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! # diffuse
+//!
+//! Denoising diffusion probabilistic models in Rust: the forward noising process and its
+//! schedules, the reverse process and its samplers, the variational bound, and the networks
+//! and training loop that learn it.
+//!
+//! ```
+//! use diffuse::schedule::Schedule;
+//!
+//! // The DDPM paper's linear schedule, T = 1000 (Ho et al. 2020).
+//! let s = Schedule::named("linear", 1000).unwrap();
+//! // alpha_bar_T = prod (1 - beta_t) is about 4e-5: x_T is almost pure noise.
+//! assert!((s.alpha_bar[999] - 4.04e-5).abs() < 1e-6);
+//! ```
+//!
+//! Module map (one concept per module; see `shared/STYLE.md`):
+//! - [`schedule`]: beta schedules and their derived tables (f64).
+//! - [`rng`]: the seeded generator, the only source of randomness.
+//! - [`io`]: atomic file output and `.npy`.
+//! - [`plot`]: PNG charts.
+//! - [`denoiser`]: the `Denoiser` trait samplers call; eps / x_0 / v / score conversions.
+//! - [`ops`]: network building blocks (conv, GroupNorm, attention) with fast CPU kernels.
+
+pub mod denoiser;
+pub mod error;
+pub mod io;
+pub mod ops;
+pub mod plot;
+pub mod rng;
+pub mod schedule;
+
+pub use error::{Error, Result};

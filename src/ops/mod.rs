@@ -1,0 +1,92 @@
+//! The network building-block operations the U-Net and the MLP call.
+//!
+//! Every function here has one contract (shapes, formula) and two implementations:
+//! - [`reference`]: candle's stock ops composed (runs on every device, differentiable through
+//!   candle's autodiff) — the ground truth the fast kernels are tested against;
+//! - fast fused CPU kernels (candle custom ops with their own backward) used when the tensor
+//!   is on the CPU and fast kernels are enabled ([`set_fast_kernels`]).
+//!
+//! CUDA (and any non-CPU device) always uses candle's own ops.
+//!
+//! Shapes: images are `[N, C, H, W]`, contiguous, f32.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{Result, Tensor};
+
+pub mod reference;
+
+static FAST_KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Turns the fast CPU kernels on or off for the whole process (on by default). Off means
+/// every op runs as candle's stock composition ([`reference`]).
+pub fn set_fast_kernels(on: bool) {
+    FAST_KERNELS.store(on, Ordering::Relaxed);
+}
+
+/// Whether the fast CPU kernels are used for tensors on the CPU.
+pub fn fast_kernels() -> bool {
+    FAST_KERNELS.load(Ordering::Relaxed)
+}
+
+/// 2-D convolution, `y = conv(x, w) + b`: x `[N, C_in, H, W]`, w `[C_out, C_in, K, K]`,
+/// b `[C_out]`, zero padding `padding` on every side, stride `stride`.
+pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+    reference::conv2d(x, w, b, stride, padding)
+}
+
+/// Group normalisation (Wu & He 2018) with per-channel affine `gamma`, `beta` (`[C]`):
+/// `y = (x - mean_g) / sqrt(var_g + eps) * gamma + beta`, statistics over each group of
+/// `C / groups` channels and all pixels. `C % groups != 0` is an error.
+pub fn group_norm(x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    reference::group_norm(x, groups, gamma, beta, eps)
+}
+
+/// `silu(group_norm(x))`, the ResBlock's first stage, fused.
+pub fn group_norm_silu(x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    reference::group_norm_silu(x, groups, gamma, beta, eps)
+}
+
+/// `silu(group_norm(x) * (1 + scale) + shift)` with per-sample, per-channel `scale`, `shift`
+/// (`[N, C]`): the ResBlock's second stage with scale-shift time conditioning (Improved DDPM).
+pub fn group_norm_scale_shift_silu(
+    x: &Tensor,
+    groups: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    reference::group_norm_scale_shift_silu(x, groups, gamma, beta, scale, shift, eps)
+}
+
+/// `silu(x) = x * sigmoid(x)`.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    reference::silu(x)
+}
+
+/// `x + bias[:, :, None, None]`: adds a per-sample, per-channel vector (`[N, C]`) to a feature map.
+pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    reference::add_channel_bias(x, bias)
+}
+
+/// Nearest-neighbour 2x upsampling of `[N, C, H, W]` to `[N, C, 2H, 2W]`.
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    reference::upsample_nearest2x(x)
+}
+
+/// 2x2 average pooling, stride 2 (`H`, `W` even).
+pub fn avg_pool2x(x: &Tensor) -> Result<Tensor> {
+    reference::avg_pool2x(x)
+}
+
+/// Scaled dot-product attention `softmax(q k^T * scale) v` over `[B, L, D]` tensors.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    reference::attention(q, k, v, scale)
+}
+
+/// `y = x w^T + b` for x `[N, I]`, w `[O, I]`, b `[O]`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    reference::linear(x, w, b)
+}

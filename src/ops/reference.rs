@@ -1,0 +1,93 @@
+//! The stock-candle composition of every op in [`crate::ops`]: the reference the fast kernels
+//! are tested against, and the path used on non-CPU devices.
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// See [`crate::ops::conv2d`].
+pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+    let y = x.conv2d(w, padding, stride, 1, 1)?;
+    match b {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+/// See [`crate::ops::group_norm`].
+pub fn group_norm(x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if groups == 0 || c % groups != 0 {
+        candle_core::bail!("group_norm: {c} channels cannot be split into {groups} groups evenly");
+    }
+    let xs = x.reshape((n, groups, (c / groups) * h * w))?;
+    let x_dtype = xs.dtype();
+    let xs = xs.to_dtype(DType::F32)?;
+    let mean = xs.mean_keepdim(D::Minus1)?;
+    let xc = xs.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(x_dtype)?;
+    let xn = xn.reshape((n, c, h, w))?;
+    xn.broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&beta.reshape((1, c, 1, 1))?)
+}
+
+/// See [`crate::ops::group_norm_silu`].
+pub fn group_norm_silu(x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    silu(&group_norm(x, groups, gamma, beta, eps)?)
+}
+
+/// See [`crate::ops::group_norm_scale_shift_silu`].
+pub fn group_norm_scale_shift_silu(
+    x: &Tensor,
+    groups: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let (n, c, _, _) = x.dims4()?;
+    let h = group_norm(x, groups, gamma, beta, eps)?;
+    let scale = (scale.reshape((n, c, 1, 1))? + 1.0)?;
+    let h = h
+        .broadcast_mul(&scale)?
+        .broadcast_add(&shift.reshape((n, c, 1, 1))?)?;
+    silu(&h)
+}
+
+/// See [`crate::ops::silu`].
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x.silu()
+}
+
+/// See [`crate::ops::add_channel_bias`].
+pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (n, c) = bias.dims2()?;
+    x.broadcast_add(&bias.reshape((n, c, 1, 1))?)
+}
+
+/// See [`crate::ops::upsample_nearest2x`].
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    x.upsample_nearest2d(2 * h, 2 * w)
+}
+
+/// See [`crate::ops::avg_pool2x`].
+pub fn avg_pool2x(x: &Tensor) -> Result<Tensor> {
+    x.avg_pool2d(2)
+}
+
+/// See [`crate::ops::attention`].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let att = (q.matmul(&k.t()?)? * scale)?;
+    let att = candle_nn::ops::softmax_last_dim(&att)?;
+    att.matmul(v)
+}
+
+/// See [`crate::ops::linear`].
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.matmul(&w.t()?)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
