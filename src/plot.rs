@@ -137,6 +137,7 @@ pub fn line_chart(path: &Path, panels: &[Panel], width: u32, height: u32) -> Res
                 }
                 chart
                     .configure_series_labels()
+                    .position(SeriesLabelPosition::UpperRight)
                     .background_style(WHITE.mix(0.8))
                     .border_style(BLACK)
                     .label_font(("sans-serif", 14))
@@ -175,6 +176,7 @@ pub fn line_chart(path: &Path, panels: &[Panel], width: u32, height: u32) -> Res
                 }
                 chart
                     .configure_series_labels()
+                    .position(SeriesLabelPosition::UpperRight)
                     .background_style(WHITE.mix(0.8))
                     .border_style(BLACK)
                     .label_font(("sans-serif", 14))
