@@ -69,9 +69,9 @@ struct Bytes {
 
 impl Bytes {
     fn from_tensor(images: &Tensor, what: &str) -> Result<Self> {
-        let (n, c, h, w) = images.dims4().map_err(|_| {
-            Error::param(what, format!("shape {:?}, expected [N, C, H, W]", images.dims()))
-        })?;
+        let (n, c, h, w) = images
+            .dims4()
+            .map_err(|_| Error::param(what, format!("shape {:?}, expected [N, C, H, W]", images.dims())))?;
         if c != 1 && c != 3 {
             return Err(Error::param(
                 what,
@@ -115,14 +115,24 @@ struct Canvas {
 
 impl Canvas {
     /// A canvas for `rows x cols` cells of `h x w` images at `scale`, filled with the gutter colour.
-    fn for_cells(rows: usize, cols: usize, c: usize, h: usize, w: usize, scale: usize, gutter: usize) -> Result<Self> {
+    fn for_cells(
+        rows: usize,
+        cols: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        scale: usize,
+        gutter: usize,
+    ) -> Result<Self> {
         let side = |cells: usize, len: usize| {
             cells
                 .checked_mul(len.checked_mul(scale)?)?
                 .checked_add(cells.checked_add(1)?.checked_mul(gutter)?)
         };
         let (width, height) = match (side(cols, w), side(rows, h)) {
-            (Some(width), Some(height)) if width <= u32::MAX as usize && height <= u32::MAX as usize => (width, height),
+            (Some(width), Some(height)) if width <= u32::MAX as usize && height <= u32::MAX as usize => {
+                (width, height)
+            }
             _ => return Err(Error::param("grid", "the picture would be too large")),
         };
         let len = width
@@ -193,7 +203,10 @@ fn check_scale(opts: &GridOptions, h: usize, w: usize) -> Result<usize> {
 pub fn grid_image(images: &Tensor, opts: &GridOptions) -> Result<DynamicImage> {
     let b = Bytes::from_tensor(images, "images")?;
     if b.n == 0 {
-        return Err(Error::param("images", "an empty batch, expected at least one image"));
+        return Err(Error::param(
+            "images",
+            "an empty batch, expected at least one image",
+        ));
     }
     let cols = match opts.columns {
         Some(0) => return Err(Error::param("columns", "got 0, expected at least 1")),
@@ -220,7 +233,10 @@ pub fn strip_image(frames: &[Tensor], opts: &GridOptions) -> Result<DynamicImage
         .ok_or_else(|| Error::param("frames", "no frames, expected at least one"))?;
     let shape = (first.n, first.c, first.h, first.w);
     if first.n == 0 {
-        return Err(Error::param("frames", "empty frames, expected at least one image"));
+        return Err(Error::param(
+            "frames",
+            "empty frames, expected at least one image",
+        ));
     }
     for (f, b) in batches.iter().enumerate() {
         if (b.n, b.c, b.h, b.w) != shape {

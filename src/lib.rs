@@ -23,8 +23,8 @@
 //! - [`image_out`]: sample grids, per-image PNGs, trajectory strips and GIFs.
 //! - [`ops`]: network building blocks (conv, GroupNorm, attention) with fast CPU kernels.
 
-pub mod denoiser;
 pub mod data;
+pub mod denoiser;
 pub mod error;
 pub mod image_out;
 pub mod io;

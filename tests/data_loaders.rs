@@ -121,12 +121,22 @@ fn idx_wrong_magic_names_file_and_expected_magic() {
     // An images file that is really a labels file (magic 2049).
     std::fs::write(dir.path().join("train-images-idx3-ubyte"), idx_labels(&[1, 2, 3])).unwrap();
     let e = load_err(&spec(dir.path()));
-    assert_contains(&e, &["train-images-idx3-ubyte", "magic number 2049, expected 2051"]);
+    assert_contains(
+        &e,
+        &["train-images-idx3-ubyte", "magic number 2049, expected 2051"],
+    );
     // A labels file with the images magic.
     write_idx_set(dir.path(), false);
-    std::fs::write(dir.path().join("train-labels-idx1-ubyte"), idx_images(0, 1, 1, &[])).unwrap();
+    std::fs::write(
+        dir.path().join("train-labels-idx1-ubyte"),
+        idx_images(0, 1, 1, &[]),
+    )
+    .unwrap();
     let e = load_err(&spec(dir.path()));
-    assert_contains(&e, &["train-labels-idx1-ubyte", "magic number 2051, expected 2049"]);
+    assert_contains(
+        &e,
+        &["train-labels-idx1-ubyte", "magic number 2051, expected 2049"],
+    );
 }
 
 #[test]
@@ -138,7 +148,16 @@ fn idx_truncated_or_trailing_bytes_are_errors() {
     std::fs::write(dir.path().join("train-images-idx3-ubyte"), &bytes).unwrap();
     let e = load_err(&spec(dir.path()));
     // 3 images of 2x3 = 18 pixel bytes + 16 header bytes = 34; the file has 33.
-    assert_contains(&e, &["train-images-idx3-ubyte", "truncated", "3 images of 2x3", "34", "33"]);
+    assert_contains(
+        &e,
+        &[
+            "train-images-idx3-ubyte",
+            "truncated",
+            "3 images of 2x3",
+            "34",
+            "33",
+        ],
+    );
     bytes.extend_from_slice(&[0, 0]);
     std::fs::write(dir.path().join("train-images-idx3-ubyte"), &bytes).unwrap();
     assert_contains(&load_err(&spec(dir.path())), &["trailing bytes", "35"]);
@@ -149,7 +168,10 @@ fn idx_truncated_or_trailing_bytes_are_errors() {
     let gz = gzip(&idx_images(3, 2, 3, &pixels));
     std::fs::remove_file(dir.path().join("train-images-idx3-ubyte")).unwrap();
     std::fs::write(dir.path().join("train-images-idx3-ubyte.gz"), &gz[..gz.len() / 2]).unwrap();
-    assert_contains(&load_err(&spec(dir.path())), &["train-images-idx3-ubyte.gz", "gzip"]);
+    assert_contains(
+        &load_err(&spec(dir.path())),
+        &["train-images-idx3-ubyte.gz", "gzip"],
+    );
     // Header sizes whose product overflows usize are caught before allocating.
     let mut huge = Vec::new();
     for v in [2051u32, u32::MAX, u32::MAX, u32::MAX] {
@@ -163,7 +185,11 @@ fn idx_truncated_or_trailing_bytes_are_errors() {
 fn idx_count_mismatch_names_the_labels_file() {
     let dir = tempfile::tempdir().unwrap();
     write_idx_set(dir.path(), true);
-    std::fs::write(dir.path().join("train-labels-idx1-ubyte.gz"), gzip(&idx_labels(&[1, 2]))).unwrap();
+    std::fs::write(
+        dir.path().join("train-labels-idx1-ubyte.gz"),
+        gzip(&idx_labels(&[1, 2])),
+    )
+    .unwrap();
     let e = load_err(&spec(dir.path()));
     assert_contains(&e, &["train-labels-idx1-ubyte.gz", "2 labels, expected 3"]);
 }
@@ -171,20 +197,31 @@ fn idx_count_mismatch_names_the_labels_file() {
 #[test]
 fn idx_missing_split_and_missing_labels() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("train-images-idx3-ubyte"), idx_images(1, 1, 2, &[0, 255])).unwrap();
+    std::fs::write(
+        dir.path().join("train-images-idx3-ubyte"),
+        idx_images(1, 1, 2, &[0, 255]),
+    )
+    .unwrap();
     // No labels file: an unlabelled dataset.
     let d = data::load(&spec(dir.path())).unwrap();
     assert_eq!((d.len(), d.labels()), (1, None));
     assert_eq!(d.pixels(), &[-1.0, 1.0]);
     let e = load_err(&spec(dir.path()).with_split(Split::Test));
-    assert_contains(&e, &["no IDX images file for the test split", "t10k-images-idx3-ubyte"]);
+    assert_contains(
+        &e,
+        &["no IDX images file for the test split", "t10k-images-idx3-ubyte"],
+    );
 }
 
 #[test]
 fn image_size_and_channels_apply_to_idx() {
     let dir = tempfile::tempdir().unwrap();
     // One 4x4 image, constant 200: any resize of a constant image is that constant.
-    std::fs::write(dir.path().join("train-images-idx3-ubyte"), idx_images(1, 4, 4, &[200; 16])).unwrap();
+    std::fs::write(
+        dir.path().join("train-images-idx3-ubyte"),
+        idx_images(1, 4, 4, &[200; 16]),
+    )
+    .unwrap();
     let s = DataSpec {
         image_size: Some(2),
         channels: Some(3),
@@ -220,8 +257,16 @@ fn cifar_batches_load_in_order_with_class_names() {
     let batches = dir.path().join("cifar-10-batches-bin");
     std::fs::create_dir(&batches).unwrap();
     // data_batch_2 is written first and data_batch_10 exists: order must be numeric.
-    std::fs::write(batches.join("data_batch_2.bin"), [cifar_record(3, 2), cifar_record(4, 3)].concat()).unwrap();
-    std::fs::write(batches.join("data_batch_1.bin"), [cifar_record(0, 0), cifar_record(1, 1)].concat()).unwrap();
+    std::fs::write(
+        batches.join("data_batch_2.bin"),
+        [cifar_record(3, 2), cifar_record(4, 3)].concat(),
+    )
+    .unwrap();
+    std::fs::write(
+        batches.join("data_batch_1.bin"),
+        [cifar_record(0, 0), cifar_record(1, 1)].concat(),
+    )
+    .unwrap();
     std::fs::write(batches.join("data_batch_10.bin"), cifar_record(9, 9)).unwrap();
     std::fs::write(batches.join("test_batch.bin"), cifar_record(5, 50)).unwrap();
     // The parent directory is detected through cifar-10-batches-bin/.
@@ -252,12 +297,30 @@ fn cifar_bad_length_and_bad_label_are_errors() {
     bytes.extend_from_slice(&[0; 5]);
     std::fs::write(dir.path().join("data_batch_1.bin"), &bytes).unwrap();
     let e = load_err(&spec(dir.path()));
-    assert_contains(&e, &["data_batch_1.bin", "6151 bytes", "multiple of 3073", "2 whole records and 5 bytes left over"]);
-    std::fs::write(dir.path().join("data_batch_1.bin"), [cifar_record(1, 0), cifar_record(10, 0)].concat()).unwrap();
-    assert_contains(&load_err(&spec(dir.path())), &["data_batch_1.bin", "record 1: label 10, expected 0..9"]);
+    assert_contains(
+        &e,
+        &[
+            "data_batch_1.bin",
+            "6151 bytes",
+            "multiple of 3073",
+            "2 whole records and 5 bytes left over",
+        ],
+    );
+    std::fs::write(
+        dir.path().join("data_batch_1.bin"),
+        [cifar_record(1, 0), cifar_record(10, 0)].concat(),
+    )
+    .unwrap();
+    assert_contains(
+        &load_err(&spec(dir.path())),
+        &["data_batch_1.bin", "record 1: label 10, expected 0..9"],
+    );
     // No test batch.
     std::fs::write(dir.path().join("data_batch_1.bin"), cifar_record(1, 0)).unwrap();
-    assert_contains(&load_err(&spec(dir.path()).with_split(Split::Test)), &["test_batch.bin"]);
+    assert_contains(
+        &load_err(&spec(dir.path()).with_split(Split::Test)),
+        &["test_batch.bin"],
+    );
 }
 
 // ---------- image folders ----------
@@ -266,7 +329,10 @@ fn cifar_bad_length_and_bad_label_are_errors() {
 fn folder_with_class_subfolders_and_splits() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    save_png(&root.join("train/cat/a.png"), grey(3, 2, |x, y| (10 * x + 100 * y) as u8));
+    save_png(
+        &root.join("train/cat/a.png"),
+        grey(3, 2, |x, y| (10 * x + 100 * y) as u8),
+    );
     save_png(&root.join("train/dog/deep/b.png"), grey(3, 2, |_, _| 255));
     save_png(&root.join("train/cat/c.PNG"), grey(3, 2, |_, _| 0));
     save_png(&root.join("test/dog/d.png"), grey(3, 2, |_, _| 7));
@@ -326,7 +392,11 @@ fn folder_channels_auto_and_converted() {
 fn folder_unreadable_image_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
     save_png(&dir.path().join("a.png"), grey(2, 2, |_, _| 0));
-    std::fs::write(dir.path().join("broken.jpg"), b"\xff\xd8\xff this is not really a jpeg").unwrap();
+    std::fs::write(
+        dir.path().join("broken.jpg"),
+        b"\xff\xd8\xff this is not really a jpeg",
+    )
+    .unwrap();
     let e = load_err(&spec(dir.path()));
     assert_contains(&e, &["broken.jpg", "cannot decode the image"]);
 }
@@ -338,7 +408,15 @@ fn folder_mixed_sizes_error_without_image_size_and_resize_with_it() {
     save_png(&dir.path().join("b.png"), grey(6, 3, |_, _| 0));
     save_png(&dir.path().join("c.png"), grey(5, 5, |_, _| 0));
     let e = load_err(&spec(dir.path()));
-    assert_contains(&e, &["b.png", "image is 3x6 (height x width), expected 4x4 like", "a.png", "--image-size"]);
+    assert_contains(
+        &e,
+        &[
+            "b.png",
+            "image is 3x6 (height x width), expected 4x4 like",
+            "a.png",
+            "--image-size",
+        ],
+    );
     let d = data::load(&DataSpec {
         image_size: Some(3),
         ..spec(dir.path())
@@ -361,7 +439,10 @@ fn resize_and_centre_crop_are_exact_on_hand_made_images() {
     let dir = tempfile::tempdir().unwrap();
     // 4 wide x 2 high, pixel (x, y) = 40 x + 10 y. Shorter side 2 = image_size, so no resampling
     // (the filter at scale 1 is the identity); the centre crop keeps columns (4 - 2) / 2 = 1 and 2.
-    save_png(&dir.path().join("wide/a.png"), grey(4, 2, |x, y| (40 * x + 10 * y) as u8));
+    save_png(
+        &dir.path().join("wide/a.png"),
+        grey(4, 2, |x, y| (40 * x + 10 * y) as u8),
+    );
     let d = data::load(&DataSpec {
         image_size: Some(2),
         ..spec(&dir.path().join("wide"))
@@ -369,7 +450,10 @@ fn resize_and_centre_crop_are_exact_on_hand_made_images() {
     .unwrap();
     let want: Vec<f32> = [40u8, 80, 50, 90].iter().map(|&v| unit(v)).collect();
     let got = d.image(0).unwrap();
-    assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-6), "{got:?} vs {want:?}");
+    assert!(
+        got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-6),
+        "{got:?} vs {want:?}"
+    );
 
     // 4x4 -> 2x2, pixel (x, y) = a_x + b_y with a = (0, 40, 80, 120), b = (0, 8, 16, 24).
     // Triangle filter at scale 2: output 0 weighs sources (0, 1, 2) by (3, 3, 1) / 7, output 1
@@ -378,7 +462,10 @@ fn resize_and_centre_crop_are_exact_on_hand_made_images() {
     //   A_0 = (3*0 + 3*40 + 80) / 7 = 200/7,  A_1 = (40 + 3*80 + 3*120) / 7 = 640/7,
     //   B_0 = (3*0 + 3*8 + 16) / 7  = 40/7,   B_1 = (8 + 3*16 + 3*24) / 7  = 128/7.
     let (a, b) = ([0u32, 40, 80, 120], [0u32, 8, 16, 24]);
-    save_png(&dir.path().join("square/a.png"), grey(4, 4, |x, y| (a[x as usize] + b[y as usize]) as u8));
+    save_png(
+        &dir.path().join("square/a.png"),
+        grey(4, 4, |x, y| (a[x as usize] + b[y as usize]) as u8),
+    );
     let d = data::load(&DataSpec {
         image_size: Some(2),
         ..spec(&dir.path().join("square"))
@@ -390,7 +477,11 @@ fn resize_and_centre_crop_are_exact_on_hand_made_images() {
         for x in 0..2 {
             let want = ((big_a[x] + big_b[y]) / 127.5 - 1.0) as f32;
             // f32 storage and f64 arithmetic: a few ulps of values near 1.
-            assert!((got[y * 2 + x] - want).abs() < 1e-6, "({x},{y}) {} vs {want}", got[y * 2 + x]);
+            assert!(
+                (got[y * 2 + x] - want).abs() < 1e-6,
+                "({x},{y}) {} vs {want}",
+                got[y * 2 + x]
+            );
         }
     }
 }
@@ -416,9 +507,18 @@ fn format_override_detection_and_bad_paths() {
     assert_contains(&e, &["missing", "no such file or directory", "mnist5k"]);
     let e = load_err(&spec(&dir.path().join("train-images-idx3-ubyte")));
     assert_contains(&e, &["not a directory"]);
-    assert_contains(&load_err(&DataSpec { channels: Some(2), ..DataSpec::default() }), &["channels", "1 or 3"]);
+    assert_contains(
+        &load_err(&DataSpec {
+            channels: Some(2),
+            ..DataSpec::default()
+        }),
+        &["channels", "1 or 3"],
+    );
     assert_eq!("cifar10".parse::<Format>().unwrap(), Format::Cifar10);
-    assert_contains(&"png".parse::<Format>().unwrap_err().to_string(), &["idx, cifar10 or folder"]);
+    assert_contains(
+        &"png".parse::<Format>().unwrap_err().to_string(),
+        &["idx, cifar10 or folder"],
+    );
     assert_eq!("test".parse::<Split>().unwrap(), Split::Test);
 }
 
@@ -427,11 +527,16 @@ fn format_override_detection_and_bad_paths() {
 #[test]
 fn batch_gathers_and_flips_per_image_from_the_callers_rng() {
     // 8 images of 1x2x3, image i pixel k = 10 i + k (asymmetric rows).
-    let pixels: Vec<f32> = (0..8).flat_map(|i| (0..6).map(move |k| (10 * i + k) as f32)).collect();
+    let pixels: Vec<f32> = (0..8)
+        .flat_map(|i| (0..6).map(move |k| (10 * i + k) as f32))
+        .collect();
     let d = ImageDataset::new(pixels, [1, 2, 3], None, None, "test".into()).unwrap();
     let plain = d.batch(&[5, 2], None).unwrap();
     assert_eq!(plain.dims(), &[2, 1, 2, 3]);
-    assert_eq!(plain.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [50., 51., 52., 53., 54., 55., 20., 21., 22., 23., 24., 25.]);
+    assert_eq!(
+        plain.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        [50., 51., 52., 53., 54., 55., 20., 21., 22., 23., 24., 25.]
+    );
 
     let indices: Vec<usize> = (0..8).collect();
     let mut rng = Rng::new(11);
@@ -454,7 +559,11 @@ fn batch_gathers_and_flips_per_image_from_the_callers_rng() {
     assert!(n_flipped > 0 && n_flipped < 8, "{n_flipped}");
     // The caller's generator advanced by exactly one draw per image.
     assert_eq!(rng, replay);
-    assert!(d.batch(&[8], None).unwrap_err().to_string().contains("below the dataset size 8"));
+    assert!(d
+        .batch(&[8], None)
+        .unwrap_err()
+        .to_string()
+        .contains("below the dataset size 8"));
 }
 
 // ---------- the bundled dataset ----------
@@ -524,7 +633,15 @@ fn epoch_sampler_resumes_the_exact_order() {
     let mut first = EpochSampler::new(42, 7).unwrap();
     let mut resumed_run: Vec<Vec<usize>> = (0..4).map(|_| first.next_batch(3)).collect();
     // 12 indices drawn: epoch 1, position 5.
-    assert_eq!(first.state(), SamplerState { seed: 42, len: 7, epoch: 1, position: 5 });
+    assert_eq!(
+        first.state(),
+        SamplerState {
+            seed: 42,
+            len: 7,
+            epoch: 1,
+            position: 5
+        }
+    );
     let json = serde_json::to_string(&first).unwrap();
     drop(first);
     let mut second: EpochSampler = serde_json::from_str(&json).unwrap();
@@ -535,4 +652,65 @@ fn epoch_sampler_resumes_the_exact_order() {
     let bad = r#"{"seed":1,"len":7,"epoch":0,"position":7}"#;
     let e = serde_json::from_str::<EpochSampler>(bad).unwrap_err().to_string();
     assert!(e.contains("position"), "{e}");
+}
+
+#[test]
+fn resize_matches_pillow_bilinear() {
+    // tests/fixtures/resize_pillow.json, made by tests/fixtures/make_resize_pillow.py: Pillow's
+    // float BILINEAR resize + centre crop of a grey 23x37 and an RGB 30x17 image, shrinking and
+    // enlarging. The images go through PNG files and the folder loader, as a user's would.
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/resize_pillow.json"
+    ))
+    .unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for case in fixture["cases"].as_array().unwrap() {
+        let shape: Vec<usize> = case["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        let (c, h, w) = (shape[0], shape[1], shape[2]);
+        let planes: Vec<u8> = case["pixels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u8)
+            .collect();
+        let at = |ch: usize, x: u32, y: u32| planes[(ch * h + y as usize) * w + x as usize];
+        let dir = tempfile::tempdir().unwrap();
+        let img = if c == 1 {
+            grey(w as u32, h as u32, |x, y| at(0, x, y))
+        } else {
+            rgb(w as u32, h as u32, |x, y| [at(0, x, y), at(1, x, y), at(2, x, y)])
+        };
+        save_png(&dir.path().join("img.png"), img);
+        for (size, want) in case["resized"].as_object().unwrap() {
+            let size: usize = size.parse().unwrap();
+            let d = data::load(&DataSpec {
+                image_size: Some(size),
+                ..spec(dir.path())
+            })
+            .unwrap();
+            assert_eq!(d.shape(), [c, size, size]);
+            let want: Vec<f64> = want
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            for (k, (got, want)) in d.image(0).unwrap().iter().zip(&want).enumerate() {
+                // In byte units: the fixture is rounded to 1e-4 and f32 storage of values in
+                // [-1, 1] adds at most 6e-8 * 127.5 = 8e-6; Pillow computes in f32 too (2e-5 seen).
+                let got = (*got as f64 + 1.0) * 127.5;
+                assert!(
+                    (got - want).abs() < 2e-4,
+                    "{} size {size} value {k}: {got} vs {want}",
+                    case["name"]
+                );
+            }
+        }
+    }
 }

@@ -31,9 +31,7 @@ pub const CLASS_NAMES: [&str; 10] = [
 
 /// The directory that holds the batches: `dir` itself, or `dir/cifar-10-batches-bin`.
 pub fn batches_dir(dir: &Path) -> Option<PathBuf> {
-    let has_batches = |d: &Path| {
-        d.join("test_batch.bin").is_file() || !train_batches(d).is_empty()
-    };
+    let has_batches = |d: &Path| d.join("test_batch.bin").is_file() || !train_batches(d).is_empty();
     if has_batches(dir) {
         return Some(dir.to_path_buf());
     }
@@ -50,7 +48,11 @@ fn train_batches(dir: &Path) -> Vec<PathBuf> {
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let n = name.strip_prefix("data_batch_")?.strip_suffix(".bin")?.parse().ok()?;
+            let n = name
+                .strip_prefix("data_batch_")?
+                .strip_suffix(".bin")?
+                .parse()
+                .ok()?;
             e.path().is_file().then(|| (n, e.path()))
         })
         .collect();

@@ -86,9 +86,16 @@ fn split_root(dir: &Path, split: Split) -> Result<(PathBuf, Vec<PathBuf>)> {
         if !root.is_dir() {
             return Err(Error::bad_input(
                 dir,
-                format!("has a {} subfolder but no {split}/ subfolder for the {split} split", {
-                    if split == Split::Train { "test/" } else { "train/" }
-                }),
+                format!(
+                    "has a {} subfolder but no {split}/ subfolder for the {split} split",
+                    {
+                        if split == Split::Train {
+                            "test/"
+                        } else {
+                            "train/"
+                        }
+                    }
+                ),
             ));
         }
         return Ok((root, vec![train, test]));

@@ -85,9 +85,9 @@ fn check_magic(bytes: &[u8], path: &Path, want: u32, what: &str) -> Result<()> {
 
 /// Checks that `bytes` holds exactly `header + body` bytes.
 fn check_length(bytes: &[u8], path: &Path, header: usize, body: usize, what: &str) -> Result<()> {
-    let want = body.checked_add(header).ok_or_else(|| {
-        Error::bad_input(path, format!("header sizes overflow ({what})"))
-    })?;
+    let want = body
+        .checked_add(header)
+        .ok_or_else(|| Error::bad_input(path, format!("header sizes overflow ({what})")))?;
     if bytes.len() != want {
         let kind = if bytes.len() < want {
             "truncated"
@@ -112,10 +112,7 @@ pub fn parse_images(bytes: &[u8], path: &Path) -> Result<IdxImages> {
     let dims = dims.ok_or_else(|| {
         Error::bad_input(
             path,
-            format!(
-                "truncated: {} bytes, an IDX images header needs 16",
-                bytes.len()
-            ),
+            format!("truncated: {} bytes, an IDX images header needs 16", bytes.len()),
         )
     })?;
     let (count, rows, cols) = (dims[0] as usize, dims[1] as usize, dims[2] as usize);
@@ -129,13 +126,7 @@ pub fn parse_images(bytes: &[u8], path: &Path) -> Result<IdxImages> {
         .checked_mul(rows)
         .and_then(|v| v.checked_mul(cols))
         .ok_or_else(|| Error::bad_input(path, format!("header sizes overflow: {count} x {rows} x {cols}")))?;
-    check_length(
-        bytes,
-        path,
-        16,
-        body,
-        &format!("{count} images of {rows}x{cols}"),
-    )?;
+    check_length(bytes, path, 16, body, &format!("{count} images of {rows}x{cols}"))?;
     Ok(IdxImages {
         count,
         rows,
@@ -150,10 +141,7 @@ pub fn parse_labels(bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
     let count = be_u32(bytes, 4).ok_or_else(|| {
         Error::bad_input(
             path,
-            format!(
-                "truncated: {} bytes, an IDX labels header needs 8",
-                bytes.len()
-            ),
+            format!("truncated: {} bytes, an IDX labels header needs 8", bytes.len()),
         )
     })? as usize;
     check_length(bytes, path, 8, count, &format!("{count} labels"))?;
@@ -183,18 +171,8 @@ pub fn to_dataset(
         }
         None => None,
     };
-    let pixels = images
-        .pixels
-        .iter()
-        .map(|&v| super::unit_from_u8(v))
-        .collect();
-    ImageDataset::new(
-        pixels,
-        [1, images.rows, images.cols],
-        labels,
-        None,
-        source,
-    )
+    let pixels = images.pixels.iter().map(|&v| super::unit_from_u8(v)).collect();
+    ImageDataset::new(pixels, [1, images.rows, images.cols], labels, None, source)
 }
 
 /// The file-name prefixes of a split: `train` for train, `t10k` (MNIST's name) or `test` for test.

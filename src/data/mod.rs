@@ -93,7 +93,10 @@ impl FromStr for Split {
         match s {
             "train" => Ok(Split::Train),
             "test" => Ok(Split::Test),
-            _ => Err(Error::param("split", format!("got '{s}', expected train or test"))),
+            _ => Err(Error::param(
+                "split",
+                format!("got '{s}', expected train or test"),
+            )),
         }
     }
 }
@@ -381,7 +384,10 @@ pub fn detect(dir: &Path) -> Format {
 /// what was expected; on any error nothing is returned.
 pub fn load(spec: &DataSpec) -> Result<ImageDataset> {
     if spec.image_size == Some(0) {
-        return Err(Error::param("image_size", "got 0, expected a positive number of pixels"));
+        return Err(Error::param(
+            "image_size",
+            "got 0, expected a positive number of pixels",
+        ));
     }
     if let Some(c) = spec.channels {
         if c != 1 && c != 3 {
@@ -402,7 +408,10 @@ pub fn load(spec: &DataSpec) -> Result<ImageDataset> {
             "expected `{BUNDLED}` (the bundled MNIST subset) or a directory of IDX files, CIFAR-10 .bin batches or images"
         );
         if !dir.exists() {
-            return Err(Error::bad_input(dir, format!("no such file or directory; {expected}")));
+            return Err(Error::bad_input(
+                dir,
+                format!("no such file or directory; {expected}"),
+            ));
         }
         if !dir.is_dir() {
             return Err(Error::bad_input(dir, format!("not a directory; {expected}")));

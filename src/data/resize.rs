@@ -65,9 +65,18 @@ pub fn shorter_side_size(in_h: usize, in_w: usize, size: usize) -> (usize, usize
 /// Resizes `planes` (`channels` planes of `in_h x in_w`, row-major) so the shorter side is
 /// `size`, then crops the centre `size x size` (offset `(resized - size) / 2`, rounded down).
 /// Returns `channels` planes of `size x size`. An image already `size x size` is returned as is.
-pub fn resize_and_crop(planes: &[f32], channels: usize, in_h: usize, in_w: usize, size: usize) -> Result<Vec<f32>> {
+pub fn resize_and_crop(
+    planes: &[f32],
+    channels: usize,
+    in_h: usize,
+    in_w: usize,
+    size: usize,
+) -> Result<Vec<f32>> {
     if size == 0 {
-        return Err(Error::param("image_size", "got 0, expected a positive number of pixels"));
+        return Err(Error::param(
+            "image_size",
+            "got 0, expected a positive number of pixels",
+        ));
     }
     if in_h == 0 || in_w == 0 || planes.len() != channels * in_h * in_w {
         return Err(Error::param(

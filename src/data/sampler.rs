@@ -63,7 +63,10 @@ impl EpochSampler {
         if state.position >= state.len {
             return Err(Error::param(
                 "sampler position",
-                format!("got {}, expected a position below the dataset size {}", state.position, state.len),
+                format!(
+                    "got {}, expected a position below the dataset size {}",
+                    state.position, state.len
+                ),
             ));
         }
         Ok(EpochSampler {
