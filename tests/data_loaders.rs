@@ -350,6 +350,13 @@ fn folder_with_class_subfolders_and_splits() {
     assert_eq!(train.image(2).unwrap()[0], 1.0);
     let test = data::load(&spec(root).with_split(Split::Test)).unwrap();
     assert_eq!(test.labels(), Some(&[1u32, 2][..]));
+    // With train/ but no test/, asking for test names what is missing.
+    std::fs::remove_dir_all(root.join("test")).unwrap();
+    let e = load_err(&spec(root).with_split(Split::Test));
+    assert_contains(
+        &e,
+        &["has a train/ subfolder but no test/ subfolder for the test split"],
+    );
 }
 
 #[test]
