@@ -19,10 +19,14 @@
 //! - [`io`]: atomic file output and `.npy`.
 //! - [`plot`]: PNG charts.
 //! - [`denoiser`]: the `Denoiser` trait samplers call; eps / x_0 / v / score conversions.
+//! - [`data`]: image datasets (IDX, CIFAR-10, image folders, bundled `mnist5k`) and the training order.
+//! - [`image_out`]: sample grids, per-image PNGs, trajectory strips and GIFs.
 //! - [`ops`]: network building blocks (conv, GroupNorm, attention) with fast CPU kernels.
 
+pub mod data;
 pub mod denoiser;
 pub mod error;
+pub mod image_out;
 pub mod io;
 pub mod ops;
 pub mod plot;
