@@ -137,7 +137,7 @@ fn expected_bound_exceeds_entropy_and_the_gap_shrinks_with_t() {
 /// the Gaussian decoder) agrees with the closed form, and is above the exact negative
 /// log-likelihood of the data.
 ///
-/// B = 128 images of D = 512 values from N(0.3, 0.5^2), one seeded draw of x_t per image and t.
+/// B = 64 images of D = 512 values from N(0.3, 0.5^2), one seeded draw of x_t per image and t.
 /// The statistic is g_j = L(x_0^j) - (-ln p_data(x_0^j)) per image: its mean over images, over D,
 /// estimates the gap E[L]/D - H, and subtracting the data's own log-density removes the
 /// data-to-data variance. The standard error is the sample standard deviation of g_j over
@@ -145,18 +145,23 @@ fn expected_bound_exceeds_entropy_and_the_gap_shrinks_with_t() {
 ///
 /// | T    | closed-form gap | Monte Carlo gap | standard error |
 /// | ---- | --------------- | --------------- | -------------- |
-/// | 10   | 0.05688         | 0.05793         | 0.00282        |
-/// | 100  | 0.00608         | 0.00820         | 0.00402        |
-/// | 1000 | 0.00061         | 0.00287         | 0.00405        |
+/// | 10   | 0.05688         | 0.05967         | 0.00372        |
+/// | 100  | 0.00608         | 0.01476         | 0.00534        |
+/// | 1000 | 0.00061         | 0.00509         | 0.00595        |
 ///
 /// Most of the standard error is L_0's: (x_0 - E[x_0 | x_1])^2 / (2 beta_1) is about half a
-/// chi-square with one degree of freedom per value (sd 0.71), / sqrt(B D) = 0.0028. Asserted:
-/// the Monte Carlo gap within 4 standard errors of the closed form (the three checks together
+/// chi-square with one degree of freedom per value (sd 0.71), / sqrt(B D) = 0.0039; the
+/// KL terms add the rest. (With B D four times larger the test takes four times longer and
+/// the standard errors halve: 128 x 1024 gave 0.05476, 0.00361, -0.00005 +- 0.0022 to 0.0027.)
+/// So Monte Carlo resolves the T = 10 gap but not the smaller ones; their values and the 1/T
+/// decrease rest on the closed form, which this test ties to the library.
+///
+/// Asserted: the Monte Carlo gap within 4 standard errors of the closed form (the three checks together
 /// raise a false alarm with probability ~2e-4; the seeds are fixed), and above -4 standard
 /// errors (the bound holds); at T = 10 it is also more than 10 standard errors above 0.
 #[test]
 fn library_bound_on_gaussian_data_matches_closed_form() {
-    let (b, d) = (128usize, 512usize);
+    let (b, d) = (64usize, 512usize);
     let mut rng = Rng::new(2024);
     let x0_v: Vec<f64> = (0..b * d).map(|_| M + S * rng.normal()).collect();
     let x0 = Tensor::from_vec(x0_v.clone(), (b, d), &Device::Cpu).unwrap();

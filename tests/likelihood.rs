@@ -115,6 +115,10 @@ fn discretized_bins_by_hand() {
     assert!((ll(-1.0, -1.0, h) - (-0.172_753_779_023_449_9)).abs() < 1e-13);
     // Top bin x = 1 is open above: p = 1 - Phi((x - 1/255 - mean) / scale) = 1 - Phi(-1) = Phi(1).
     assert!((ll(1.0, 1.0, h) - (-0.172_753_779_023_449_9)).abs() < 1e-13);
+    // Edge bins with the mean on their inner edge: exactly half the mass. (The symmetric cases
+    // above cannot tell the two edge formulas apart; these can: swapped, they give Phi(2) = 0.977.)
+    assert!((ll(1.0, 1.0 - h, h) - 0.5f64.ln()).abs() < 1e-13);
+    assert!((ll(-1.0, -1.0 + h, h) - 0.5f64.ln()).abs() < 1e-13);
     // A bin 40 standard deviations from the mean: probability clamped at 1e-12, ln = -27.631...
     assert!((ll(0.0, 0.4, 0.01) - 1e-12f64.ln()).abs() < 1e-12);
 }
@@ -186,6 +190,7 @@ fn images() -> (Tensor, Vec<[usize; 4]>) {
 /// - L_0 with mean x_0 and sigma_1^2 = beta~_2 = 5.4531876613021935e-05 (both choices):
 ///   interior values -ln erf((1/255) / (sigma_1 sqrt 2)) = 0.90481884151855774 nats,
 ///   edge values -ln Phi((1/255) / sigma_1) = 0.35338380999827601 nats.
+///
 /// Tolerance 1e-9 relative: the Rust and Python erf and logs agree to ~1e-15, the sums over
 /// 1000 steps to ~1e-13.
 #[test]
@@ -218,10 +223,10 @@ fn bound_with_the_true_x0_has_closed_form_terms() {
                     .sum();
                 let l_sum = match variance {
                     ReverseVariance::Small => 0.0,
-                    ReverseVariance::Large => 4.0 * 0.337_160_117_875_195_18,
+                    ReverseVariance::Large => 4.0 * 0.337_160_117_875_195_2,
                 };
                 let edges = ks[j].iter().filter(|&&k| k == 0 || k == 255).count() as f64;
-                let l_0 = edges * 0.353_383_809_998_276_01 + (4.0 - edges) * 0.904_818_841_518_557_74;
+                let l_0 = edges * 0.353_383_809_998_276 + (4.0 - edges) * 0.904_818_841_518_557_7;
                 let ctx = format!("{dtype:?} {variance:?} image {j}");
                 let close = |got: f64, want: f64| (got - want).abs() <= 1e-9 * want.abs().max(1.0);
                 assert!(close(img.nats.l_t, l_t), "{ctx}: L_T {} vs {l_t}", img.nats.l_t);
