@@ -49,7 +49,7 @@ pub(crate) fn gather(table: &[f64], t_index: &[usize]) -> Vec<f64> {
     t_index.iter().map(|&i| table[i]).collect()
 }
 
-/// Checks that `other` has the same shape as `x` (the error names both).
+/// Checks that `other` has the same shape and dtype as `x` (the error names both).
 pub(crate) fn check_same_shape(what: &str, other: &Tensor, x: &Tensor) -> Result<()> {
     if other.dims() != x.dims() {
         return Err(Error::param(
@@ -58,6 +58,16 @@ pub(crate) fn check_same_shape(what: &str, other: &Tensor, x: &Tensor) -> Result
                 "shape {:?} does not match the data's shape {:?}",
                 other.dims(),
                 x.dims()
+            ),
+        ));
+    }
+    if other.dtype() != x.dtype() {
+        return Err(Error::param(
+            what,
+            format!(
+                "dtype {:?} does not match the data's dtype {:?}",
+                other.dtype(),
+                x.dtype()
             ),
         ));
     }
@@ -189,6 +199,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("noise") && e.contains("[3, 1]"), "{e}");
+        let e = q_sample(
+            &s,
+            &x0,
+            &[0, 1, 2],
+            &x0.to_dtype(candle_core::DType::F32).unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("noise") && e.contains("dtype F32"), "{e}");
         assert!(noise_levels(&s, &[10]).is_err());
         let l = noise_levels(&s, &[3]).unwrap();
         assert_eq!(l[0].alpha, s.sqrt_alpha_bar[3]);

@@ -255,9 +255,11 @@ impl VariationalBound {
     }
 }
 
-/// Sum over every dimension but the first: `[B, ...] -> B` values.
+/// Sum over every dimension but the first: `[B, ...] -> B` values (also for `[B]`).
 fn sum_per_image(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(t.flatten_from(1)?
+    let b = t.dim(0)?;
+    let per = t.elem_count() / b.max(1);
+    Ok(t.reshape((b, per))?
         .sum(1)?
         .to_dtype(DType::F64)?
         .to_vec1::<f64>()?)
@@ -363,6 +365,15 @@ pub fn variational_bound(
             )?;
             sum_per_image(&kl)?
         };
+        if let Some(j) = terms.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Numerical(format!(
+                "the variational bound term at t = {} of image {} is {}: the denoiser's output \
+                 or the data holds NaN or infinity",
+                i + 1,
+                config.first_index + j as u64,
+                terms[j]
+            )));
+        }
         for (row, v) in per_step.iter_mut().zip(terms) {
             row[i] = v;
         }
@@ -384,8 +395,7 @@ pub fn variational_bound(
         let nats = BoundTerms::new(l_t, steps[1..].iter().sum(), steps[0]);
         if !nats.total.is_finite() {
             return Err(Error::Numerical(format!(
-                "the variational bound of image {} is not finite (L_T {}, sum L_t-1 {}, L_0 {}): \
-                 the denoiser returned NaN or infinity",
+                "the variational bound of image {} is not finite (L_T {}, sum L_t-1 {}, L_0 {})",
                 config.first_index + j as u64,
                 nats.l_t,
                 nats.l_sum,

@@ -309,6 +309,18 @@ fn bad_data_and_diverged_denoisers_are_clear_errors() {
     };
     let x = Tensor::new(&[[0.5f32, 3.0]], &DEV).unwrap();
     assert!(variational_bound(&Half, &s, &x, &gauss, &mut |_| {}).is_ok());
+    // a batch of scalars [B] works too; an empty batch is an error
+    let v = Tensor::new(&[0.5f64, 3.0], &DEV).unwrap();
+    assert_eq!(
+        variational_bound(&Half, &s, &v, &gauss, &mut |_| {})
+            .unwrap()
+            .images
+            .len(),
+        2
+    );
+    let empty = Tensor::zeros((0, 3), DType::F64, &DEV).unwrap();
+    assert!(variational_bound(&Half, &s, &empty, &gauss, &mut |_| {}).is_err());
     let e = variational_bound(&NanDenoiser, &s, &x, &gauss, &mut |_| {}).unwrap_err();
-    assert!(e.to_string().contains("not finite"), "{e}");
+    // the first step (t = T = 10) already fails, naming the step and the image
+    assert!(e.to_string().contains("t = 10 of image 0 is NaN"), "{e}");
 }
