@@ -15,6 +15,9 @@
 //!
 //! Module map (one concept per module; see `shared/STYLE.md`):
 //! - [`schedule`]: beta schedules and their derived tables (f64).
+//! - [`forward`]: the forward process q(x_t | x_{t-1}) and q(x_t | x_0) on batches.
+//! - [`posterior`]: q(x_{t-1} | x_t, x_0), x_0 / eps predictions, the reverse step's variance.
+//! - [`likelihood`]: Gaussian KL, the discretized decoder, the variational bound in bits/dim.
 //! - [`rng`]: the seeded generator, the only source of randomness.
 //! - [`io`]: atomic file output and `.npy`.
 //! - [`plot`]: PNG charts.
@@ -26,10 +29,13 @@
 pub mod data;
 pub mod denoiser;
 pub mod error;
+pub mod forward;
 pub mod image_out;
 pub mod io;
+pub mod likelihood;
 pub mod ops;
 pub mod plot;
+pub mod posterior;
 pub mod rng;
 pub mod schedule;
 
