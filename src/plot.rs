@@ -250,3 +250,45 @@ mod tests {
         assert!(coloured > 200, "{coloured} pixels of the first series' colour");
     }
 }
+
+/// Writes `picture` with a left margin of row labels (`(y centre, text)`), a top margin of column
+/// labels (`(x centre, text)`) and a title, as PNG.
+pub fn save_annotated(
+    path: &Path,
+    picture: &image::RgbImage,
+    row_labels: &[(i32, String)],
+    col_labels: &[(i32, String)],
+    title: &str,
+) -> Result<()> {
+    ensure_font();
+    let left = 10 + 9 * row_labels.iter().map(|l| l.1.len()).max().unwrap_or(0) as u32;
+    let top = 56u32;
+    let (pw, ph) = picture.dimensions();
+    let (width, height) = (pw + left + 10, ph + top + 10);
+    let mut buf = vec![255u8; (width * height * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (width, height)).into_drawing_area();
+        let style = ("sans-serif", 15).into_font().color(&BLACK);
+        root.draw(&Text::new(
+            title.to_string(),
+            (left as i32, 6),
+            ("sans-serif", 18).into_font(),
+        ))
+        .map_err(plot_err)?;
+        for (y, text) in row_labels {
+            root.draw(&Text::new(text.clone(), (6, top as i32 + y - 8), style.clone()))
+                .map_err(plot_err)?;
+        }
+        for (x, text) in col_labels {
+            let x0 = left as i32 + x - 4 * text.len() as i32;
+            root.draw(&Text::new(text.clone(), (x0, top as i32 - 22), style.clone()))
+                .map_err(plot_err)?;
+        }
+        root.present().map_err(plot_err)?;
+    }
+    for (x, y, p) in picture.enumerate_pixels() {
+        let o = (((y + top) * width + x + left) * 3) as usize;
+        buf[o..o + 3].copy_from_slice(&p.0);
+    }
+    save_rgb_png(path, width, height, buf)
+}

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod common;
+mod forward;
 mod schedule;
 
 /// Denoising diffusion models: schedules, samplers, training, likelihoods.
@@ -19,6 +21,8 @@ pub struct Cli {
 enum Command {
     /// Print or plot noise schedules (beta_t, alpha_bar_t, posterior variance, SNR).
     Schedule(schedule::ScheduleArgs),
+    /// Draw the forward process: images noised at evenly spaced t, one block per schedule.
+    Forward(forward::ForwardArgs),
 }
 
 /// An error in how the tool was called (a flag combination that makes no sense): exit code 2.
@@ -42,6 +46,7 @@ pub fn usage<T>(msg: impl Into<String>) -> anyhow::Result<T> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Schedule(args) => schedule::run(args),
+        Command::Forward(args) => forward::run(args),
     }
 }
 
