@@ -233,24 +233,6 @@ pub fn schedule_figure(path: &Path, timesteps: usize) -> Result<()> {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn schedule_figure_writes_a_png() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("s.png");
-        schedule_figure(&p, 100).unwrap();
-        let img = image::open(&p).unwrap();
-        assert_eq!((img.width(), img.height()), (1400, 560));
-        // Not blank: the curves put coloured pixels on the white canvas.
-        let rgb = img.to_rgb8();
-        let coloured = rgb.pixels().filter(|p| p.0 == [31, 119, 180]).count();
-        assert!(coloured > 200, "{coloured} pixels of the first series' colour");
-    }
-}
-
 /// Writes `picture` with a left margin of row labels (`(y centre, text)`), a top margin of column
 /// labels (`(x centre, text)`) and a title, as PNG.
 pub fn save_annotated(
@@ -291,4 +273,22 @@ pub fn save_annotated(
         buf[o..o + 3].copy_from_slice(&p.0);
     }
     save_rgb_png(path, width, height, buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_figure_writes_a_png() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.png");
+        schedule_figure(&p, 100).unwrap();
+        let img = image::open(&p).unwrap();
+        assert_eq!((img.width(), img.height()), (1400, 560));
+        // Not blank: the curves put coloured pixels on the white canvas.
+        let rgb = img.to_rgb8();
+        let coloured = rgb.pixels().filter(|p| p.0 == [31, 119, 180]).count();
+        assert!(coloured > 200, "{coloured} pixels of the first series' colour");
+    }
 }
