@@ -19,11 +19,13 @@
 //! - [`io`]: atomic file output and `.npy`.
 //! - [`plot`]: PNG charts.
 //! - [`denoiser`]: the `Denoiser` trait samplers call; eps / x_0 / v / score conversions.
+//! - [`nets`]: the U-Net (diffusers' `UNet2DModel` layout), its presets and diffusers interop.
 //! - [`ops`]: network building blocks (conv, GroupNorm, attention) with fast CPU kernels.
 
 pub mod denoiser;
 pub mod error;
 pub mod io;
+pub mod nets;
 pub mod ops;
 pub mod plot;
 pub mod rng;
