@@ -514,6 +514,49 @@ mod tests {
     }
 
     #[test]
+    fn every_parameter_gets_a_gradient_and_dropout_follows_the_mode() {
+        // scale_shift + attention everywhere + resnet resampling: every code path is used.
+        let cfg = UNetConfig {
+            block_out_channels: vec![8, 16],
+            down_block_types: vec![crate::nets::config::DownBlockType::AttnDownBlock2D; 2],
+            up_block_types: vec![crate::nets::config::UpBlockType::AttnUpBlock2D; 2],
+            layers_per_block: 1,
+            norm_num_groups: 4,
+            attention_head_dim: Some(4),
+            resnet_time_scale_shift: TimeScaleShift::ScaleShift,
+            downsample_type: ResampleType::Resnet,
+            upsample_type: ResampleType::Resnet,
+            dropout: 0.5,
+            in_channels: 1,
+            out_channels: 1,
+            ..UNetConfig::default()
+        };
+        let (net, vm) = init_params(&cfg, 2, &Device::Cpu).unwrap();
+        let x = Rng::new(1).randn(&[2, 1, 8, 8], &Device::Cpu).unwrap();
+        let t = Tensor::new(&[5f32, 900.0], &Device::Cpu).unwrap();
+        let loss = net.forward_train(&x, &t, &mut Rng::new(3)).unwrap().sqr().unwrap().mean_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let data = vm.data().lock().unwrap();
+        assert_eq!(data.len(), param_specs(&cfg).unwrap().len());
+        for (name, var) in data.iter() {
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let n = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(n.is_finite() && n > 0.0, "{name}: |grad| = {n}");
+        }
+        // Dropout: eval is deterministic, training depends on the seed.
+        let e1 = net.forward(&x, &t).unwrap();
+        let e2 = net.forward(&x, &t).unwrap();
+        assert_eq!(e1.flatten_all().unwrap().to_vec1::<f32>().unwrap(), e2.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let a = net.forward_train(&x, &t, &mut Rng::new(3)).unwrap();
+        let b = net.forward_train(&x, &t, &mut Rng::new(3)).unwrap();
+        let c = net.forward_train(&x, &t, &mut Rng::new(4)).unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v(&a), v(&b));
+        assert_ne!(v(&a), v(&c));
+        assert_ne!(v(&a), v(&e1));
+    }
+
+    #[test]
     fn shape_check_lists_problems_by_name() {
         let cfg = UNetConfig::preset("demo", 1, 16).unwrap();
         let specs = param_specs(&cfg).unwrap();
