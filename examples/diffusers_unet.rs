@@ -62,7 +62,12 @@ enum Cmd {
     },
 }
 
-fn reference_io(net: &UNet, cfg: &UNetConfig, size: usize, seed: u64) -> anyhow::Result<HashMap<String, Tensor>> {
+fn reference_io(
+    net: &UNet,
+    cfg: &UNetConfig,
+    size: usize,
+    seed: u64,
+) -> anyhow::Result<HashMap<String, Tensor>> {
     let dev = Device::Cpu;
     let x = Rng::new(seed ^ 0xA11CE).randn(&[2, cfg.in_channels, size, size], &dev)?;
     let t = Tensor::new(&[3f32, 517.25], &dev)?;
@@ -95,7 +100,8 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Run { dir, seed } => {
             let start = Instant::now();
-            let m = diffusers::load(&dir, &Device::Cpu).with_context(|| format!("loading {}", dir.display()))?;
+            let m =
+                diffusers::load(&dir, &Device::Cpu).with_context(|| format!("loading {}", dir.display()))?;
             eprintln!("loaded in {:.2} s", start.elapsed().as_secs_f64());
             let size = m.config.sample_size.map(|s| s[0]).unwrap_or(32);
             eprintln!("{}", unet::summary(&m.config, Some(size))?);

@@ -581,7 +581,11 @@ mod tests {
         assert_eq!(s.alpha_bar[999], 0.0);
         assert!(rel(s.alpha_bar[0], orig.alpha_bar[0]) < 1e-14);
         // Interior: sqrt(alpha_bar'_t) = (s_t - s_T) s_1 / (s_1 - s_T), checked at t = 500.
-        let (s1, st, sm) = (orig.sqrt_alpha_bar[0], orig.sqrt_alpha_bar[999], orig.sqrt_alpha_bar[499]);
+        let (s1, st, sm) = (
+            orig.sqrt_alpha_bar[0],
+            orig.sqrt_alpha_bar[999],
+            orig.sqrt_alpha_bar[499],
+        );
         assert!(rel(s.sqrt_alpha_bar[499], (sm - st) * s1 / (s1 - st)) < 1e-12);
         assert!(rescale_zero_terminal_snr(&[0.5]).is_err());
     }

@@ -27,7 +27,14 @@ const CASES: [&str; 6] = [
 
 /// max |a - b| / max |b|.
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap();
     let m = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
     d.to_scalar::<f32>().unwrap() as f64 / m.to_scalar::<f32>().unwrap() as f64
 }
@@ -38,7 +45,10 @@ fn fixtures_reproduce_diffusers_outputs() {
         let dir = fixtures().join(name);
         let model = diffusers::load(&dir, &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
         let io = candle_core::safetensors::load(dir.join("io.safetensors"), &Device::Cpu).unwrap();
-        for (x, t, y) in [("sample", "timesteps", "output"), ("sample2", "timesteps2", "output2")] {
+        for (x, t, y) in [
+            ("sample", "timesteps", "output"),
+            ("sample2", "timesteps2", "output2"),
+        ] {
             let out = model.unet.forward(&io[x], &io[t]).unwrap();
             assert_eq!(out.dims(), io[y].dims(), "{name}");
             let e = rel_err(&out, &io[y]);
@@ -78,7 +88,7 @@ fn scratch(name: &str) -> tempfile::TempDir {
 }
 
 fn load_err(dir: &Path) -> Error {
-    diffusers::load(dir, &Device::Cpu).err().expect("loading a broken folder must fail")
+    diffusers::load(dir, &Device::Cpu).expect_err("loading a broken folder must fail")
 }
 
 fn check_message(e: &Error, wants: &[&str]) {
@@ -87,7 +97,10 @@ fn check_message(e: &Error, wants: &[&str]) {
         assert!(s.contains(w), "message {s:?} lacks {w:?}");
     }
     assert!(!s.contains('\n'), "one line: {s:?}");
-    assert!(e.is_user_error(), "bad input should be a user error (exit 2): {s}");
+    assert!(
+        e.is_user_error(),
+        "bad input should be a user error (exit 2): {s}"
+    );
 }
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
@@ -108,7 +121,10 @@ fn bad_folders_give_clear_errors() {
 
     // Pickle weights instead of safetensors.
     fs::write(d.path().join("diffusion_pytorch_model.bin"), b"\x80\x02}q\x00.").unwrap();
-    check_message(&load_err(d.path()), &["diffusion_pytorch_model.bin", "pickle", "safetensors"]);
+    check_message(
+        &load_err(d.path()),
+        &["diffusion_pytorch_model.bin", "pickle", "safetensors"],
+    );
 
     // Missing config.
     let d = scratch(case);
@@ -123,13 +139,21 @@ fn bad_folders_give_clear_errors() {
     edit_config(d.path(), |v| v["in_channels"] = 1.into());
     check_message(
         &load_err(d.path()),
-        &["wrong shape", "conv_in.weight (file [8, 3, 3, 3], config expects [8, 1, 3, 3])"],
+        &[
+            "wrong shape",
+            "conv_in.weight (file [8, 3, 3, 3], config expects [8, 1, 3, 3])",
+        ],
     );
 
     // Unsupported block type.
     let d = scratch(case);
-    edit_config(d.path(), |v| v["down_block_types"][1] = "CrossAttnDownBlock2D".into());
-    check_message(&load_err(d.path()), &["config.json", "down_block_types[1]", "CrossAttnDownBlock2D"]);
+    edit_config(d.path(), |v| {
+        v["down_block_types"][1] = "CrossAttnDownBlock2D".into()
+    });
+    check_message(
+        &load_err(d.path()),
+        &["config.json", "down_block_types[1]", "CrossAttnDownBlock2D"],
+    );
 
     // Unsupported value that changes the math, and an unknown key.
     let d = scratch(case);
@@ -144,11 +168,17 @@ fn bad_folders_give_clear_errors() {
     let w = d.path().join(WEIGHTS_FILE);
     let mut t: HashMap<String, Tensor> = candle_core::safetensors::load(&w, &Device::Cpu).unwrap();
     t.remove("mid_block.resnets.1.conv2.bias").unwrap();
-    t.insert("mid_block.extra.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+    t.insert(
+        "mid_block.extra.weight".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&t, &w).unwrap();
     check_message(
         &load_err(d.path()),
-        &["missing tensor(s): mid_block.resnets.1.conv2.bias", "unexpected tensor(s): mid_block.extra.weight"],
+        &[
+            "missing tensor(s): mid_block.resnets.1.conv2.bias",
+            "unexpected tensor(s): mid_block.extra.weight",
+        ],
     );
 
     // A truncated weights file.
@@ -165,11 +195,20 @@ fn scheduler_configs_give_diffusers_alphas_cumprod() {
     assert_eq!(cases.len(), 6);
     for c in cases {
         let name = c["name"].as_str().unwrap();
-        let cfg = SchedulerConfig::from_json(&c["scheduler_config"]).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let want_class = if name.starts_with("ddim") { SchedulerClass::Ddim } else { SchedulerClass::Ddpm };
+        let cfg =
+            SchedulerConfig::from_json(&c["scheduler_config"]).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let want_class = if name.starts_with("ddim") {
+            SchedulerClass::Ddim
+        } else {
+            SchedulerClass::Ddpm
+        };
         assert_eq!(cfg.class, want_class, "{name}");
         let pred = c["scheduler_config"]["prediction_type"].as_str().unwrap();
-        assert_eq!(cfg.prediction_type, Prediction::from_name(pred).unwrap(), "{name}");
+        assert_eq!(
+            cfg.prediction_type,
+            Prediction::from_name(pred).unwrap(),
+            "{name}"
+        );
         let s = cfg.schedule().unwrap();
         let theirs: Vec<f64> = c["alphas_cumprod_f32"]
             .as_array()
@@ -186,7 +225,10 @@ fn scheduler_configs_give_diffusers_alphas_cumprod() {
             // alpha_bar -> 0 under zero-terminal-SNR) bounds it; a wrong schedule is off by
             // orders of magnitude more (e.g. our Jabri sigmoid vs GeoDiff: ~1e-1).
             let tol = 2e-5 * b.abs() + 1e-9;
-            assert!((a - b).abs() <= tol, "{name}: alpha_bar[{i}] = {a}, diffusers {b}");
+            assert!(
+                (a - b).abs() <= tol,
+                "{name}: alpha_bar[{i}] = {a}, diffusers {b}"
+            );
             if b > 1e-3 {
                 worst = worst.max((a - b).abs() / b);
             }
@@ -207,8 +249,11 @@ fn export_is_loadable_and_reproduces_outputs() {
     assert_eq!(cfg["resnet_time_scale_shift"], "scale_shift");
     let back = diffusers::load(dir.path(), &Device::Cpu).unwrap();
     assert_eq!(back.config, src.config);
-    let io = candle_core::safetensors::load(fixtures().join("attn_scaleshift_center_3ch16/io.safetensors"), &Device::Cpu)
-        .unwrap();
+    let io = candle_core::safetensors::load(
+        fixtures().join("attn_scaleshift_center_3ch16/io.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     let out = back.unet.forward(&io["sample"], &io["timesteps"]).unwrap();
     assert!(rel_err(&out, &io["output"]) < 1e-4);
 }

@@ -78,7 +78,9 @@ impl Denoiser for UNetDenoiser {
     fn output(&self, x_t: &Tensor, levels: &[NoiseLevel]) -> Result<Tensor> {
         let (ts, rs) = self.timesteps_and_scales(levels)?;
         let inv_r: Vec<f64> = rs.iter().map(|r| 1.0 / r).collect();
-        let x_vp = x_t.broadcast_mul(&per_sample(&inv_r, x_t)?)?.to_dtype(DType::F32)?;
+        let x_vp = x_t
+            .broadcast_mul(&per_sample(&inv_r, x_t)?)?
+            .to_dtype(DType::F32)?;
         let t = Tensor::from_vec(ts, levels.len(), x_t.device())?;
         let out = self.unet.forward(&x_vp, &t)?.to_dtype(x_t.dtype())?;
         match self.prediction {
@@ -96,14 +98,25 @@ mod tests {
     use candle_core::Device;
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     fn setup(prediction: Prediction) -> (UNetDenoiser, Tensor) {
         let cfg = UNetConfig::preset("demo", 1, 8).unwrap();
         let (net, _) = unet::init_params(&cfg, 1, &Device::Cpu).unwrap();
         let schedule = Schedule::named("linear", 1000).unwrap();
-        let x = crate::rng::Rng::new(5).randn(&[1, 1, 8, 8], &Device::Cpu).unwrap();
+        let x = crate::rng::Rng::new(5)
+            .randn(&[1, 1, 8, 8], &Device::Cpu)
+            .unwrap();
         (UNetDenoiser::new(net, schedule, prediction), x)
     }
 
@@ -112,8 +125,14 @@ mod tests {
         let (d, x) = setup(Prediction::Eps);
         let level = NoiseLevel::from_alpha_bar(d.schedule.alpha_bar[137]);
         let (ts, rs) = d.timesteps_and_scales(&[level]).unwrap();
-        assert!((ts[0] - 137.0).abs() < 1e-4 && (rs[0] - 1.0).abs() < 1e-12, "{ts:?} {rs:?}");
-        let direct = d.unet.forward(&x, &Tensor::new(&[137f32], &Device::Cpu).unwrap()).unwrap();
+        assert!(
+            (ts[0] - 137.0).abs() < 1e-4 && (rs[0] - 1.0).abs() < 1e-12,
+            "{ts:?} {rs:?}"
+        );
+        let direct = d
+            .unet
+            .forward(&x, &Tensor::new(&[137f32], &Device::Cpu).unwrap())
+            .unwrap();
         // The only difference is the f32 timestep 137 vs 137 +- 1e-6 from the log-SNR inversion.
         assert!(max_abs(&d.output(&x, &[level]).unwrap(), &direct) < 1e-4);
     }
@@ -147,6 +166,8 @@ mod tests {
         let (d, x) = setup(Prediction::Eps);
         assert!(d.output(&x, &[NoiseLevel::new(0.0, 0.0)]).is_err());
         assert!(d.output(&x, &[NoiseLevel::new(f64::NAN, 1.0)]).is_err());
-        assert!(d.output(&x, &[NoiseLevel::new(1.0, 1.0), NoiseLevel::new(1.0, 1.0)]).is_err());
+        assert!(d
+            .output(&x, &[NoiseLevel::new(1.0, 1.0), NoiseLevel::new(1.0, 1.0)])
+            .is_err());
     }
 }

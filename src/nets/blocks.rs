@@ -431,7 +431,13 @@ impl UpBlock {
         for j in 0..layers {
             let skip = if j == layers - 1 { c_in } else { c_out };
             let h_in = if j == 0 { prev_out } else { c_out };
-            resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(j), h_in + skip, c_out, p, None)?);
+            resnets.push(ResnetBlock2D::new(
+                vb.pp("resnets").pp(j),
+                h_in + skip,
+                c_out,
+                p,
+                None,
+            )?);
             if let Some(a) = attention {
                 attentions.push(AttentionBlock::new(
                     vb.pp("attentions").pp(j),

@@ -265,7 +265,10 @@ impl UNetConfig {
             other => {
                 return Err(Error::param(
                     "preset",
-                    format!("unknown U-Net preset '{other}', expected one of: {}", PRESETS.join(", ")),
+                    format!(
+                        "unknown U-Net preset '{other}', expected one of: {}",
+                        PRESETS.join(", ")
+                    ),
                 ))
             }
         };
@@ -366,15 +369,24 @@ impl UNetConfig {
             );
         }
         if !(self.dropout >= 0.0 && self.dropout < 1.0) {
-            return bad("dropout", format!("got {}, expected a number in [0, 1)", self.dropout));
+            return bad(
+                "dropout",
+                format!("got {}, expected a number in [0, 1)", self.dropout),
+            );
         }
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
-            return bad("norm_eps", format!("got {}, expected a positive number", self.norm_eps));
+            return bad(
+                "norm_eps",
+                format!("got {}, expected a positive number", self.norm_eps),
+            );
         }
         if !(self.mid_block_scale_factor.is_finite() && self.mid_block_scale_factor != 0.0) {
             return bad(
                 "mid_block_scale_factor",
-                format!("got {}, expected a finite non-zero number", self.mid_block_scale_factor),
+                format!(
+                    "got {}, expected a finite non-zero number",
+                    self.mid_block_scale_factor
+                ),
             );
         }
         if !self.freq_shift.is_finite() {
@@ -403,7 +415,8 @@ impl UNetConfig {
             return bad("time_embedding_dim", "must be at least 1 (or null)".into());
         }
         if let Some([h, w]) = self.sample_size {
-            self.check_input_size(h, w).map_err(|e| Error::param("sample_size", e))?;
+            self.check_input_size(h, w)
+                .map_err(|e| Error::param("sample_size", e))?;
         }
         Ok(())
     }
@@ -474,8 +487,8 @@ impl UNetConfig {
 
     /// Parses a config from JSON text (see [`UNetConfig::from_json`]).
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let v: Value =
-            serde_json::from_str(text).map_err(|e| Error::param("unet config", format!("invalid JSON: {e}")))?;
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| Error::param("unet config", format!("invalid JSON: {e}")))?;
         Self::from_json(&v)
     }
 }
@@ -562,7 +575,11 @@ fn parse_object(value: &Value) -> Parse<UNetConfig> {
     if let Some(v) = f.get("act_fn") {
         match v.as_str() {
             Some("silu") | Some("swish") => {}
-            _ => return Err(format!("act_fn: {v} is not supported; only \"silu\" (= \"swish\") is implemented")),
+            _ => {
+                return Err(format!(
+                    "act_fn: {v} is not supported; only \"silu\" (= \"swish\") is implemented"
+                ))
+            }
         }
     }
     if let Some(v) = f.get("class_embed_type") {
@@ -621,7 +638,9 @@ fn parse_object(value: &Value) -> Parse<UNetConfig> {
             Some(v) => match v.as_str() {
                 Some("conv") => Ok(ResampleType::Conv),
                 Some("resnet") => Ok(ResampleType::Resnet),
-                _ => Err(format!("{key}: {v} is not supported; expected \"conv\" or \"resnet\"")),
+                _ => Err(format!(
+                    "{key}: {v} is not supported; expected \"conv\" or \"resnet\""
+                )),
             },
         }
     };
@@ -727,14 +746,18 @@ impl Fields<'_> {
     fn f64(&self, key: &str, default: f64) -> Parse<f64> {
         match self.0.get(key) {
             None => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| format!("{key}: expected a number, got {v}")),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| format!("{key}: expected a number, got {v}")),
         }
     }
 
     fn bool(&self, key: &str, default: bool) -> Parse<bool> {
         match self.0.get(key) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| format!("{key}: expected true or false, got {v}")),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| format!("{key}: expected true or false, got {v}")),
         }
     }
 }
@@ -812,21 +835,39 @@ mod tests {
     fn errors_name_the_key() {
         let cases = [
             (r#"{"foo": 1}"#, "unknown key 'foo'"),
-            (r#"{"time_embedding_type": "fourier"}"#, "time_embedding_type: 'fourier'"),
+            (
+                r#"{"time_embedding_type": "fourier"}"#,
+                "time_embedding_type: 'fourier'",
+            ),
             (r#"{"act_fn": "gelu"}"#, "act_fn"),
             (r#"{"class_embed_type": "timestep"}"#, "class_embed_type"),
             (r#"{"num_class_embeds": 10}"#, "num_class_embeds"),
-            (r#"{"down_block_types": ["DownBlock2D", "SkipDownBlock2D"]}"#, "down_block_types[1]: 'SkipDownBlock2D'"),
-            (r#"{"up_block_types": ["CrossAttnUpBlock2D"]}"#, "up_block_types[0]"),
-            (r#"{"resnet_time_scale_shift": "spatial"}"#, "resnet_time_scale_shift"),
+            (
+                r#"{"down_block_types": ["DownBlock2D", "SkipDownBlock2D"]}"#,
+                "down_block_types[1]: 'SkipDownBlock2D'",
+            ),
+            (
+                r#"{"up_block_types": ["CrossAttnUpBlock2D"]}"#,
+                "up_block_types[0]",
+            ),
+            (
+                r#"{"resnet_time_scale_shift": "spatial"}"#,
+                "resnet_time_scale_shift",
+            ),
             (r#"{"downsample_type": "fir"}"#, "downsample_type"),
-            (r#"{"mid_block_type": "UNetMidBlock2DCrossAttn"}"#, "mid_block_type"),
+            (
+                r#"{"mid_block_type": "UNetMidBlock2DCrossAttn"}"#,
+                "mid_block_type",
+            ),
             (r#"{"layers_per_block": -1}"#, "layers_per_block"),
             (r#"{"norm_num_groups": null}"#, "norm_num_groups"),
             (r#"{"_class_name": "UNet2DConditionModel"}"#, "_class_name"),
             (r#"{"downsample_padding": 2}"#, "downsample_padding"),
             (r#"{"block_out_channels": [32, 64]}"#, "same length"),
-            (r#"{"block_out_channels": [30, 60, 60, 60], "norm_num_groups": 32}"#, "norm_num_groups"),
+            (
+                r#"{"block_out_channels": [30, 60, 60, 60], "norm_num_groups": 32}"#,
+                "norm_num_groups",
+            ),
             (r#"{"sample_size": 28}"#, "divisible by 2^3 = 8"),
         ];
         for (text, want) in cases {
@@ -845,7 +886,10 @@ mod tests {
         assert!(UNetConfig::preset("demo", 3, 16).is_ok());
         assert!(UNetConfig::preset("cifar10", 3, 16).is_ok());
         let e = UNetConfig::preset("cifar10", 1, 28).unwrap_err().to_string();
-        assert!(e.contains("image_size") && e.contains("divisible by 2^3 = 8") && e.contains("28x28"), "{e}");
+        assert!(
+            e.contains("image_size") && e.contains("divisible by 2^3 = 8") && e.contains("28x28"),
+            "{e}"
+        );
         let e = UNetConfig::preset("demo", 1, 30).unwrap_err().to_string();
         assert!(e.contains("(e.g. 28 -> 14 -> 7)"), "{e}");
         let e = UNetConfig::preset("huge", 1, 28).unwrap_err().to_string();

@@ -45,7 +45,10 @@ pub struct ModelFolder {
 /// Finds the files of the diffusers folder `dir` (see the module docs).
 pub fn locate(dir: &Path) -> Result<ModelFolder> {
     if !dir.is_dir() {
-        return Err(Error::bad_input(dir, "not a directory (expected a diffusers model folder)"));
+        return Err(Error::bad_input(
+            dir,
+            "not a directory (expected a diffusers model folder)",
+        ));
     }
     let model_dir = if dir.join("unet").join("config.json").is_file() {
         dir.join("unet")
@@ -203,7 +206,10 @@ pub fn export_unet(dir: &Path, config: &UNetConfig, tensors: &HashMap<String, Te
     unet::check_tensors(config, tensors).map_err(|m| Error::param("export", m))?;
     let mut cpu: Vec<(String, Tensor)> = Vec::with_capacity(tensors.len());
     for (k, v) in tensors {
-        cpu.push((k.clone(), v.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?));
+        cpu.push((
+            k.clone(),
+            v.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?,
+        ));
     }
     cpu.sort_by(|a, b| a.0.cmp(&b.0));
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -235,7 +241,10 @@ pub fn export_pipeline(
     scheduler: &SchedulerConfig,
 ) -> Result<()> {
     export_unet(&dir.join("unet"), config, tensors)?;
-    write_json(&dir.join("scheduler").join("scheduler_config.json"), &scheduler_json(scheduler))?;
+    write_json(
+        &dir.join("scheduler").join("scheduler_config.json"),
+        &scheduler_json(scheduler),
+    )?;
     let (pipeline, class) = match scheduler.class {
         SchedulerClass::Ddpm => ("DDPMPipeline", "DDPMScheduler"),
         SchedulerClass::Ddim => ("DDIMPipeline", "DDIMScheduler"),
@@ -254,7 +263,9 @@ pub fn export_pipeline(
 /// A scheduler config as diffusers' JSON.
 pub fn scheduler_json(s: &SchedulerConfig) -> serde_json::Value {
     use crate::denoiser::Prediction;
-    use crate::nets::scheduler_config::{DiffusersBetaSchedule as B, TimestepSpacing as T, VarianceType as V};
+    use crate::nets::scheduler_config::{
+        DiffusersBetaSchedule as B, TimestepSpacing as T, VarianceType as V,
+    };
     let mut v = json!({
         "_class_name": match s.class { SchedulerClass::Ddpm => "DDPMScheduler", SchedulerClass::Ddim => "DDIMScheduler" },
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -315,8 +326,14 @@ mod tests {
             rename_deprecated("mid_block.attentions.0.proj_attn.bias"),
             "mid_block.attentions.0.to_out.0.bias"
         );
-        assert_eq!(rename_deprecated("mid_block.attentions.0.group_norm.bias"), "mid_block.attentions.0.group_norm.bias");
-        assert_eq!(rename_deprecated("down_blocks.0.resnets.0.key.weight"), "down_blocks.0.resnets.0.key.weight");
+        assert_eq!(
+            rename_deprecated("mid_block.attentions.0.group_norm.bias"),
+            "mid_block.attentions.0.group_norm.bias"
+        );
+        assert_eq!(
+            rename_deprecated("down_blocks.0.resnets.0.key.weight"),
+            "down_blocks.0.resnets.0.key.weight"
+        );
     }
 
     #[test]
@@ -328,17 +345,27 @@ mod tests {
         let loaded = load(dir.path(), &Device::Cpu).unwrap();
         assert_eq!(loaded.config, cfg);
         assert!(loaded.scheduler.is_none());
-        let x = crate::rng::Rng::new(1).randn(&[2, 3, 8, 8], &Device::Cpu).unwrap();
+        let x = crate::rng::Rng::new(1)
+            .randn(&[2, 3, 8, 8], &Device::Cpu)
+            .unwrap();
         let t = Tensor::new(&[3f32, 700.5], &Device::Cpu).unwrap();
         let a = net.forward(&x, &t).unwrap();
         let b = loaded.unet.forward(&x, &t).unwrap();
         // Same weights, same code: bit-identical.
-        assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
 
         // A pipeline folder with a scheduler config.
         let p = tempfile::tempdir().unwrap();
-        let tensors = crate::nets::diffusers::load_tensors(&locate(dir.path()).unwrap()).unwrap().1;
-        let sched = SchedulerConfig { class: SchedulerClass::Ddim, ..SchedulerConfig::default() };
+        let tensors = crate::nets::diffusers::load_tensors(&locate(dir.path()).unwrap())
+            .unwrap()
+            .1;
+        let sched = SchedulerConfig {
+            class: SchedulerClass::Ddim,
+            ..SchedulerConfig::default()
+        };
         export_pipeline(p.path(), &cfg, &tensors, &sched).unwrap();
         let lp = load(p.path(), &Device::Cpu).unwrap();
         assert_eq!(lp.scheduler, Some(sched));

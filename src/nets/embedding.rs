@@ -45,20 +45,34 @@ pub fn timestep_embedding(
     flip_sin_to_cos: bool,
     downscale_freq_shift: f64,
 ) -> Result<Tensor> {
-    let b = timesteps
-        .dims1()
-        .map_err(|_| Error::param("timesteps", format!("expected shape [B], got {:?}", timesteps.dims())))?;
+    let b = timesteps.dims1().map_err(|_| {
+        Error::param(
+            "timesteps",
+            format!("expected shape [B], got {:?}", timesteps.dims()),
+        )
+    })?;
     let half = dim / 2;
     if half == 0 {
-        return Err(Error::param("embedding dim", format!("got {dim}, expected at least 2")));
+        return Err(Error::param(
+            "embedding dim",
+            format!("got {dim}, expected at least 2"),
+        ));
     }
-    let freqs = Tensor::from_vec(frequencies(dim, downscale_freq_shift), (1, half), timesteps.device())?;
+    let freqs = Tensor::from_vec(
+        frequencies(dim, downscale_freq_shift),
+        (1, half),
+        timesteps.device(),
+    )?;
     let args = timesteps
         .to_dtype(DType::F32)?
         .reshape((b, 1))?
         .broadcast_mul(&freqs)?;
     let (sin, cos) = (args.sin()?, args.cos()?);
-    let mut parts = if flip_sin_to_cos { vec![cos, sin] } else { vec![sin, cos] };
+    let mut parts = if flip_sin_to_cos {
+        vec![cos, sin]
+    } else {
+        vec![sin, cos]
+    };
     if dim % 2 == 1 {
         parts.push(Tensor::zeros((b, 1), DType::F32, timesteps.device())?);
     }
@@ -97,16 +111,26 @@ mod tests {
     fn embedding_exact_values() {
         // dim 4, shift 1: half = 2, freqs = exp(-ln(1e4) * [0, 1] / (2 - 1)) = [1, 1e-4].
         let t = Tensor::new(&[0.0f32, 1.0, 2.5], &Device::Cpu).unwrap();
-        let e = timestep_embedding(&t, 4, false, 1.0).unwrap().to_vec2::<f32>().unwrap();
+        let e = timestep_embedding(&t, 4, false, 1.0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let want = |t: f64| [t.sin(), (t * 1e-4).sin(), t.cos(), (t * 1e-4).cos()];
         for (row, &tv) in e.iter().zip(&[0.0, 1.0, 2.5]) {
             for (g, w) in row.iter().zip(want(tv)) {
                 // f32 arithmetic: |error| of sin/cos at arguments <= 2.5 is a few 1e-8.
-                assert!((*g as f64 - w).abs() < 1e-6, "t = {tv}: {row:?} vs {:?}", want(tv));
+                assert!(
+                    (*g as f64 - w).abs() < 1e-6,
+                    "t = {tv}: {row:?} vs {:?}",
+                    want(tv)
+                );
             }
         }
         // flip_sin_to_cos swaps the halves; an odd dim adds a zero column; shift 0 divides by half.
-        let f = timestep_embedding(&t, 5, true, 0.0).unwrap().to_vec2::<f32>().unwrap();
+        let f = timestep_embedding(&t, 5, true, 0.0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         // half = 2, freqs = [1, exp(-ln(1e4)/2)] = [1, 0.01]; t = 1: [cos 1, cos .01, sin 1, sin .01, 0]
         let w = [1f64.cos(), 0.01f64.cos(), 1f64.sin(), 0.01f64.sin(), 0.0];
         for (g, w) in f[1].iter().zip(w) {

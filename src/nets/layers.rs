@@ -40,7 +40,9 @@ impl Linear {
     /// `[..., in] -> [..., out]` (any number of leading dimensions).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let in_dim = *dims.last().ok_or_else(|| Error::param("linear input", "a scalar"))?;
+        let in_dim = *dims
+            .last()
+            .ok_or_else(|| Error::param("linear input", "a scalar"))?;
         let rows = x.elem_count() / in_dim.max(1);
         let y = ops::linear(&x.reshape((rows, in_dim))?, &self.weight, Some(&self.bias))?;
         let mut out = dims;
@@ -81,7 +83,13 @@ impl Conv2d {
 
     /// `[N, c_in, H, W] -> [N, c_out, H', W']`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::conv2d(x, &self.weight, Some(&self.bias), self.stride, self.padding)?)
+        Ok(ops::conv2d(
+            x,
+            &self.weight,
+            Some(&self.bias),
+            self.stride,
+            self.padding,
+        )?)
     }
 }
 
@@ -117,12 +125,24 @@ impl GroupNorm {
 
     /// `group_norm(x)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::group_norm(x, self.groups, &self.weight, &self.bias, self.eps)?)
+        Ok(ops::group_norm(
+            x,
+            self.groups,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
     }
 
     /// `silu(group_norm(x))`, fused.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::group_norm_silu(x, self.groups, &self.weight, &self.bias, self.eps)?)
+        Ok(ops::group_norm_silu(
+            x,
+            self.groups,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
     }
 
     /// `silu(group_norm(x) * (1 + scale) + shift)`, fused; `scale`, `shift` are `[N, C]`.
@@ -180,14 +200,26 @@ mod tests {
         let eval = d.forward(&x, None).unwrap();
         assert_eq!(eval.sum_all().unwrap().to_scalar::<f32>().unwrap(), 4000.0);
         let mut rng = Rng::new(7);
-        let y = d.forward(&x, Some(&mut rng)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = d
+            .forward(&x, Some(&mut rng))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         // Every entry is 0 or 1/(1 - 0.25) = 4/3.
         assert!(y.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
         let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64 / 4000.0;
         // Binomial(4000, 0.25): std of the fraction = sqrt(0.25 * 0.75 / 4000) = 0.0068; 5 sigma.
         assert!((dropped - 0.25).abs() < 0.035, "{dropped}");
         // The same seed gives the same mask.
-        let y2 = d.forward(&x, Some(&mut Rng::new(7))).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y2 = d
+            .forward(&x, Some(&mut Rng::new(7)))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(y, y2);
     }
 
@@ -196,6 +228,9 @@ mod tests {
         let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
         let e = GroupNorm::new(vb.pp("down_blocks.0.resnets.0.norm1"), 32, 48, 1e-5).unwrap_err();
         let e = e.to_string();
-        assert!(e.contains("down_blocks.0.resnets.0.norm1") && e.contains("48"), "{e}");
+        assert!(
+            e.contains("down_blocks.0.resnets.0.norm1") && e.contains("48"),
+            "{e}"
+        );
     }
 }

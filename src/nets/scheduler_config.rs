@@ -245,13 +245,17 @@ fn parse(v: &Value) -> Parse<SchedulerConfig> {
     let f64_of = |k: &str, dflt: f64| -> Parse<f64> {
         match get(k) {
             None => Ok(dflt),
-            Some(v) => v.as_f64().ok_or_else(|| format!("{k}: expected a number, got {v}")),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| format!("{k}: expected a number, got {v}")),
         }
     };
     let bool_of = |k: &str, dflt: bool| -> Parse<bool> {
         match get(k) {
             None => Ok(dflt),
-            Some(v) => v.as_bool().ok_or_else(|| format!("{k}: expected true or false, got {v}")),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| format!("{k}: expected true or false, got {v}")),
         }
     };
     let usize_of = |k: &str, dflt: usize| -> Parse<usize> {
@@ -356,7 +360,10 @@ fn parse(v: &Value) -> Parse<SchedulerConfig> {
         ));
     }
     if !(cfg.clip_sample_range.is_finite() && cfg.clip_sample_range > 0.0) {
-        return Err(format!("clip_sample_range: got {}, expected a positive number", cfg.clip_sample_range));
+        return Err(format!(
+            "clip_sample_range: got {}, expected a positive number",
+            cfg.clip_sample_range
+        ));
     }
     Ok(cfg)
 }
@@ -377,22 +384,34 @@ mod tests {
         let c = SchedulerConfig::from_json(&v).unwrap();
         assert_eq!(c, SchedulerConfig::default());
         let s = c.schedule().unwrap();
-        assert_eq!(s, Schedule::from_betas(BetaSchedule::from_name("linear").unwrap().betas(1000).unwrap()).unwrap());
+        assert_eq!(
+            s,
+            Schedule::from_betas(BetaSchedule::from_name("linear").unwrap().betas(1000).unwrap()).unwrap()
+        );
     }
 
     #[test]
     fn names_map_to_our_schedules() {
         let parse = |t: &str| SchedulerConfig::from_json(&serde_json::from_str(t).unwrap()).unwrap();
-        let c = parse(r#"{"_class_name": "DDIMScheduler", "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction", "timestep_spacing": "trailing", "set_alpha_to_one": false}"#);
+        let c = parse(
+            r#"{"_class_name": "DDIMScheduler", "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction", "timestep_spacing": "trailing", "set_alpha_to_one": false}"#,
+        );
         assert_eq!(c.class, SchedulerClass::Ddim);
         assert_eq!(c.prediction_type, Prediction::V);
         assert_eq!(c.timestep_spacing, TimestepSpacing::Trailing);
         assert!(!c.set_alpha_to_one);
-        assert_eq!(c.schedule().unwrap().beta, Schedule::named("cosine", 1000).unwrap().beta);
+        assert_eq!(
+            c.schedule().unwrap().beta,
+            Schedule::named("cosine", 1000).unwrap().beta
+        );
         // trained_betas override the named schedule.
-        let c = parse(r#"{"num_train_timesteps": 3, "trained_betas": [0.1, 0.2, 0.3], "beta_schedule": "sigmoid"}"#);
+        let c = parse(
+            r#"{"num_train_timesteps": 3, "trained_betas": [0.1, 0.2, 0.3], "beta_schedule": "sigmoid"}"#,
+        );
         assert_eq!(c.betas().unwrap(), vec![0.1, 0.2, 0.3]);
-        let c = parse(r#"{"num_train_timesteps": 3, "trained_betas": [0.1, 0.2, 0.3], "rescale_betas_zero_snr": true}"#);
+        let c = parse(
+            r#"{"num_train_timesteps": 3, "trained_betas": [0.1, 0.2, 0.3], "rescale_betas_zero_snr": true}"#,
+        );
         assert_eq!(*c.betas().unwrap().last().unwrap(), 1.0);
     }
 
@@ -409,11 +428,15 @@ mod tests {
             (r#"{"clip_sample": "yes"}"#, "clip_sample"),
         ];
         for (t, want) in cases {
-            let e = SchedulerConfig::from_json(&serde_json::from_str(t).unwrap()).unwrap_err().to_string();
+            let e = SchedulerConfig::from_json(&serde_json::from_str(t).unwrap())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{t}: {e}");
         }
-        let c = SchedulerConfig::from_json(&serde_json::from_str(r#"{"num_train_timesteps": 4, "trained_betas": [0.1]}"#).unwrap())
-            .unwrap();
+        let c = SchedulerConfig::from_json(
+            &serde_json::from_str(r#"{"num_train_timesteps": 4, "trained_betas": [0.1]}"#).unwrap(),
+        )
+        .unwrap();
         assert!(c.schedule().unwrap_err().to_string().contains("trained_betas"));
     }
 }

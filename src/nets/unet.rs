@@ -103,10 +103,12 @@ impl UNet {
             };
             // diffusers: attn_groups = attn_norm_num_groups, else norm_num_groups with the
             // default time conditioning and no norm at all with scale_shift.
-            let groups = config.attn_norm_num_groups.or(match config.resnet_time_scale_shift {
-                TimeScaleShift::Default => Some(config.norm_num_groups),
-                TimeScaleShift::ScaleShift => None,
-            });
+            let groups = config
+                .attn_norm_num_groups
+                .or(match config.resnet_time_scale_shift {
+                    TimeScaleShift::Default => Some(config.norm_num_groups),
+                    TimeScaleShift::ScaleShift => None,
+                });
             let mid_attn = AttentionParams { groups, ..attn };
             Some(MidBlock::new(
                 vb.pp("mid_block"),
@@ -150,7 +152,12 @@ impl UNet {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), config.norm_num_groups, ch[0], config.norm_eps)?,
+            conv_norm_out: GroupNorm::new(
+                vb.pp("conv_norm_out"),
+                config.norm_num_groups,
+                ch[0],
+                config.norm_eps,
+            )?,
             conv_out: Conv2d::new(vb.pp("conv_out"), ch[0], config.out_channels, 3, 1, 1)?,
         })
     }
@@ -175,16 +182,23 @@ impl UNet {
     /// Forward pass, training mode when `rng` is given (see [`UNet::forward`]).
     pub fn forward_t(&self, x: &Tensor, timesteps: &Tensor, mut rng: Option<&mut Rng>) -> Result<Tensor> {
         let cfg = &self.config;
-        let (b, c, h, w) = x
-            .dims4()
-            .map_err(|_| Error::param("U-Net input", format!("expected [B, C, H, W], got {:?}", x.dims())))?;
+        let (b, c, h, w) = x.dims4().map_err(|_| {
+            Error::param(
+                "U-Net input",
+                format!("expected [B, C, H, W], got {:?}", x.dims()),
+            )
+        })?;
         if c != cfg.in_channels {
             return Err(Error::param(
                 "U-Net input",
-                format!("{c} channels, but the model takes {} (in_channels)", cfg.in_channels),
+                format!(
+                    "{c} channels, but the model takes {} (in_channels)",
+                    cfg.in_channels
+                ),
             ));
         }
-        cfg.check_input_size(h, w).map_err(|e| Error::param("U-Net input", e))?;
+        cfg.check_input_size(h, w)
+            .map_err(|e| Error::param("U-Net input", e))?;
         let t = match timesteps.dims() {
             [n] if *n == b => timesteps.clone(),
             [1] => timesteps.broadcast_as(b)?.contiguous()?,
@@ -327,14 +341,23 @@ pub fn from_tensors(config: &UNetConfig, tensors: HashMap<String, Tensor>, devic
 
 /// Compares a set of named tensors with what `config` needs: every missing, unexpected and
 /// mis-shaped tensor is listed by name (up to 8 of each kind, then a count).
-pub fn check_tensors(config: &UNetConfig, tensors: &HashMap<String, Tensor>) -> std::result::Result<(), String> {
+pub fn check_tensors(
+    config: &UNetConfig,
+    tensors: &HashMap<String, Tensor>,
+) -> std::result::Result<(), String> {
     let specs = param_specs(config).map_err(|e| e.to_string())?;
-    let shapes: HashMap<&str, Vec<usize>> = tensors.iter().map(|(k, v)| (k.as_str(), v.dims().to_vec())).collect();
+    let shapes: HashMap<&str, Vec<usize>> = tensors
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.dims().to_vec()))
+        .collect();
     check_shapes(&specs, &shapes)
 }
 
 /// [`check_tensors`] on names and shapes only.
-pub fn check_shapes(specs: &[ParamSpec], found: &HashMap<&str, Vec<usize>>) -> std::result::Result<(), String> {
+pub fn check_shapes(
+    specs: &[ParamSpec],
+    found: &HashMap<&str, Vec<usize>>,
+) -> std::result::Result<(), String> {
     let mut missing = Vec::new();
     let mut wrong = Vec::new();
     for s in specs {
@@ -361,7 +384,11 @@ pub fn check_shapes(specs: &[ParamSpec], found: &HashMap<&str, Vec<usize>>) -> s
             return None;
         }
         let shown: Vec<&str> = v.iter().take(8).map(String::as_str).collect();
-        let more = if v.len() > 8 { format!(", and {} more", v.len() - 8) } else { String::new() };
+        let more = if v.len() > 8 {
+            format!(", and {} more", v.len() - 8)
+        } else {
+            String::new()
+        };
         Some(format!("{} {what}: {}{more}", v.len(), shown.join(", ")))
     };
     let parts: Vec<String> = [
@@ -372,7 +399,10 @@ pub fn check_shapes(specs: &[ParamSpec], found: &HashMap<&str, Vec<usize>>) -> s
     .into_iter()
     .flatten()
     .collect();
-    Err(format!("the weights do not match the config: {}", parts.join("; ")))
+    Err(format!(
+        "the weights do not match the config: {}",
+        parts.join("; ")
+    ))
 }
 
 /// A few lines describing the network: levels, channels, attention, time embedding,
@@ -500,12 +530,18 @@ mod tests {
         let t1 = Tensor::new(&[3f32], &Device::Cpu).unwrap();
         assert_eq!(unet.forward(&x16, &t1).unwrap().dims(), &[1, 1, 16, 16]);
         let e = unet
-            .forward(&Tensor::zeros((1, 1, 30, 30), DType::F32, &Device::Cpu).unwrap(), &t1)
+            .forward(
+                &Tensor::zeros((1, 1, 30, 30), DType::F32, &Device::Cpu).unwrap(),
+                &t1,
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains("divisible by 2^2 = 4") && e.contains("30x30"), "{e}");
         let e = unet
-            .forward(&Tensor::zeros((1, 3, 28, 28), DType::F32, &Device::Cpu).unwrap(), &t1)
+            .forward(
+                &Tensor::zeros((1, 3, 28, 28), DType::F32, &Device::Cpu).unwrap(),
+                &t1,
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains("3 channels") && e.contains("in_channels"), "{e}");
@@ -534,19 +570,30 @@ mod tests {
         let (net, vm) = init_params(&cfg, 2, &Device::Cpu).unwrap();
         let x = Rng::new(1).randn(&[2, 1, 8, 8], &Device::Cpu).unwrap();
         let t = Tensor::new(&[5f32, 900.0], &Device::Cpu).unwrap();
-        let loss = net.forward_train(&x, &t, &mut Rng::new(3)).unwrap().sqr().unwrap().mean_all().unwrap();
+        let loss = net
+            .forward_train(&x, &t, &mut Rng::new(3))
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
         let grads = loss.backward().unwrap();
         let data = vm.data().lock().unwrap();
         assert_eq!(data.len(), param_specs(&cfg).unwrap().len());
         for (name, var) in data.iter() {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
             let n = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(n.is_finite() && n > 0.0, "{name}: |grad| = {n}");
         }
         // Dropout: eval is deterministic, training depends on the seed.
         let e1 = net.forward(&x, &t).unwrap();
         let e2 = net.forward(&x, &t).unwrap();
-        assert_eq!(e1.flatten_all().unwrap().to_vec1::<f32>().unwrap(), e2.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            e1.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            e2.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
         let a = net.forward_train(&x, &t, &mut Rng::new(3)).unwrap();
         let b = net.forward_train(&x, &t, &mut Rng::new(3)).unwrap();
         let c = net.forward_train(&x, &t, &mut Rng::new(4)).unwrap();
@@ -560,15 +607,22 @@ mod tests {
     fn shape_check_lists_problems_by_name() {
         let cfg = UNetConfig::preset("demo", 1, 16).unwrap();
         let specs = param_specs(&cfg).unwrap();
-        let mut found: HashMap<&str, Vec<usize>> = specs.iter().map(|s| (s.name.as_str(), s.shape.clone())).collect();
+        let mut found: HashMap<&str, Vec<usize>> =
+            specs.iter().map(|s| (s.name.as_str(), s.shape.clone())).collect();
         assert!(check_shapes(&specs, &found).is_ok());
         found.remove("mid_block.attentions.0.to_q.weight");
         found.insert("conv_in.weight", vec![32, 3, 3, 3]);
         found.insert("extra.weight", vec![1]);
         let e = check_shapes(&specs, &found).unwrap_err();
-        assert!(e.contains("1 missing tensor(s): mid_block.attentions.0.to_q.weight"), "{e}");
+        assert!(
+            e.contains("1 missing tensor(s): mid_block.attentions.0.to_q.weight"),
+            "{e}"
+        );
         assert!(e.contains("1 unexpected tensor(s): extra.weight"), "{e}");
-        assert!(e.contains("conv_in.weight (file [32, 3, 3, 3], config expects [32, 1, 3, 3])"), "{e}");
+        assert!(
+            e.contains("conv_in.weight (file [32, 3, 3, 3], config expects [32, 1, 3, 3])"),
+            "{e}"
+        );
     }
 
     #[test]
