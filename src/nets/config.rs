@@ -316,7 +316,7 @@ impl UNetConfig {
             return Err(format!(
                 "a {}-level U-Net needs height and width divisible by 2^{} = {m} (e.g. {}), got {h}x{w}",
                 self.levels(),
-                self.levels() - 1,
+                self.levels().saturating_sub(1),
                 chain(m * (h / m).max(1)),
             ));
         }
