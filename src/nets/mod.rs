@@ -24,6 +24,7 @@
 pub mod adapter;
 pub mod blocks;
 pub mod config;
+mod config_json;
 pub mod diffusers;
 pub mod embedding;
 pub mod layers;
