@@ -7,7 +7,8 @@
 //! - [`layers`]: convolution, linear, GroupNorm, dropout (forward passes through [`crate::ops`]).
 //! - [`blocks`]: ResNet, attention, down/up-sampling, down/mid/up blocks.
 //! - [`unet`]: [`UNet`], parameter lists and counts, seeded initialisation, summaries.
-//! - [`diffusers`]: diffusers model folders in and out; scheduler configs.
+//! - [`diffusers`]: diffusers model folders in and out (load, check, export).
+//! - [`scheduler_config`]: diffusers' DDPM/DDIM scheduler configs and the [`crate::schedule::Schedule`] they describe.
 //! - [`adapter`]: [`UNetDenoiser`], the U-Net behind the samplers' `Denoiser` trait.
 //!
 //! ```
