@@ -24,6 +24,7 @@
 //! - [`denoiser`]: the `Denoiser` trait samplers call; eps / x_0 / v / score conversions.
 //! - [`data`]: image datasets (IDX, CIFAR-10, image folders, bundled `mnist5k`) and the training order.
 //! - [`image_out`]: sample grids, per-image PNGs, trajectory strips and GIFs.
+//! - [`nets`]: the U-Net (diffusers' `UNet2DModel` layout), its presets and diffusers interop.
 //! - [`ops`]: network building blocks (conv, GroupNorm, attention) with fast CPU kernels.
 
 pub mod data;
@@ -33,6 +34,7 @@ pub mod forward;
 pub mod image_out;
 pub mod io;
 pub mod likelihood;
+pub mod nets;
 pub mod ops;
 pub mod plot;
 pub mod posterior;

@@ -251,6 +251,69 @@ pub fn seed001_literal_cosine_alpha_bar(t: f64, timesteps: usize, s: f64) -> f64
     f(t / timesteps as f64) / f(0.0)
 }
 
+/// diffusers' `beta_schedule="sigmoid"` (from GeoDiff, Xu et al. 2022): a sigmoid *on the
+/// betas*, `beta_t = sigmoid(-6 + 12 (t-1)/(T-1)) * (beta_end - beta_start) + beta_start`
+/// (`torch.sigmoid(torch.linspace(-6, 6, T))` in `scheduling_ddpm.py`). Not to be confused with
+/// [`BetaSchedule::Sigmoid`] (Jabri et al.'s sigmoid on alpha_bar, our `sigmoid`).
+pub fn geodiff_sigmoid_betas(timesteps: usize, beta_start: f64, beta_end: f64) -> Result<Vec<f64>> {
+    if timesteps < 2 {
+        return Err(Error::param(
+            "timesteps",
+            format!("got {timesteps}, expected an integer >= 2"),
+        ));
+    }
+    check_beta_range(beta_start, beta_end)?;
+    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let betas: Vec<f64> = (0..timesteps)
+        .map(|i| {
+            let x = -6.0 + 12.0 * i as f64 / (timesteps - 1) as f64;
+            sig(x) * (beta_end - beta_start) + beta_start
+        })
+        .collect();
+    validate_betas(&betas)?;
+    Ok(betas)
+}
+
+/// Rescales betas to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules
+/// and Sample Steps are Flawed", Algorithm 1; diffusers' `rescale_zero_terminal_snr`):
+///
+/// ```text
+/// s_t   = sqrt(alpha_bar_t)
+/// s'_t  = (s_t - s_T) * s_1 / (s_1 - s_T)      (s'_1 = s_1, s'_T = 0)
+/// alpha'_1 = s'_1^2,  alpha'_t = s'_t^2 / s'_{t-1}^2,  beta'_t = 1 - alpha'_t
+/// ```
+///
+/// so `alpha_bar_1` is unchanged, `alpha_bar_T = 0` and `beta_T = 1` exactly (SNR_T = 0).
+pub fn rescale_zero_terminal_snr(betas: &[f64]) -> Result<Vec<f64>> {
+    validate_betas(betas)?;
+    let mut acc = 1.0;
+    let sqrt_ab: Vec<f64> = betas
+        .iter()
+        .map(|b| {
+            acc *= 1.0 - b;
+            acc.sqrt()
+        })
+        .collect();
+    let (s1, st) = (sqrt_ab[0], sqrt_ab[sqrt_ab.len() - 1]);
+    if s1 - st <= 0.0 {
+        return Err(Error::param(
+            "rescale_betas_zero_snr",
+            "alpha_bar_1 equals alpha_bar_T; the schedule cannot be rescaled",
+        ));
+    }
+    let ab: Vec<f64> = sqrt_ab
+        .iter()
+        .map(|s| ((s - st) * s1 / (s1 - st)).powi(2))
+        .collect();
+    let mut out = Vec::with_capacity(ab.len());
+    out.push(1.0 - ab[0]);
+    for w in ab.windows(2) {
+        out.push(1.0 - w[1] / w[0]);
+    }
+    validate_betas(&out)?;
+    Ok(out)
+}
+
 fn validate_betas(betas: &[f64]) -> Result<()> {
     if betas.len() < 2 {
         return Err(Error::param(
@@ -492,6 +555,39 @@ mod tests {
         // The paper's form is monotone and stays a valid schedule.
         let good = Schedule::named("cosine", t_len).unwrap();
         assert!(good.alpha_bar.windows(2).all(|w| w[1] < w[0]));
+    }
+
+    #[test]
+    fn geodiff_sigmoid_exact_values() {
+        // T = 3: linspace(-6, 6, 3) = [-6, 0, 6]; the middle beta is 0.5 * (end - start) + start.
+        let b = geodiff_sigmoid_betas(3, 1e-4, 0.02).unwrap();
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        assert!(rel(b[1], 0.5 * (0.02 - 1e-4) + 1e-4) < 1e-15);
+        assert!(rel(b[0], sig(-6.0) * (0.02 - 1e-4) + 1e-4) < 1e-15);
+        assert!(rel(b[2], sig(6.0) * (0.02 - 1e-4) + 1e-4) < 1e-15);
+        // symmetric about the middle: beta_1 + beta_T = 2 * beta_mid (sigmoid(-x) = 1 - sigmoid(x))
+        assert!(rel(b[0] + b[2], 2.0 * b[1]) < 1e-14);
+        assert!(geodiff_sigmoid_betas(1, 1e-4, 0.02).is_err());
+        assert!(geodiff_sigmoid_betas(10, 0.02, 1e-4).is_err());
+    }
+
+    #[test]
+    fn zero_terminal_snr_rescale() {
+        let betas = Schedule::named("linear", 1000).unwrap().beta;
+        let r = rescale_zero_terminal_snr(&betas).unwrap();
+        let s = Schedule::from_betas(r.clone()).unwrap();
+        let orig = Schedule::from_betas(betas).unwrap();
+        assert_eq!(r[999], 1.0);
+        assert_eq!(s.alpha_bar[999], 0.0);
+        assert!(rel(s.alpha_bar[0], orig.alpha_bar[0]) < 1e-14);
+        // Interior: sqrt(alpha_bar'_t) = (s_t - s_T) s_1 / (s_1 - s_T), checked at t = 500.
+        let (s1, st, sm) = (
+            orig.sqrt_alpha_bar[0],
+            orig.sqrt_alpha_bar[999],
+            orig.sqrt_alpha_bar[499],
+        );
+        assert!(rel(s.sqrt_alpha_bar[499], (sm - st) * s1 / (s1 - st)) < 1e-12);
+        assert!(rescale_zero_terminal_snr(&[0.5]).is_err());
     }
 
     #[test]

@@ -79,7 +79,11 @@ pub fn avg_pool2x(x: &Tensor) -> Result<Tensor> {
 /// See [`crate::ops::attention`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let att = (q.matmul(&k.t()?)? * scale)?;
-    let att = candle_nn::ops::softmax_last_dim(&att)?;
+    // Not `candle_nn::ops::softmax_last_dim`: that op has no backward, so q and k would get
+    // no gradient. Subtracting the (detached) row maximum leaves softmax unchanged.
+    let max = att.max_keepdim(D::Minus1)?.detach();
+    let num = att.broadcast_sub(&max)?.exp()?;
+    let att = num.broadcast_div(&num.sum_keepdim(D::Minus1)?)?;
     att.matmul(v)
 }
 
