@@ -14,7 +14,8 @@ process's resident-set high-water mark (VmHWM) measured from just before the fir
 iteration (reset through /proc/self/clear_refs where the kernel allows it).
 
 Prints one JSON object: {"workload", "batch", "threads", "median_ms", "times_ms", "params",
-"peak_rss_mib", "torch_version"}.
+"peak_rss_mib", "base_rss_mib" (VmRSS right after the reset: the interpreter, libtorch, the
+model and its inputs), "torch_version"}.
 """
 
 import argparse
@@ -260,15 +261,19 @@ def reset_peak_rss():
         pass
 
 
-def peak_rss_mib():
+def status_mib(key):
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
     return float("nan")
+
+
+def peak_rss_mib():
+    return status_mib("VmHWM")
 
 
 def main():
@@ -293,7 +298,8 @@ def main():
     s = config.get("sample_size", 32)
     s = s if isinstance(s, int) else s[0]
     x = torch.randn(args.batch, c, s, s)
-    t = torch.randint(0, config.get("num_train_timesteps", 1000), (args.batch,)).float()
+    # `or`: diffusers configs write "num_train_timesteps": null.
+    t = torch.randint(0, config.get("num_train_timesteps") or 1000, (args.batch,)).float()
 
     if args.workload == "train":
         model.train()
@@ -314,6 +320,7 @@ def main():
                 model(x, t)
 
     reset_peak_rss()
+    base_rss = status_mib("VmRSS")
     for _ in range(args.warmup):
         step()
     times = []
@@ -329,6 +336,7 @@ def main():
         "times_ms": times,
         "params": params,
         "peak_rss_mib": peak_rss_mib(),
+        "base_rss_mib": base_rss,
         "torch_version": torch.__version__,
     }
     print(json.dumps(out))

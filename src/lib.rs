@@ -26,7 +26,9 @@
 //! - [`image_out`]: sample grids, per-image PNGs, trajectory strips and GIFs.
 //! - [`nets`]: the U-Net (diffusers' `UNet2DModel` layout), its presets and diffusers interop.
 //! - [`ops`]: network building blocks (conv, GroupNorm, attention) with fast CPU kernels.
+//! - [`bench`]: timing the U-Net's training and sampling steps, FLOP counts, peak memory.
 
+pub mod bench;
 pub mod data;
 pub mod denoiser;
 pub mod error;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod common;
 mod forward;
 mod schedule;
@@ -23,6 +24,8 @@ enum Command {
     Schedule(schedule::ScheduleArgs),
     /// Draw the forward process: images noised at evenly spaced t, one block per schedule.
     Forward(forward::ForwardArgs),
+    /// Time a U-Net training step and sampling step (ms, images/s, GFLOP/s, peak memory), optionally against PyTorch.
+    Bench(bench::BenchArgs),
 }
 
 /// An error in how the tool was called (a flag combination that makes no sense): exit code 2.
@@ -47,6 +50,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Schedule(args) => schedule::run(args),
         Command::Forward(args) => forward::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 
