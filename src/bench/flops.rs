@@ -93,15 +93,7 @@ impl Counter {
     /// `ResnetBlock2D` `c_in -> c_out` on an `h` x `w` input; `resample` pools (`Some(false)`)
     /// or upsamples (`Some(true)`) after `norm1`.
     #[allow(clippy::too_many_arguments)]
-    fn resnet(
-        &mut self,
-        cfg: &UNetConfig,
-        c_in: usize,
-        c_out: usize,
-        h: usize,
-        w: usize,
-        up: Option<bool>,
-    ) {
+    fn resnet(&mut self, cfg: &UNetConfig, c_in: usize, c_out: usize, h: usize, w: usize, up: Option<bool>) {
         let (h2, w2) = match up {
             None => (h, w),
             Some(true) => (2 * h, 2 * w),
@@ -180,8 +172,8 @@ pub(crate) fn walk(cfg: &UNetConfig, h: usize, w: usize) -> Result<Counter> {
         let c = ch[n - 1];
         k.resnet(cfg, c, c, hh, ww, None);
         if cfg.add_attention {
-            let norm = cfg.attn_norm_num_groups.is_some()
-                || cfg.resnet_time_scale_shift == TimeScaleShift::Default;
+            let norm =
+                cfg.attn_norm_num_groups.is_some() || cfg.resnet_time_scale_shift == TimeScaleShift::Default;
             k.attention(cfg, c, hh, ww, norm);
         }
         k.resnet(cfg, c, c, hh, ww, None);
@@ -293,10 +285,7 @@ mod tests {
         //   upsampler conv @4x4: 1152
         // up 1 @4x4: 2 resnets 4->2: 2*4*9*2*16 = 2304, 1152, 1x1 2*4*2*16 = 256: 3712 each
         // conv_out 2->1 @4x4: 2*2*9*1*16 = 576
-        assert_eq!(
-            f.conv,
-            576 + 2304 + 288 + 576 + 2 * 928 + 1152 + 2 * 3712 + 576
-        );
+        assert_eq!(f.conv, 576 + 2304 + 288 + 576 + 2 * 928 + 1152 + 2 * 3712 + 576);
         // time MLP 2->8 (32) + 8->8 (128); six resnets with an 8->2 projection (32 each).
         assert_eq!(f.linear, 32 + 128 + 6 * 32);
         assert_eq!(f.attention, 0);

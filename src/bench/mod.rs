@@ -162,12 +162,17 @@ fn randn(rng: &mut Rng, shape: &[usize], device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, shape, device)?)
 }
 
-/// Times `step` `warmup + iters` times, returning the timed durations (ms) and the memory
-/// figures measured around all of them (see [`memory`]).
-fn time_steps(
-    spec: &WorkloadSpec,
-    mut step: impl FnMut() -> Result<()>,
-) -> Result<(Vec<f64>, Option<f64>, Option<f64>, bool)> {
+/// The timed durations (ms) of a workload and the memory figures around all its steps.
+struct Timed {
+    times: Vec<f64>,
+    base: Option<f64>,
+    peak: Option<f64>,
+    peak_reset: bool,
+}
+
+/// Runs `step` `warmup + iters` times, timing the last `iters` (see [`memory`] for the
+/// memory figures).
+fn time_steps(spec: &WorkloadSpec, mut step: impl FnMut() -> Result<()>) -> Result<Timed> {
     let peak_reset = memory::reset_peak_rss();
     let base = memory::rss_mib();
     for _ in 0..spec.warmup {
@@ -179,7 +184,12 @@ fn time_steps(
         step()?;
         times.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    Ok((times, base, memory::peak_rss_mib(), peak_reset))
+    Ok(Timed {
+        times,
+        base,
+        peak: memory::peak_rss_mib(),
+        peak_reset,
+    })
 }
 
 /// Builds the network of `cfg` (its `sample_size` gives the image size) with fresh weights and
@@ -191,20 +201,24 @@ pub fn run_workload(cfg: &UNetConfig, spec: &WorkloadSpec, device: &Device) -> R
     if spec.iters == 0 {
         return Err(Error::param("iters", "got 0, expected at least 1"));
     }
-    let [h, w] = cfg.sample_size.ok_or_else(|| {
-        Error::param("sample_size", "the benchmark needs the config's image size")
-    })?;
+    let [h, w] = cfg
+        .sample_size
+        .ok_or_else(|| Error::param("sample_size", "the benchmark needs the config's image size"))?;
     let b = spec.batch;
     let (net, varmap) = unet::init_params(cfg, spec.seed, device)?;
     let params = unet::num_parameters(cfg)?;
     let mut rng = Rng::stream(spec.seed, 1);
     let x = randn(&mut rng, &[b, cfg.in_channels, h, w], device)?;
     let t: Vec<f32> = (0..b)
-        .map(|_| (rng.uniform() * TIMESTEPS as f64).floor().min(TIMESTEPS as f64 - 1.0) as f32)
+        .map(|_| {
+            (rng.uniform() * TIMESTEPS as f64)
+                .floor()
+                .min(TIMESTEPS as f64 - 1.0) as f32
+        })
         .collect();
     let t = Tensor::from_vec(t, b, device)?;
 
-    let (times, base, peak, peak_reset) = match spec.workload {
+    let timed = match spec.workload {
         Workload::Train => {
             let target = randn(&mut rng, &[b, cfg.out_channels, h, w], device)?;
             let mut dropout_rng = Rng::stream(spec.seed, 2);
@@ -242,12 +256,12 @@ pub fn run_workload(cfg: &UNetConfig, spec: &WorkloadSpec, device: &Device) -> R
     Ok(WorkloadRun {
         workload: spec.workload,
         batch: b,
-        median_ms: median(&times),
-        times_ms: times,
+        median_ms: median(&timed.times),
+        times_ms: timed.times,
         params,
-        base_rss_mib: base,
-        peak_rss_mib: peak,
-        peak_reset,
+        base_rss_mib: timed.base,
+        peak_rss_mib: timed.peak,
+        peak_reset: timed.peak_reset,
         rayon_threads: rayon::current_num_threads(),
         candle_threads: candle_core::utils::get_num_threads(),
         fast_kernels: crate::ops::fast_kernels(),
@@ -367,7 +381,10 @@ mod tests {
         let cfg = UNetConfig::preset("demo", 1, 8).unwrap();
         let (net, varmap) = unet::init_params(&cfg, 0, &Device::Cpu).unwrap();
         let weight = |vm: &candle_nn::VarMap| {
-            vm.data().lock().unwrap()["conv_in.weight"].as_tensor().copy().unwrap()
+            vm.data().lock().unwrap()["conv_in.weight"]
+                .as_tensor()
+                .copy()
+                .unwrap()
         };
         let before = weight(&varmap);
         let x = Tensor::ones((1, 1, 8, 8), DType::F32, &Device::Cpu).unwrap();

@@ -17,7 +17,8 @@ use crate::bench::torch::TorchRun;
 use crate::bench::{SgemmRun, WorkloadRun};
 
 /// The counting convention, stated in the JSON.
-pub const FLOP_CONVENTION: &str = "2 FLOPs per multiply-add in convolutions, linear layers and the two attention \
+pub const FLOP_CONVENTION: &str =
+    "2 FLOPs per multiply-add in convolutions, linear layers and the two attention \
 matrix products; biases, norms, activations, resampling not counted; train step = 3 x forward";
 
 /// Speed and memory figures of one side (ours or PyTorch) for one workload.
@@ -40,6 +41,11 @@ pub struct Figures {
 }
 
 impl Figures {
+    /// What the workload added to the resident set: `peak_rss_mib - base_rss_mib`.
+    pub fn added_rss_mib(&self) -> Option<f64> {
+        Some(self.peak_rss_mib? - self.base_rss_mib?)
+    }
+
     fn new(
         median_ms: f64,
         times_ms: &[f64],
@@ -97,7 +103,8 @@ impl WorkloadReport {
     /// Derives the figures of `run` (and of `torch`, if given) for a network of `flops` per
     /// image forward, against a machine of `sgemm_gflops`.
     pub fn new(run: &WorkloadRun, flops: &FlopCount, sgemm_gflops: f64, torch: Option<&TorchRun>) -> Self {
-        let gflop_per_step = (run.workload.forwards_per_step() * flops.total()) as f64 * run.batch as f64 / 1e9;
+        let gflop_per_step =
+            (run.workload.forwards_per_step() * flops.total()) as f64 * run.batch as f64 / 1e9;
         let ours = Figures::new(
             run.median_ms,
             &run.times_ms,
@@ -123,11 +130,10 @@ impl WorkloadReport {
                 (Some(a), Some(b)) if b > 0.0 => Some(a / b),
                 _ => None,
             };
-            let added = |f: &Figures| Some(f.peak_rss_mib? - f.base_rss_mib?);
             Ratios {
                 time: ours.median_ms / t.median_ms,
                 peak_rss: div(ours.peak_rss_mib, t.peak_rss_mib),
-                added_rss: div(added(&ours), added(t)),
+                added_rss: div(ours.added_rss_mib(), t.added_rss_mib()),
             }
         });
         WorkloadReport {
@@ -214,10 +220,27 @@ impl BenchReport {
         let compare = self.torch_version.is_some();
         let mut rows = vec![{
             let mut h = vec![
-                "preset", "params", "workload", "batch", "GFLOP/step", "ms", "img/s", "GFLOP/s", "%sgemm", "peak MiB",
+                "preset",
+                "params",
+                "workload",
+                "batch",
+                "GFLOP/step",
+                "ms",
+                "img/s",
+                "GFLOP/s",
+                "%sgemm",
+                "peak MiB",
+                "+MiB",
             ];
             if compare {
-                h.extend(["torch ms", "torch MiB", "ms ratio", "MiB ratio"]);
+                h.extend([
+                    "torch ms",
+                    "torch peak",
+                    "torch +MiB",
+                    "ms ratio",
+                    "peak ratio",
+                    "+MiB ratio",
+                ]);
             }
             h.into_iter().map(String::from).collect::<Vec<_>>()
         }];
@@ -234,12 +257,16 @@ impl BenchReport {
                     format!("{:.1}", w.ours.gflops),
                     format!("{:.0}%", 100.0 * w.ours.sgemm_fraction),
                     opt(w.ours.peak_rss_mib, 0),
+                    opt(w.ours.added_rss_mib(), 0),
                 ];
                 if compare {
-                    r.push(opt(w.torch.as_ref().map(|t| t.median_ms), 1));
-                    r.push(opt(w.torch.as_ref().and_then(|t| t.peak_rss_mib), 0));
+                    let t = w.torch.as_ref();
+                    r.push(opt(t.map(|t| t.median_ms), 1));
+                    r.push(opt(t.and_then(|t| t.peak_rss_mib), 0));
+                    r.push(opt(t.and_then(Figures::added_rss_mib), 0));
                     r.push(opt(w.ratio.as_ref().map(|q| q.time), 2));
                     r.push(opt(w.ratio.as_ref().and_then(|q| q.peak_rss), 2));
+                    r.push(opt(w.ratio.as_ref().and_then(|q| q.added_rss), 2));
                 }
                 rows.push(r);
             }
@@ -253,13 +280,23 @@ impl BenchReport {
                 .iter()
                 .zip(&widths)
                 .enumerate()
-                .map(|(i, (s, w))| if i < 3 { format!("{s:<w$}") } else { format!("{s:>w$}") })
+                .map(|(i, (s, w))| {
+                    if i < 3 {
+                        format!("{s:<w$}")
+                    } else {
+                        format!("{s:>w$}")
+                    }
+                })
                 .collect();
             out.push_str(cells.join("  ").trim_end());
             out.push('\n');
         }
         if compare {
-            out.push_str("\nratios are ours / PyTorch (below 1: faster, or less memory)\n");
+            out.push_str(
+                "\nratios are ours / PyTorch (below 1: faster, or less memory); peak = resident-set high-water \
+                 mark during the workload, +MiB = peak minus the resident set before it (each side's runtime, \
+                 weights and inputs excluded)\n",
+            );
         }
         out
     }
@@ -358,7 +395,15 @@ mod tests {
         };
         let j = report.to_json();
         for key in [
-            "threads", "fast_kernels", "warmup", "iters", "seed", "sgemm", "flop_convention", "torch_version", "presets",
+            "threads",
+            "fast_kernels",
+            "warmup",
+            "iters",
+            "seed",
+            "sgemm",
+            "flop_convention",
+            "torch_version",
+            "presets",
         ] {
             assert!(j.get(key).is_some(), "{key}");
         }
@@ -366,20 +411,48 @@ mod tests {
             assert!(j["sgemm"].get(key).is_some(), "sgemm.{key}");
         }
         let p = &j["presets"][0];
-        for key in ["preset", "params", "image", "forward_flops_per_image", "forward_gflop_per_image", "config", "workloads"] {
+        for key in [
+            "preset",
+            "params",
+            "image",
+            "forward_flops_per_image",
+            "forward_gflop_per_image",
+            "config",
+            "workloads",
+        ] {
             assert!(p.get(key).is_some(), "preset.{key}");
         }
         let w = &p["workloads"][0];
-        for key in ["workload", "batch", "gflop_per_step", "ours", "threads", "torch", "ratio"] {
+        for key in [
+            "workload",
+            "batch",
+            "gflop_per_step",
+            "ours",
+            "threads",
+            "torch",
+            "ratio",
+        ] {
             assert!(w.get(key).is_some(), "workload.{key}");
         }
-        for key in ["median_ms", "times_ms", "images_per_s", "gflops", "sgemm_fraction", "peak_rss_mib", "base_rss_mib"] {
+        for key in [
+            "median_ms",
+            "times_ms",
+            "images_per_s",
+            "gflops",
+            "sgemm_fraction",
+            "peak_rss_mib",
+            "base_rss_mib",
+        ] {
             assert!(w["ours"].get(key).is_some(), "ours.{key}");
         }
         assert_eq!(w["workload"], "train");
         assert_eq!(p["workloads"][1]["workload"], "sample");
         let table = report.table();
-        assert_eq!(table.lines().filter(|l| l.starts_with("bench ")).count(), 2, "{table}");
+        assert_eq!(
+            table.lines().filter(|l| l.starts_with("bench ")).count(),
+            2,
+            "{table}"
+        );
         assert!(table.contains("214.7 GFLOP/s"), "{table}");
     }
 }

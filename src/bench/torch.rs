@@ -10,7 +10,7 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
-use crate::bench::Workload;
+use crate::bench::WorkloadSpec;
 use crate::error::{Error, Result};
 
 /// Where the script lives relative to the repository root.
@@ -104,28 +104,20 @@ impl TorchReference {
         })
     }
 
-    /// Runs one workload of the network whose diffusers config is in `config_json`.
-    pub fn run(
-        &self,
-        config_json: &Path,
-        workload: Workload,
-        batch: usize,
-        threads: usize,
-        warmup: usize,
-        iters: usize,
-        seed: u64,
-    ) -> Result<TorchRun> {
+    /// Runs `spec` (workload, batch, warm-up, timed steps, seed) on `threads` threads for the
+    /// network whose diffusers config is in `config_json`.
+    pub fn run(&self, config_json: &Path, spec: &WorkloadSpec, threads: usize) -> Result<TorchRun> {
         let n = threads.to_string();
         let out = Command::new(&self.python)
             .arg(&self.script)
             .arg("--config")
             .arg(config_json)
-            .args(["--workload", workload.name()])
-            .args(["--batch", &batch.to_string()])
+            .args(["--workload", spec.workload.name()])
+            .args(["--batch", &spec.batch.to_string()])
             .args(["--threads", &n])
-            .args(["--warmup", &warmup.to_string()])
-            .args(["--iters", &iters.to_string()])
-            .args(["--seed", &seed.to_string()])
+            .args(["--warmup", &spec.warmup.to_string()])
+            .args(["--iters", &spec.iters.to_string()])
+            .args(["--seed", &spec.seed.to_string()])
             .env("OMP_NUM_THREADS", &n)
             .env("MKL_NUM_THREADS", &n)
             .output()

@@ -15,8 +15,8 @@ use clap::Args;
 
 use diffuse::bench::torch::{TorchReference, TorchRun};
 use diffuse::bench::{
-    self, report::FLOP_CONVENTION, BenchReport, PresetReport, SgemmRun, Workload, WorkloadReport, WorkloadRun,
-    WorkloadSpec,
+    self, report::FLOP_CONVENTION, BenchReport, PresetReport, SgemmRun, Workload, WorkloadReport,
+    WorkloadRun, WorkloadSpec,
 };
 use diffuse::nets::{unet, UNetConfig};
 
@@ -79,7 +79,11 @@ pub struct BenchArgs {
     worker: Option<String>,
 }
 
-fn parse_list<T>(flag: &str, text: &str, parse: impl Fn(&str) -> diffuse::Result<T>) -> anyhow::Result<Vec<T>> {
+fn parse_list<T>(
+    flag: &str,
+    text: &str,
+    parse: impl Fn(&str) -> diffuse::Result<T>,
+) -> anyhow::Result<Vec<T>> {
     let items: Vec<&str> = text.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     if items.is_empty() {
         return super::usage(format!("--{flag}: empty list"));
@@ -104,6 +108,16 @@ impl BenchArgs {
         match w {
             Workload::Train => self.train_batch,
             Workload::Sample => self.sample_batch,
+        }
+    }
+
+    fn spec(&self, workload: Workload) -> WorkloadSpec {
+        WorkloadSpec {
+            workload,
+            batch: self.batch(workload),
+            warmup: self.warmup,
+            iters: self.iters,
+            seed: self.seed,
         }
     }
 
@@ -132,7 +146,9 @@ impl BenchArgs {
 
 /// Runs a worker and parses the JSON it prints.
 fn run_worker<T: serde::de::DeserializeOwned>(mut cmd: Command, what: &str) -> anyhow::Result<T> {
-    let out = cmd.output().with_context(|| format!("cannot start the {what} worker"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start the {what} worker"))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         bail!(
@@ -157,14 +173,7 @@ fn worker(args: &BenchArgs, what: &str) -> anyhow::Result<()> {
         let [(_, cfg)] = configs.as_slice() else {
             bail!("a worker runs one preset, got {}", configs.len());
         };
-        let spec = WorkloadSpec {
-            workload,
-            batch: args.batch(workload),
-            warmup: args.warmup,
-            iters: args.iters,
-            seed: args.seed,
-        };
-        serde_json::to_string(&bench::run_workload(cfg, &spec, &device)?)?
+        serde_json::to_string(&bench::run_workload(cfg, &args.spec(workload), &device)?)?
     };
     println!("{json}");
     Ok(())
@@ -252,12 +261,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 args.worker_command(w.name(), name, threads)?,
                 &format!("{name} {}", w.name()),
             )?;
-            check_threads(&format!("{name} {}", w.name()), threads, ours.rayon_threads, ours.candle_threads)?;
+            check_threads(
+                &format!("{name} {}", w.name()),
+                threads,
+                ours.rayon_threads,
+                ours.candle_threads,
+            )?;
             eprint!("{:.1} ms", ours.median_ms);
             let theirs: Option<TorchRun> = match (&torch, &config_path) {
                 (Some(t), Some(path)) => {
                     let r = t
-                        .run(path, w, batch, threads, args.warmup, args.iters, args.seed)
+                        .run(path, &args.spec(w), threads)
                         .with_context(|| format!("PyTorch reference, {name} {}", w.name()))?;
                     eprint!(", PyTorch {:.1} ms", r.median_ms);
                     if r.params != params {
