@@ -64,6 +64,11 @@ impl MinimalAdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            // candle's gradients can carry a backprop graph that reaches back into the forward
+            // pass (the weight gradient of a conv is computed from its input); keeping one in
+            // the moments would keep every step's activations alive.
+            let g = g.detach();
+            let g = &g;
             let (m, v) = match state.take() {
                 Some(mv) => mv,
                 None => (g.zeros_like()?, g.zeros_like()?),
