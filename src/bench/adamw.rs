@@ -119,6 +119,26 @@ mod tests {
         assert!((want - 0.873366).abs() < 1e-6); // the hand value, 0.9 - 0.026634
     }
 
+    /// The moments hold values, not graphs: a gradient computed from an intermediate of the
+    /// forward pass must not keep that pass alive (this leaked 640 MiB per step at batch 16).
+    #[test]
+    fn moments_carry_no_backprop_graph() {
+        let w = Var::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
+        let x = Var::new(&[[0.5f32, -1.0]], &Device::Cpu).unwrap();
+        // L = sum(x w w): dL/dw is computed from h = x w, an intermediate that tracks ops.
+        let h = x.as_tensor().matmul(w.as_tensor()).unwrap();
+        let loss = h.matmul(w.as_tensor()).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(
+            grads.get(w.as_tensor()).unwrap().track_op(),
+            "premise: candle's grad tracks ops"
+        );
+        let mut opt = MinimalAdamW::new(vec![w.clone()], 0.1, 0.0);
+        opt.step(&grads).unwrap();
+        let (m, v) = opt.moments[0].as_ref().unwrap();
+        assert!(!m.track_op() && !v.track_op());
+    }
+
     #[test]
     fn decoupled_weight_decay_by_hand() {
         let theta = Var::new(&[1f32], &Device::Cpu).unwrap();
