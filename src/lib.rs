@@ -20,13 +20,19 @@
 //! - [`plot`]: PNG charts.
 //! - [`denoiser`]: the `Denoiser` trait samplers call; eps / x_0 / v / score conversions.
 //! - [`ops`]: network building blocks (conv, GroupNorm, attention) with fast CPU kernels.
+//! - [`data`]: datasets (2-D toy sets, point files).
+//! - [`nets`]: networks behind the `Denoiser` trait (the toy MLP).
+//! - [`train`]: the training loop, AdamW, EMA, checkpoints and exact resume.
 
+pub mod data;
 pub mod denoiser;
 pub mod error;
 pub mod io;
+pub mod nets;
 pub mod ops;
 pub mod plot;
 pub mod rng;
 pub mod schedule;
+pub mod train;
 
 pub use error::{Error, Result};
