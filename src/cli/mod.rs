@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod schedule;
+mod toy_train;
 
 /// Denoising diffusion models: schedules, samplers, training, likelihoods.
 #[derive(Parser, Debug)]
@@ -19,6 +20,8 @@ pub struct Cli {
 enum Command {
     /// Print or plot noise schedules (beta_t, alpha_bar_t, posterior variance, SNR).
     Schedule(schedule::ScheduleArgs),
+    /// Train the MLP denoiser on 2-D toy data or points from a file (to become `toy train`).
+    ToyTrain(toy_train::ToyTrainArgs),
 }
 
 /// An error in how the tool was called (a flag combination that makes no sense): exit code 2.
@@ -34,7 +37,6 @@ impl std::fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 /// Shorthand for returning a [`UsageError`].
-#[allow(dead_code)]
 pub fn usage<T>(msg: impl Into<String>) -> anyhow::Result<T> {
     Err(UsageError(msg.into()).into())
 }
@@ -42,6 +44,7 @@ pub fn usage<T>(msg: impl Into<String>) -> anyhow::Result<T> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Schedule(args) => schedule::run(args),
+        Command::ToyTrain(args) => toy_train::run(args),
     }
 }
 

@@ -122,6 +122,13 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(ops::linear(x, &self.weight, Some(&self.bias))?)
     }
+
+    fn detach(&self) -> Self {
+        Linear {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+        }
+    }
 }
 
 struct Block {
@@ -177,6 +184,29 @@ impl Mlp {
         &self.config
     }
 
+    /// The same network with its weights detached from autodiff (sharing their storage, so
+    /// later optimizer updates still show): for inference, where tracking gradients through a
+    /// sampler's hundreds of steps would keep the whole graph in memory.
+    pub fn detach(&self) -> Self {
+        Mlp {
+            config: self.config.clone(),
+            frequencies: self.frequencies.clone(),
+            time_1: self.time_1.detach(),
+            time_2: self.time_2.detach(),
+            input: self.input.detach(),
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| Block {
+                    linear_1: b.linear_1.detach(),
+                    time_proj: b.time_proj.detach(),
+                    linear_2: b.linear_2.detach(),
+                })
+                .collect(),
+            output: self.output.detach(),
+        }
+    }
+
     /// The sinusoidal embedding `[sin(f_k lambda'), cos(f_k lambda')]` of log-SNR values
     /// `lambda` (shape [B], f32), lambda' clamped to +-[`LOG_SNR_CLAMP`].
     pub fn embed(&self, log_snr: &Tensor) -> Result<Tensor> {
@@ -230,10 +260,10 @@ pub struct MlpDenoiser {
 }
 
 impl MlpDenoiser {
-    /// Wraps a network.
-    pub fn new(mlp: Mlp, device: &Device) -> Self {
+    /// Wraps a network for inference (its weights are detached from autodiff, see [`Mlp::detach`]).
+    pub fn new(mlp: &Mlp, device: &Device) -> Self {
         MlpDenoiser {
-            mlp,
+            mlp: mlp.detach(),
             device: device.clone(),
         }
     }
@@ -270,7 +300,7 @@ impl MlpDenoiser {
         // which checks that every name and shape matches.
         let mlp = Mlp::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
         checkpoint::load_vars(&varmap, &tensors, &ckpt.join(file))?;
-        Ok(MlpDenoiser::new(mlp, device))
+        Ok(MlpDenoiser::new(&mlp, device))
     }
 }
 
@@ -322,6 +352,17 @@ mod tests {
         (varmap, mlp)
     }
 
+    /// Sets the (zero-initialised) output layer to non-zero values so tests see the network.
+    fn nonzero_output(varmap: &VarMap) {
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            if name.starts_with("output") {
+                let n = var.as_tensor().elem_count();
+                let v: Vec<f32> = (0..n).map(|i| 0.1 * (i as f32 + 1.0)).collect();
+                var.set(&Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu).unwrap()).unwrap();
+            }
+        }
+    }
+
     #[test]
     fn embedding_by_hand() {
         let (_, mlp) = net(0);
@@ -344,15 +385,8 @@ mod tests {
     #[test]
     fn every_process_with_the_same_log_snr_gives_the_same_eps() {
         let (varmap, mlp) = net(1);
-        // make the output layer non-zero so the test sees the network
-        for (name, var) in varmap.data().lock().unwrap().iter() {
-            if name.starts_with("output") {
-                let n = var.as_tensor().elem_count();
-                let v: Vec<f32> = (0..n).map(|i| 0.1 * (i as f32 + 1.0)).collect();
-                var.set(&Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu).unwrap()).unwrap();
-            }
-        }
-        let den = MlpDenoiser::new(mlp, &Device::Cpu);
+        nonzero_output(&varmap);
+        let den = MlpDenoiser::new(&mlp, &Device::Cpu);
         let x = Tensor::new(&[[0.9f64, -2.1], [3.0, 0.3]], &Device::Cpu).unwrap();
         let ve = [NoiseLevel::new(1.0, 3.0), NoiseLevel::new(1.0, 0.5)];
         let r: [f64; 2] = [10f64.sqrt(), 1.25f64.sqrt()];
@@ -377,6 +411,36 @@ mod tests {
         crate::denoiser::check_finite(&e, "eps").unwrap();
         assert!(den.output(&x, &[NoiseLevel::new(0.0, 0.0), ve[1]]).is_err());
         assert!(den.output(&x, &ve[..1]).is_err());
+    }
+
+    /// The denoiser's weights are detached (a sampler's steps do not build a graph), but a
+    /// gradient with respect to the input still flows (autodiff divergence for likelihoods).
+    #[test]
+    fn inference_does_not_track_weights_but_input_gradients_flow() {
+        let (varmap, mlp) = net(3);
+        nonzero_output(&varmap);
+        let den = MlpDenoiser::new(&mlp, &Device::Cpu);
+        let x = Tensor::new(&[[0.5f32, -0.5]], &Device::Cpu).unwrap();
+        let level = [NoiseLevel::from_alpha_bar(0.5)];
+        let out = den.output(&x, &level).unwrap();
+        assert!(!out.track_op(), "inference output keeps a graph");
+        // d(sum eps)/dx by autodiff against central differences (h = 1e-2 in f32: the quotient's
+        // error is O(h^2 f''') plus f32 rounding ~6e-8 * |f| / h; relative 1e-3 covers both,
+        // while a wrong input scaling or a lost path would be off by O(1))
+        let xv = candle_core::Var::from_tensor(&x).unwrap();
+        let g = den.output(xv.as_tensor(), &level).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = g.get(xv.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        let f = |dx: f32, dy: f32| {
+            let p = Tensor::new(&[[0.5f32 + dx, -0.5 + dy]], &Device::Cpu).unwrap();
+            den.output(&p, &level).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+        };
+        let h = 1e-2f32;
+        let fd = [(f(h, 0.0) - f(-h, 0.0)) / (2.0 * h), (f(0.0, h) - f(0.0, -h)) / (2.0 * h)];
+        assert!(fd[0].abs() + fd[1].abs() > 1e-2, "the network's output depends on x: {fd:?}");
+        for k in 0..2 {
+            let scale = fd[0].abs().max(fd[1].abs());
+            assert!((g[0][k] - fd[k]).abs() < 1e-3 * scale, "{:?} vs {fd:?}", g[0]);
+        }
     }
 
     #[test]
