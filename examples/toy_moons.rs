@@ -168,7 +168,8 @@ fn main() -> diffuse::Result<()> {
     let train_s = t0.elapsed().as_secs_f64();
 
     let den = MlpDenoiser::load(&out, true)?;
-    let sched = Schedule::named(&schedule, 1000)?;
+    let timesteps: usize = arg("--timesteps", 1000);
+    let sched = Schedule::named(&schedule, timesteps)?;
     let t1 = std::time::Instant::now();
     let samples = ddpm_ancestral(&den, &sched, n_samples, 2, seed + 1)?;
     let sample_s = t1.elapsed().as_secs_f64();
@@ -178,7 +179,7 @@ fn main() -> diffuse::Result<()> {
     let s = moon_stats(&samples);
     println!(
         "trained {} steps in {train_s:.1} s (hidden {hidden}, layers {layers}, batch {batch}, lr {lr}, ema {ema}, \
-         log-SNR {sampling}); DDPM ancestral, {schedule} schedule, T = 1000, {n_samples} samples in {sample_s:.1} s",
+         log-SNR {sampling}); DDPM ancestral, {schedule} schedule, T = {timesteps}, {n_samples} samples in {sample_s:.1} s",
         outcome.step
     );
     let fmt = |m: &MoonStats| {
