@@ -34,7 +34,13 @@ fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 /// Ancestral sampling x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t)
 /// + sqrt(beta~_t) z, no noise at the last step (Ho et al. 2020, Algorithm 2).
-fn ddpm_ancestral(den: &dyn Denoiser, s: &Schedule, n: usize, dim: usize, seed: u64) -> diffuse::Result<Vec<f64>> {
+fn ddpm_ancestral(
+    den: &dyn Denoiser,
+    s: &Schedule,
+    n: usize,
+    dim: usize,
+    seed: u64,
+) -> diffuse::Result<Vec<f64>> {
     let dev = Device::Cpu;
     let mut rng = Rng::new(seed);
     let mut x = rng.randn(&[n, dim], &dev)?;
@@ -48,7 +54,49 @@ fn ddpm_ancestral(den: &dyn Denoiser, s: &Schedule, n: usize, dim: usize, seed: 
             mean
         };
     }
-    Ok(x.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|v| v as f64).collect())
+    Ok(x.flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| v as f64)
+        .collect())
+}
+
+/// The variance-exploding probability-flow ODE dx/dsigma = eps(x, sigma), Euler steps on the
+/// Karras et al. (2022, eq. 5) rho = 7 grid from sigma = 20 to 0.01, then a last step to 0.
+fn ve_ode_euler(den: &dyn Denoiser, steps: usize, n: usize, seed: u64) -> diffuse::Result<Vec<f64>> {
+    let (s_max, s_min, rho) = (20.0f64, 0.01f64, 7.0);
+    let mut sigmas: Vec<f64> = (0..steps)
+        .map(|i| {
+            let f = i as f64 / (steps - 1) as f64;
+            (s_max.powf(1.0 / rho) + f * (s_min.powf(1.0 / rho) - s_max.powf(1.0 / rho))).powf(rho)
+        })
+        .collect();
+    sigmas.push(0.0);
+    let mut x = (Rng::new(seed).randn(&[n, 2], &Device::Cpu)? * s_max)?;
+    for w in sigmas.windows(2) {
+        let eps = den.predict_eps(&x, &vec![NoiseLevel::new(1.0, w[0]); n])?;
+        x = (x + (eps * (w[1] - w[0]))?)?;
+    }
+    Ok(x.flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| v as f64)
+        .collect())
+}
+
+/// Energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| between two 2-D samples (Szekely &
+/// Rizzo 2013), V-statistic form.
+fn energy_distance(a: &[f64], b: &[f64]) -> f64 {
+    let mean_dist = |u: &[f64], v: &[f64]| {
+        let mut s = 0.0;
+        for p in u.chunks_exact(2) {
+            for q in v.chunks_exact(2) {
+                s += (p[0] - q[0]).hypot(p[1] - q[1]);
+            }
+        }
+        s / ((u.len() / 2) * (v.len() / 2)) as f64
+    };
+    2.0 * mean_dist(a, b) - mean_dist(a, a) - mean_dist(b, b)
 }
 
 /// Distance of a point (in the dataset's coordinates) to the nearest moon curve, in make_moons
@@ -119,10 +167,17 @@ fn scatter(path: &std::path::Path, data: &[f64], samples: &[f64], title: &str) -
         chart.configure_mesh().draw().map_err(diffuse::plot::plot_err)?;
         let grey = RGBColor(170, 170, 170);
         chart
-            .draw_series(data.chunks_exact(2).map(|p| Circle::new((p[0], p[1]), 1, grey.filled())))
+            .draw_series(
+                data.chunks_exact(2)
+                    .map(|p| Circle::new((p[0], p[1]), 1, grey.filled())),
+            )
             .map_err(diffuse::plot::plot_err)?;
         chart
-            .draw_series(samples.chunks_exact(2).map(|p| Circle::new((p[0], p[1]), 1, diffuse::plot::PALETTE[0].filled())))
+            .draw_series(
+                samples
+                    .chunks_exact(2)
+                    .map(|p| Circle::new((p[0], p[1]), 1, diffuse::plot::PALETTE[0].filled())),
+            )
             .map_err(diffuse::plot::plot_err)?;
     }
     diffuse::plot::save_rgb_png(path, w, h, buf)
@@ -149,11 +204,23 @@ fn main() -> diffuse::Result<()> {
         layers,
         ..MlpConfig::new(2)
     };
-    let cfg = toy_config(&spec, &points, model, batch, LogSnrSampling::from_name(&sampling, -12.0, 12.0)?);
+    let cfg = toy_config(
+        &spec,
+        &points,
+        model,
+        batch,
+        LogSnrSampling::from_name(&sampling, -12.0, 12.0)?,
+    );
     let tcfg = TrainerConfig {
         seed,
-        optimizer: AdamWConfig { lr, ..AdamWConfig::default() },
-        ema: EmaConfig { decay: ema, warmup: true },
+        optimizer: AdamWConfig {
+            lr,
+            ..AdamWConfig::default()
+        },
+        ema: EmaConfig {
+            decay: ema,
+            warmup: true,
+        },
     };
     if out.exists() {
         std::fs::remove_dir_all(&out).map_err(|e| diffuse::Error::io(&out, e))?;
@@ -161,8 +228,15 @@ fn main() -> diffuse::Result<()> {
     let t0 = std::time::Instant::now();
     let mut run = ToyRun::setup(&out, &points, &cfg, &tcfg, false, &dev)?;
     let outcome = run.run(
-        &Budget { steps: Some(steps), minutes: None },
-        &LoopOptions { checkpoint_every: 0, hook_every: 0, progress: true },
+        &Budget {
+            steps: Some(steps),
+            minutes: None,
+        },
+        &LoopOptions {
+            checkpoint_every: 0,
+            hook_every: 0,
+            progress: true,
+        },
         &Interrupt::new(),
     )?;
     let train_s = t0.elapsed().as_secs_f64();
@@ -175,8 +249,11 @@ fn main() -> diffuse::Result<()> {
     let sample_s = t1.elapsed().as_secs_f64();
     let fresh: Points = Toy2d::Moons.sample(n_samples, &mut Rng::new(seed + 12345));
 
+    let ve = ve_ode_euler(&den, 100, n_samples, seed + 2)?;
+    let fresh2: Points = Toy2d::Moons.sample(n_samples, &mut Rng::new(seed + 54321));
     let d = moon_stats(fresh.as_slice());
     let s = moon_stats(&samples);
+    let v = moon_stats(&ve);
     println!(
         "trained {} steps in {train_s:.1} s (hidden {hidden}, layers {layers}, batch {batch}, lr {lr}, ema {ema}, \
          log-SNR {sampling}); DDPM ancestral, {schedule} schedule, T = {timesteps}, {n_samples} samples in {sample_s:.1} s",
@@ -191,15 +268,33 @@ fn main() -> diffuse::Result<()> {
             m.arc_thirds.map(|v| (v * 1000.0).round() / 1000.0)
         )
     };
-    println!("data:    {}", fmt(&d));
-    println!("samples: {}", fmt(&s));
-    let x = Tensor::from_vec(samples.iter().map(|&v| v as f32).collect::<Vec<_>>(), (n_samples, 2), &dev)?;
-    diffuse::io::write_npy_f32(&out.join("samples.npy"), &[n_samples, 2], &x.flatten_all()?.to_vec1::<f32>()?)?;
+    println!("data:          {}", fmt(&d));
+    println!("DDPM samples:  {}", fmt(&s));
+    println!("VE ODE (100):  {}", fmt(&v));
+    println!(
+        "energy distance to fresh data: DDPM {:.5}, VE ODE {:.5}, null (fresh vs fresh) {:.5}",
+        energy_distance(&samples, fresh.as_slice()),
+        energy_distance(&ve, fresh.as_slice()),
+        energy_distance(fresh2.as_slice(), fresh.as_slice())
+    );
+    let x = Tensor::from_vec(
+        samples.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+        (n_samples, 2),
+        &dev,
+    )?;
+    diffuse::io::write_npy_f32(
+        &out.join("samples.npy"),
+        &[n_samples, 2],
+        &x.flatten_all()?.to_vec1::<f32>()?,
+    )?;
     scatter(
         &out.join("scatter.png"),
         fresh.as_slice(),
         &samples,
-        &format!("moons: data (grey) vs {n_samples} samples (blue), {} steps", outcome.step),
+        &format!(
+            "moons: data (grey) vs {n_samples} samples (blue), {} steps",
+            outcome.step
+        ),
     )?;
     println!("wrote {}", out.join("scatter.png").display());
     Ok(())

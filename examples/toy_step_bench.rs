@@ -12,12 +12,24 @@ fn main() -> diffuse::Result<()> {
     let dev = Device::Cpu;
     let spec = DataSpec::parse("moons")?;
     let points = load_data(&spec, 10_000, 0)?;
-    let hidden: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(128);
-    let batch: usize = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(256);
-    let model = MlpConfig { hidden, ..MlpConfig::new(2) };
+    let hidden: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(128);
+    let batch: usize = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256);
+    let model = MlpConfig {
+        hidden,
+        ..MlpConfig::new(2)
+    };
     let cfg = toy_config(&spec, &points, model, batch, LogSnrSampling::default());
     let varmap = candle_nn::VarMap::new();
-    let mlp = diffuse::nets::mlp::Mlp::new(&cfg.model, diffuse::train::init::seeded_var_builder(&varmap, 1, &dev))?;
+    let mlp = diffuse::nets::mlp::Mlp::new(
+        &cfg.model,
+        diffuse::train::init::seeded_var_builder(&varmap, 1, &dev),
+    )?;
     let mut task = diffuse::train::toy::ToyTask::new(&points, mlp, &cfg, 2, &dev)?;
     let mut opt = AdamW::new(&varmap, AdamWConfig::default())?;
     let mut ema = Ema::new(&varmap, EmaConfig::default())?;

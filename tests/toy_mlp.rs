@@ -41,8 +41,15 @@ fn train(dir: &Path, spec: &DataSpec, points: &Points, steps: u64) -> MlpDenoise
         hook_every: 0,
         progress: false,
     };
-    run.run(&Budget { steps: Some(steps), minutes: None }, &opts, &Interrupt::new())
-        .unwrap();
+    run.run(
+        &Budget {
+            steps: Some(steps),
+            minutes: None,
+        },
+        &opts,
+        &Interrupt::new(),
+    )
+    .unwrap();
     MlpDenoiser::load(dir, true).unwrap()
 }
 
@@ -66,7 +73,10 @@ fn learns_the_exact_eps_of_gaussian_data() {
     for lam in [-8.0f64, -4.0, -1.0, 0.0, 1.0, 4.0, 8.0] {
         // a VP level and the VE level with the same log-SNR (alpha = 1, sigma = exp(-lam / 2))
         let ab = 1.0 / (1.0 + (-lam).exp());
-        for level in [NoiseLevel::from_alpha_bar(ab), NoiseLevel::new(1.0, (-lam / 2.0).exp())] {
+        for level in [
+            NoiseLevel::from_alpha_bar(ab),
+            NoiseLevel::new(1.0, (-lam / 2.0).exp()),
+        ] {
             let (a, sg) = (level.alpha, level.sigma);
             let mut x = Vec::with_capacity(2 * n);
             let mut exact = Vec::with_capacity(2 * n);
@@ -81,7 +91,8 @@ fn learns_the_exact_eps_of_gaussian_data() {
             let xt = Tensor::from_vec(x, (n, 2), &Device::Cpu).unwrap();
             let got = den.predict_eps(&xt, &vec![level; n]).unwrap();
             let got = got.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            let rmse = (got.iter().zip(&exact).map(|(g, e)| (g - e).powi(2)).sum::<f64>() / (2 * n) as f64).sqrt();
+            let rmse =
+                (got.iter().zip(&exact).map(|(g, e)| (g - e).powi(2)).sum::<f64>() / (2 * n) as f64).sqrt();
             worst = worst.max(rmse);
             // eps has unit scale. After 1200 steps the network is within a few hundredths of
             // the optimum (measured worst RMSE 0.046 over these levels); 0.08 leaves room for
@@ -125,7 +136,9 @@ fn moon_stats(xs: &[f64]) -> (f64, f64, f64) {
         thirds[((th / PI * 3.0) as usize).min(2) + if up { 0 } else { 3 }] += 1.0;
     }
     let moon = |k: usize| if k < 3 { upper } else { n - upper };
-    let least = (0..6).map(|k| thirds[k] / moon(k).max(1.0)).fold(f64::INFINITY, f64::min);
+    let least = (0..6)
+        .map(|k| thirds[k] / moon(k).max(1.0))
+        .fold(f64::INFINITY, f64::min);
     (within / n, upper / n, least)
 }
 
@@ -135,15 +148,25 @@ fn ddpm_ancestral(den: &dyn Denoiser, s: &Schedule, n: usize, rng: &mut Rng) -> 
     let dev = Device::Cpu;
     let mut x = rng.randn(&[n, 2], &dev).unwrap();
     for i in (0..s.timesteps()).rev() {
-        let eps = den.predict_eps(&x, &vec![NoiseLevel::from_alpha_bar(s.alpha_bar[i]); n]).unwrap();
-        let mean = ((&x - (eps * (s.beta[i] / s.sqrt_one_minus_alpha_bar[i])).unwrap()).unwrap() / s.alpha[i].sqrt()).unwrap();
+        let eps = den
+            .predict_eps(&x, &vec![NoiseLevel::from_alpha_bar(s.alpha_bar[i]); n])
+            .unwrap();
+        let mean = ((&x - (eps * (s.beta[i] / s.sqrt_one_minus_alpha_bar[i])).unwrap()).unwrap()
+            / s.alpha[i].sqrt())
+        .unwrap();
         x = if i > 0 {
             (mean + (rng.randn(&[n, 2], &dev).unwrap() * s.posterior_variance[i].sqrt()).unwrap()).unwrap()
         } else {
             mean
         };
     }
-    x.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect()
+    x.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect()
 }
 
 /// The variance-exploding probability-flow ODE dx/dsigma = eps(x, sigma) (x = x_0 + sigma eps;
@@ -163,7 +186,13 @@ fn ve_ode_euler(den: &dyn Denoiser, steps: usize, n: usize, rng: &mut Rng) -> Ve
         let eps = den.predict_eps(&x, &vec![NoiseLevel::new(1.0, w[0]); n]).unwrap();
         x = (x + (eps * (w[1] - w[0])).unwrap()).unwrap();
     }
-    x.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect()
+    x.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect()
 }
 
 #[test]
@@ -180,14 +209,23 @@ fn moons_samples_land_on_the_moons_under_two_processes() {
     // onto one spot of one moon (within 1.0, share 0.0: caught by the share and the thirds).
     let fresh = Toy2d::Moons.sample(n, &mut Rng::new(6));
     let (w, u, t) = moon_stats(fresh.as_slice());
-    assert!(w > 0.97 && (u - 0.5).abs() < 0.05 && t > 0.28, "fresh data {w} {u} {t}");
+    assert!(
+        w > 0.97 && (u - 0.5).abs() < 0.05 && t > 0.28,
+        "fresh data {w} {u} {t}"
+    );
 
     let cosine = Schedule::named("cosine", 100).unwrap();
     let (w, u, t) = moon_stats(&ddpm_ancestral(&den, &cosine, n, &mut Rng::new(7)));
     eprintln!("DDPM ancestral (cosine, T = 100): within 0.3 {w:.3}, upper share {u:.3}, least third {t:.3}");
-    assert!(w >= 0.93 && (u - 0.5).abs() <= 0.1 && t >= 0.2, "DDPM: within {w}, upper {u}, third {t}");
+    assert!(
+        w >= 0.93 && (u - 0.5).abs() <= 0.1 && t >= 0.2,
+        "DDPM: within {w}, upper {u}, third {t}"
+    );
 
     let (w, u, t) = moon_stats(&ve_ode_euler(&den, 100, n, &mut Rng::new(8)));
     eprintln!("VE probability-flow ODE (Euler, 100 steps): within 0.3 {w:.3}, upper share {u:.3}, least third {t:.3}");
-    assert!(w >= 0.93 && (u - 0.5).abs() <= 0.1 && t >= 0.2, "VE ODE: within {w}, upper {u}, third {t}");
+    assert!(
+        w >= 0.93 && (u - 0.5).abs() <= 0.1 && t >= 0.2,
+        "VE ODE: within {w}, upper {u}, third {t}"
+    );
 }

@@ -9,7 +9,16 @@ const BIN: &str = env!("CARGO_BIN_EXE_diffuse");
 
 /// A tiny model so a step takes about a millisecond.
 const SMALL: [&str; 10] = [
-    "--hidden", "16", "--layers", "1", "--batch", "32", "--n-data", "300", "--embed-dim", "8",
+    "--hidden",
+    "16",
+    "--layers",
+    "1",
+    "--batch",
+    "32",
+    "--n-data",
+    "300",
+    "--embed-dim",
+    "8",
 ];
 
 fn train(out: &Path, extra: &[&str]) -> Output {
@@ -47,7 +56,13 @@ fn trains_writes_outputs_and_reports_json() {
     // parameters of a 1-block width-16 MLP on 2-D data with an 8-dim embedding:
     // time 8*16+16 + 16*16+16, input 2*16+16, block 3 * (16*16+16), output 16*2+2
     assert_eq!(v["parameters"], 144 + 272 + 48 + 3 * 272 + 34);
-    for f in ["config.json", "metrics.jsonl", "loss.png", "checkpoint/state.json", "checkpoint/model.safetensors"] {
+    for f in [
+        "config.json",
+        "metrics.jsonl",
+        "loss.png",
+        "checkpoint/state.json",
+        "checkpoint/model.safetensors",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     assert_eq!(losses(&out).len(), 40);
@@ -66,7 +81,10 @@ fn bad_input_exits_2_with_one_line() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("unknown dataset 'spiral'") && err.lines().count() == 1, "{err}");
+    assert!(
+        err.contains("unknown dataset 'spiral'") && err.lines().count() == 1,
+        "{err}"
+    );
 
     let csv = tmp.path().join("p.csv");
     std::fs::write(&csv, "x,y\n1,2\n3,oops\n").unwrap();
@@ -95,7 +113,7 @@ fn bad_input_exits_2_with_one_line() {
 fn sigterm_checkpoints_and_resume_matches_the_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("killed");
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .arg("toy-train")
         .args(["--data", "moons", "--out"])
         .arg(&out)
@@ -114,14 +132,25 @@ fn sigterm_checkpoints_and_resume_matches_the_uninterrupted_run() {
         if n >= 20 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "no progress after 60 s");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no progress after 60 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
     let o = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "exit {:?}: {}", o.status, String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(stdout.contains("interrupted at step"), "{stdout}");
 
     // the checkpoint holds exactly the logged steps: nothing lost
@@ -143,7 +172,10 @@ fn sigterm_checkpoints_and_resume_matches_the_uninterrupted_run() {
     let o = train(&out, &["--steps", &target, "--resume", "--lr", "0.01"]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("trainer.optimizer.lr: checkpoint 0.001, now 0.01"), "{err}");
+    assert!(
+        err.contains("trainer.optimizer.lr: checkpoint 0.001, now 0.01"),
+        "{err}"
+    );
     // and a fresh run into the same directory too
     let o = train(&out, &["--steps", "5"]);
     assert_eq!(o.status.code(), Some(2));

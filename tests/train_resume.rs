@@ -83,11 +83,21 @@ fn records(dir: &Path) -> Vec<(u64, u64, u64, u64)> {
 
 fn tensors_bits(dir: &Path, file: &str) -> Vec<(String, Vec<u32>)> {
     let ckpt = checkpoint::locate(dir).unwrap();
-    let mut t: Vec<(String, Tensor)> = read_f32_tensors(&ckpt, file, &Device::Cpu).unwrap().into_iter().collect();
+    let mut t: Vec<(String, Tensor)> = read_f32_tensors(&ckpt, file, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
     t.sort_by(|a, b| a.0.cmp(&b.0));
     t.into_iter()
         .map(|(n, t)| {
-            let bits = t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect();
+            let bits = t
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
             (n, bits)
         })
         .collect()
@@ -97,7 +107,11 @@ fn assert_same_run(a: &Path, b: &Path) {
     let (ra, rb) = (records(a), records(b));
     assert_eq!(ra.len(), TOTAL as usize);
     assert_eq!(ra, rb, "loss / lr / grad-norm sequences differ");
-    for f in [checkpoint::MODEL_FILE, checkpoint::EMA_FILE, checkpoint::OPTIMIZER_FILE] {
+    for f in [
+        checkpoint::MODEL_FILE,
+        checkpoint::EMA_FILE,
+        checkpoint::OPTIMIZER_FILE,
+    ] {
         assert_eq!(tensors_bits(a, f), tensors_bits(b, f), "{f} differs");
     }
     let (sa, sb) = (
@@ -105,7 +119,10 @@ fn assert_same_run(a: &Path, b: &Path) {
         read_state(&checkpoint::locate(b).unwrap()).unwrap(),
     );
     assert_eq!(sa.step, TOTAL);
-    assert_eq!((sa.step, &sa.rng, &sa.data_state, sa.ema_updates), (sb.step, &sb.rng, &sb.data_state, sb.ema_updates));
+    assert_eq!(
+        (sa.step, &sa.rng, &sa.data_state, sa.ema_updates),
+        (sb.step, &sb.rng, &sb.data_state, sb.ema_updates)
+    );
 }
 
 fn uninterrupted(dir: &Path) {
@@ -162,7 +179,10 @@ fn interrupted_and_resumed_run_equals_the_uninterrupted_run() {
         fail_at: None,
         hooks: vec![],
     };
-    let out = run.trainer.run(&mut faulty, &steps(TOTAL), &options(), &interrupt).unwrap();
+    let out = run
+        .trainer
+        .run(&mut faulty, &steps(TOTAL), &options(), &interrupt)
+        .unwrap();
     assert_eq!((out.step, out.stop), (13, StopReason::Interrupted));
     assert_eq!(read_state(&checkpoint::locate(&b).unwrap()).unwrap().step, 13);
     assert_eq!(records(&b).len(), 13);
@@ -172,7 +192,10 @@ fn interrupted_and_resumed_run_equals_the_uninterrupted_run() {
     let mut run = setup(&b, true).unwrap();
     assert_eq!(run.trainer.step(), 13);
     let out = run.run(&steps(TOTAL), &options(), &Interrupt::new()).unwrap();
-    assert_eq!((out.step, out.session_steps, out.stop), (TOTAL, TOTAL - 13, StopReason::Steps));
+    assert_eq!(
+        (out.step, out.session_steps, out.stop),
+        (TOTAL, TOTAL - 13, StopReason::Steps)
+    );
     assert_same_run(&a, &b);
 }
 
@@ -192,7 +215,10 @@ fn a_kill_between_checkpoints_loses_only_the_steps_since_the_last_one() {
         fail_at: Some(18),
         hooks: vec![],
     };
-    let err = run.trainer.run(&mut faulty, &steps(TOTAL), &options(), &interrupt).unwrap_err();
+    let err = run
+        .trainer
+        .run(&mut faulty, &steps(TOTAL), &options(), &interrupt)
+        .unwrap_err();
     assert!(err.to_string().contains("simulated kill"));
     drop(run);
     assert_eq!(read_state(&checkpoint::locate(&c).unwrap()).unwrap().step, 10);
@@ -200,7 +226,11 @@ fn a_kill_between_checkpoints_loses_only_the_steps_since_the_last_one() {
 
     let mut run = setup(&c, true).unwrap();
     assert_eq!(run.trainer.step(), 10);
-    assert_eq!(run.trainer.metrics().len(), 10, "the log is cut back to the checkpoint");
+    assert_eq!(
+        run.trainer.metrics().len(),
+        10,
+        "the log is cut back to the checkpoint"
+    );
     run.run(&steps(TOTAL), &options(), &Interrupt::new()).unwrap();
     assert_same_run(&a, &c);
 }
@@ -225,7 +255,9 @@ fn resume_in_two_hops_with_hooks() {
             hook_every: 4,
             ..options()
         };
-        run.trainer.run(&mut task, &steps(until), &opts, &interrupt).unwrap();
+        run.trainer
+            .run(&mut task, &steps(until), &opts, &interrupt)
+            .unwrap();
         if until == 25 {
             // every 4th step of the session, plus once at the end
             assert_eq!(task.hooks, vec![12, 16, 20, 24, 25]);
@@ -248,16 +280,24 @@ fn configuration_mismatch_and_existing_checkpoint_are_refused() {
     // a fresh run into a directory holding a checkpoint
     let e = setup(&a, false).err().unwrap();
     assert!(e.is_user_error());
-    assert!(e.to_string().contains("already holds a checkpoint (step 30)"), "{e}");
+    assert!(
+        e.to_string().contains("already holds a checkpoint (step 30)"),
+        "{e}"
+    );
 
     // resume with a different learning rate and width: both fields are named
     let (points, mut task, mut trainer) = configs();
     trainer.optimizer.lr = 1e-2;
     task.model.hidden = 32;
-    let e = ToyRun::setup(&a, &points, &task, &trainer, true, &Device::Cpu).err().unwrap();
+    let e = ToyRun::setup(&a, &points, &task, &trainer, true, &Device::Cpu)
+        .err()
+        .unwrap();
     let msg = e.to_string();
     assert!(e.is_user_error());
-    assert!(msg.contains("trainer.optimizer.lr: checkpoint 0.003, now 0.01"), "{msg}");
+    assert!(
+        msg.contains("trainer.optimizer.lr: checkpoint 0.003, now 0.01"),
+        "{msg}"
+    );
     assert!(msg.contains("task.model.hidden: checkpoint 16, now 32"), "{msg}");
 
     // resume where there is nothing to resume
@@ -288,6 +328,9 @@ fn same_seed_same_losses_other_seed_other_losses_and_time_budget() {
     let out = run.run(&budget, &options(), &Interrupt::new()).unwrap();
     assert_eq!(out.stop, StopReason::Time);
     assert!(out.step >= 1);
-    assert_eq!(read_state(&checkpoint::locate(&d).unwrap()).unwrap().step, out.step);
+    assert_eq!(
+        read_state(&checkpoint::locate(&d).unwrap()).unwrap().step,
+        out.step
+    );
     assert!(d.join(diffuse::train::LOSS_CURVE_FILE).is_file());
 }

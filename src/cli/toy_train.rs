@@ -10,12 +10,12 @@ use diffuse::nets::mlp::MlpConfig;
 use diffuse::train::metrics::smooth;
 use diffuse::train::toy::{load_data, toy_config, LogSnrSampling, ToyRun};
 use diffuse::train::{
-    parameter_count, AdamWConfig, Budget, EmaConfig, Interrupt, LoopOptions, StopReason, TrainerConfig, LOSS_CURVE_FILE,
-    METRICS_FILE,
+    parameter_count, AdamWConfig, Budget, EmaConfig, Interrupt, LoopOptions, StopReason, TrainerConfig,
+    LOSS_CURVE_FILE, METRICS_FILE,
 };
 
 /// Steps when neither --steps nor --minutes is given.
-const DEFAULT_STEPS: u64 = 5000;
+const DEFAULT_STEPS: u64 = 3000;
 /// Points drawn from a synthetic dataset when --n-data is not given.
 const DEFAULT_N_DATA: usize = 10_000;
 
@@ -30,7 +30,7 @@ pub struct ToyTrainArgs {
     /// loss.png, config.json. Must not hold a checkpoint unless --resume is given.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// Total training steps of the run (5000 if neither --steps nor --minutes is given).
+    /// Total training steps of the run (3000 if neither --steps nor --minutes is given).
     #[arg(long)]
     steps: Option<u64>,
     /// Stop after this many minutes of this session (with --steps: whichever comes first).
@@ -102,7 +102,11 @@ pub fn run(args: ToyTrainArgs) -> anyhow::Result<()> {
         ));
     }
     let budget = Budget {
-        steps: args.steps.or(if args.minutes.is_none() { Some(DEFAULT_STEPS) } else { None }),
+        steps: args.steps.or(if args.minutes.is_none() {
+            Some(DEFAULT_STEPS)
+        } else {
+            None
+        }),
         minutes: args.minutes,
     };
     let points = load_data(&spec, args.n_data.unwrap_or(DEFAULT_N_DATA), args.seed)?;

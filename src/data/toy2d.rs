@@ -50,7 +50,10 @@ impl Points {
             ));
         }
         if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-            return Err(Error::param("points", format!("row {} holds a non-finite value", i / dim)));
+            return Err(Error::param(
+                "points",
+                format!("row {} holds a non-finite value", i / dim),
+            ));
         }
         Ok(Points { dim, data })
     }
@@ -154,7 +157,16 @@ impl Toy2d {
         match self {
             Toy2d::EightGaussians => {
                 let s = std::f64::consts::FRAC_1_SQRT_2;
-                let centres = [(1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0), (s, s), (s, -s), (-s, s), (-s, -s)];
+                let centres = [
+                    (1.0, 0.0),
+                    (-1.0, 0.0),
+                    (0.0, 1.0),
+                    (0.0, -1.0),
+                    (s, s),
+                    (s, -s),
+                    (-s, s),
+                    (-s, -s),
+                ];
                 for _ in 0..n {
                     let (cx, cy) = centres[rng.below(8) as usize];
                     let x = (4.0 * cx + 0.5 * rng.normal()) / 1.414;
@@ -195,7 +207,10 @@ impl Toy2d {
                 for i in 0..n {
                     let r = radii[(i * 4 / n.max(1)).min(3)];
                     let a = 2.0 * PI * rng.uniform();
-                    data.extend([r * a.cos() + 0.08 * rng.normal(), r * a.sin() + 0.08 * rng.normal()]);
+                    data.extend([
+                        r * a.cos() + 0.08 * rng.normal(),
+                        r * a.sin() + 0.08 * rng.normal(),
+                    ]);
                 }
             }
         }
@@ -223,14 +238,18 @@ pub enum DataSpec {
 }
 
 /// The names [`DataSpec::parse`] accepts, for error messages and `--help`.
-pub const SPEC_HELP: &str = "moons, 8gaussians, swissroll, checkerboard, rings, npy:FILE, csv:FILE, gmm:FILE.json";
+pub const SPEC_HELP: &str =
+    "moons, 8gaussians, swissroll, checkerboard, rings, npy:FILE, csv:FILE, gmm:FILE.json";
 
 impl DataSpec {
     /// Parses a `--data` value.
     pub fn parse(spec: &str) -> Result<Self> {
         let file = |rest: &str, kind: &str| -> Result<PathBuf> {
             if rest.is_empty() {
-                Err(Error::param("data", format!("'{spec}' names no file; expected {kind}:FILE")))
+                Err(Error::param(
+                    "data",
+                    format!("'{spec}' names no file; expected {kind}:FILE"),
+                ))
             } else {
                 Ok(PathBuf::from(rest))
             }
@@ -319,12 +338,20 @@ pub fn read_npy_points(path: &Path) -> Result<Points> {
         }
     };
     if n == 0 || d == 0 {
-        return Err(Error::bad_input(path, format!("the array is empty (shape [{n}, {d}])")));
+        return Err(Error::bad_input(
+            path,
+            format!("the array is empty (shape [{n}, {d}])"),
+        ));
     }
     if let Some(i) = a.data.iter().position(|v| !v.is_finite()) {
         return Err(Error::bad_input(
             path,
-            format!("row {}, column {} is {} (values must be finite)", i / d, i % d, a.data[i]),
+            format!(
+                "row {}, column {} is {} (values must be finite)",
+                i / d,
+                i % d,
+                a.data[i]
+            ),
         ));
     }
     Ok(Points { dim: d, data: a.data })
@@ -373,7 +400,11 @@ pub fn read_csv_points(path: &Path) -> Result<Points> {
                 Err(_) => {
                     return Err(Error::bad_input(
                         path,
-                        format!("line {line_no}, column {}: '{}' is not a number", c + 1, fields[c]),
+                        format!(
+                            "line {line_no}, column {}: '{}' is not a number",
+                            c + 1,
+                            fields[c]
+                        ),
                     ))
                 }
             }
@@ -422,14 +453,21 @@ mod tests {
         let p = Toy2d::Moons.sample(n, &mut Rng::new(2));
         let (mean, _) = p.mean_std();
         // per-coordinate spread ~1.2 / sqrt(20000) = 0.009; allow 0.03
-        assert!(mean[0].abs() < 0.03 && (mean[1] - 0.3).abs() < 0.03, "moons mean {mean:?}");
+        assert!(
+            mean[0].abs() < 0.03 && (mean[1] - 0.3).abs() < 0.03,
+            "moons mean {mean:?}"
+        );
         // checkerboard: every point lies in a square where floor(x1/2) + floor(x2/2) is even
         // (x1/2 in [-2, 2), x2/2 - floor(x1/2) mod 2 in [0, 1) or [-2, -1)), within [-4, 4]^2
         let p = Toy2d::Checkerboard.sample(n, &mut Rng::new(3));
         for i in 0..p.len() {
             let (a, b) = (p.row(i)[0] / 2.0, p.row(i)[1] / 2.0);
             assert!((-2.0..2.0).contains(&a) && (-2.0..2.0).contains(&b), "{a} {b}");
-            assert_eq!((a.floor() + b.floor()).rem_euclid(2.0), 0.0, "({a}, {b}) on a white square");
+            assert_eq!(
+                (a.floor() + b.floor()).rem_euclid(2.0),
+                0.0,
+                "({a}, {b}) on a white square"
+            );
         }
         // rings: a quarter of the points within 0.4 of each radius (noise sd 0.08: 5 sd)
         let p = Toy2d::Rings.sample(n, &mut Rng::new(4));
@@ -454,16 +492,31 @@ mod tests {
 
     #[test]
     fn spec_parsing() {
-        assert_eq!(DataSpec::parse("moons").unwrap(), DataSpec::Synthetic(Toy2d::Moons));
-        assert_eq!(DataSpec::parse("8gaussians").unwrap(), DataSpec::Synthetic(Toy2d::EightGaussians));
-        assert_eq!(DataSpec::parse("npy:a/b.npy").unwrap(), DataSpec::Npy("a/b.npy".into()));
+        assert_eq!(
+            DataSpec::parse("moons").unwrap(),
+            DataSpec::Synthetic(Toy2d::Moons)
+        );
+        assert_eq!(
+            DataSpec::parse("8gaussians").unwrap(),
+            DataSpec::Synthetic(Toy2d::EightGaussians)
+        );
+        assert_eq!(
+            DataSpec::parse("npy:a/b.npy").unwrap(),
+            DataSpec::Npy("a/b.npy".into())
+        );
         assert_eq!(DataSpec::parse("csv:x.csv").unwrap().to_string(), "csv:x.csv");
-        assert_eq!(DataSpec::parse("gmm:m.json").unwrap(), DataSpec::Gmm("m.json".into()));
+        assert_eq!(
+            DataSpec::parse("gmm:m.json").unwrap(),
+            DataSpec::Gmm("m.json".into())
+        );
         for t in Toy2d::ALL {
             assert_eq!(DataSpec::parse(t.name()).unwrap(), DataSpec::Synthetic(t));
         }
         let e = DataSpec::parse("spiral").unwrap_err().to_string();
-        assert!(e.contains("unknown dataset 'spiral'") && e.contains("checkerboard"), "{e}");
+        assert!(
+            e.contains("unknown dataset 'spiral'") && e.contains("checkerboard"),
+            "{e}"
+        );
         assert!(DataSpec::parse("npy:").is_err());
         let e = DataSpec::parse("gmm:m.json").unwrap().load(10, 0).unwrap_err();
         assert!(e.to_string().contains("not wired"), "{e}");
@@ -481,14 +534,26 @@ mod tests {
         assert_eq!(read_csv_points(&p).unwrap().dim(), 3);
         std::fs::write(&p, "x,y\n1,2\n3,abc\n").unwrap();
         let e = read_csv_points(&p).unwrap_err().to_string();
-        assert!(e.contains("line 3, column 2: 'abc' is not a number") && e.contains("pts.csv"), "{e}");
+        assert!(
+            e.contains("line 3, column 2: 'abc' is not a number") && e.contains("pts.csv"),
+            "{e}"
+        );
         std::fs::write(&p, "1,2\n3,4,5\n").unwrap();
         let e = read_csv_points(&p).unwrap_err().to_string();
-        assert!(e.contains("line 2: 3 values, expected 2 like the first data row (line 1)"), "{e}");
+        assert!(
+            e.contains("line 2: 3 values, expected 2 like the first data row (line 1)"),
+            "{e}"
+        );
         std::fs::write(&p, "1,2\n3,inf\n").unwrap();
-        assert!(read_csv_points(&p).unwrap_err().to_string().contains("line 2, column 2"));
+        assert!(read_csv_points(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("line 2, column 2"));
         std::fs::write(&p, "x,y\n").unwrap();
-        assert!(read_csv_points(&p).unwrap_err().to_string().contains("no data rows"));
+        assert!(read_csv_points(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("no data rows"));
         let e = read_csv_points(&dir.path().join("missing.csv")).unwrap_err();
         assert!(e.is_user_error() && e.to_string().contains("missing.csv"));
     }
@@ -498,11 +563,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pts.npy");
         crate::io::write_npy_f32(&p, &[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
-        let pts = DataSpec::parse(&format!("npy:{}", p.display())).unwrap().load(0, 0).unwrap();
+        let pts = DataSpec::parse(&format!("npy:{}", p.display()))
+            .unwrap()
+            .load(0, 0)
+            .unwrap();
         assert_eq!((pts.len(), pts.dim()), (3, 2));
         assert_eq!(pts.row(2), &[5.0, 6.0]);
         crate::io::write_npy_f32(&p, &[6], &[1.0; 6]).unwrap();
-        assert!(read_npy_points(&p).unwrap_err().to_string().contains("expected a 2-D array"));
+        assert!(read_npy_points(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("expected a 2-D array"));
         crate::io::write_npy_f32(&p, &[2, 2], &[1.0, 2.0, f32::NAN, 4.0]).unwrap();
         let e = read_npy_points(&p).unwrap_err().to_string();
         assert!(e.contains("row 1, column 0 is NaN"), "{e}");

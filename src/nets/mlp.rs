@@ -110,7 +110,10 @@ impl Linear {
             let bound = 1.0 / (inputs as f64).sqrt();
             (
                 candle_nn::init::DEFAULT_KAIMING_NORMAL,
-                Init::Uniform { lo: -bound, up: bound },
+                Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
             )
         };
         Ok(Linear {
@@ -219,7 +222,9 @@ impl Mlp {
 
     /// `eps_hat` for variance-preserving inputs `x_vp` [B, D] at log-SNR `log_snr` [B] (f32).
     pub fn forward(&self, x_vp: &Tensor, log_snr: &Tensor) -> Result<Tensor> {
-        let temb = self.time_2.forward(&ops::silu(&self.time_1.forward(&self.embed(log_snr)?)?)?)?;
+        let temb = self
+            .time_2
+            .forward(&ops::silu(&self.time_1.forward(&self.embed(log_snr)?)?)?)?;
         let temb_act = ops::silu(&temb)?;
         let mut h = self.input.forward(x_vp)?;
         for b in &self.blocks {
@@ -291,9 +296,16 @@ impl MlpDenoiser {
             )
         })?;
         let config: MlpConfig = serde_json::from_value(model_json).map_err(|e| {
-            Error::bad_input(ckpt.join(checkpoint::STATE_FILE), format!("config.task.model: {e}"))
+            Error::bad_input(
+                ckpt.join(checkpoint::STATE_FILE),
+                format!("config.task.model: {e}"),
+            )
         })?;
-        let file = if use_ema { checkpoint::EMA_FILE } else { checkpoint::MODEL_FILE };
+        let file = if use_ema {
+            checkpoint::EMA_FILE
+        } else {
+            checkpoint::MODEL_FILE
+        };
         let tensors = checkpoint::read_f32_tensors(&ckpt, file, device)?;
         let varmap = VarMap::new();
         // Build the variables (their initial values are discarded) and load the file into them,
@@ -316,7 +328,10 @@ impl Denoiser for MlpDenoiser {
         if d != self.mlp.config.dim {
             return Err(Error::param(
                 "x_t",
-                format!("has dimension {d}, the model was trained on dimension {}", self.mlp.config.dim),
+                format!(
+                    "has dimension {d}, the model was trained on dimension {}",
+                    self.mlp.config.dim
+                ),
             ));
         }
         if levels.len() != b {
@@ -330,7 +345,9 @@ impl Denoiser for MlpDenoiser {
         let lam: Vec<f32> = views.iter().map(|v| v.1 as f32).collect();
         let x = x_t.to_device(&self.device)?.to_dtype(DType::F32)?;
         let x_vp = x.broadcast_mul(&Tensor::from_vec(inv_r, (b, 1), &self.device)?)?;
-        let eps = self.mlp.forward(&x_vp, &Tensor::from_vec(lam, b, &self.device)?)?;
+        let eps = self
+            .mlp
+            .forward(&x_vp, &Tensor::from_vec(lam, b, &self.device)?)?;
         Ok(eps.to_dtype(x_t.dtype())?.to_device(x_t.device())?)
     }
 }
@@ -358,7 +375,8 @@ mod tests {
             if name.starts_with("output") {
                 let n = var.as_tensor().elem_count();
                 let v: Vec<f32> = (0..n).map(|i| 0.1 * (i as f32 + 1.0)).collect();
-                var.set(&Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu).unwrap())
+                    .unwrap();
             }
         }
     }
@@ -370,7 +388,12 @@ mod tests {
         let lam = Tensor::new(&[0.0f32, 2.0, 100.0], &Device::Cpu).unwrap();
         let e = mlp.embed(&lam).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(e[0], vec![0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
-        let f = [1.0 / 64.0, 256f64.powf(1.0 / 3.0) / 64.0, 256f64.powf(2.0 / 3.0) / 64.0, 4.0];
+        let f = [
+            1.0 / 64.0,
+            256f64.powf(1.0 / 3.0) / 64.0,
+            256f64.powf(2.0 / 3.0) / 64.0,
+            4.0,
+        ];
         for k in 0..4 {
             // f32 sin/cos of arguments up to 8 (2 * 4): 1e-6 is a few ulps
             assert!((e[1][k] as f64 - (2.0 * f[k]).sin()).abs() < 1e-6);
@@ -397,17 +420,35 @@ mod tests {
         let a = den.output(&x, &ve).unwrap();
         let b = den.output(&x_vp, &vp).unwrap();
         assert_eq!(a.dtype(), DType::F64);
-        let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let diff = (a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         // identical up to f32 rounding of the scaled input and of log-SNR (~1e-7 relative)
         assert!(diff < 1e-5, "{diff}");
         let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(scale > 0.1, "the outputs are not trivially zero: {scale}");
         // a different log-SNR changes the output (the conditioning reaches the network)
-        let c = den.output(&x_vp, &[NoiseLevel::from_alpha_bar(0.5), vp[1]]).unwrap();
-        let d = (c - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let c = den
+            .output(&x_vp, &[NoiseLevel::from_alpha_bar(0.5), vp[1]])
+            .unwrap();
+        let d = (c - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(d > 1e-3, "{d}");
         // sigma = 0 and alpha = 0 stay finite (clamped embedding); bad levels are errors
-        let e = den.output(&x, &[NoiseLevel::new(1.0, 0.0), NoiseLevel::new(0.0, 1.0)]).unwrap();
+        let e = den
+            .output(&x, &[NoiseLevel::new(1.0, 0.0), NoiseLevel::new(0.0, 1.0)])
+            .unwrap();
         crate::denoiser::check_finite(&e, "eps").unwrap();
         assert!(den.output(&x, &[NoiseLevel::new(0.0, 0.0), ve[1]]).is_err());
         assert!(den.output(&x, &ve[..1]).is_err());
@@ -428,15 +469,32 @@ mod tests {
         // error is O(h^2 f''') plus f32 rounding ~6e-8 * |f| / h; relative 1e-3 covers both,
         // while a wrong input scaling or a lost path would be off by O(1))
         let xv = candle_core::Var::from_tensor(&x).unwrap();
-        let g = den.output(xv.as_tensor(), &level).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = den
+            .output(xv.as_tensor(), &level)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let g = g.get(xv.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
         let f = |dx: f32, dy: f32| {
             let p = Tensor::new(&[[0.5f32 + dx, -0.5 + dy]], &Device::Cpu).unwrap();
-            den.output(&p, &level).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+            den.output(&p, &level)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
         };
         let h = 1e-2f32;
-        let fd = [(f(h, 0.0) - f(-h, 0.0)) / (2.0 * h), (f(0.0, h) - f(0.0, -h)) / (2.0 * h)];
-        assert!(fd[0].abs() + fd[1].abs() > 1e-2, "the network's output depends on x: {fd:?}");
+        let fd = [
+            (f(h, 0.0) - f(-h, 0.0)) / (2.0 * h),
+            (f(0.0, h) - f(0.0, -h)) / (2.0 * h),
+        ];
+        assert!(
+            fd[0].abs() + fd[1].abs() > 1e-2,
+            "the network's output depends on x: {fd:?}"
+        );
         for k in 0..2 {
             let scale = fd[0].abs().max(fd[1].abs());
             assert!((g[0][k] - fd[k]).abs() < 1e-3 * scale, "{:?} vs {fd:?}", g[0]);
@@ -451,10 +509,17 @@ mod tests {
         assert!(names.contains(&"blocks.1.time_proj.weight".to_string()));
         assert!(names.contains(&"time_embed.linear_1.weight".to_string()));
         assert_eq!(names.len(), 2 * (3 * 2 + 2 + 1 + 1)); // (blocks * 3 + time 2 + in + out) * (w, b)
-        // the output layer starts at zero, so the untrained eps is 0
+                                                          // the output layer starts at zero, so the untrained eps is 0
         let x = Tensor::new(&[[1f32, 2.0]], &Device::Cpu).unwrap();
-        let out = mlp.forward(&x, &Tensor::new(&[0f32], &Device::Cpu).unwrap()).unwrap();
+        let out = mlp
+            .forward(&x, &Tensor::new(&[0f32], &Device::Cpu).unwrap())
+            .unwrap();
         assert_eq!(out.to_vec2::<f32>().unwrap(), vec![vec![0.0, 0.0]]);
-        assert!(MlpConfig { embed_dim: 5, ..MlpConfig::new(2) }.validate().is_err());
+        assert!(MlpConfig {
+            embed_dim: 5,
+            ..MlpConfig::new(2)
+        }
+        .validate()
+        .is_err());
     }
 }

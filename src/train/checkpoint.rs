@@ -143,7 +143,9 @@ pub fn load_vars(varmap: &VarMap, tensors: &HashMap<String, Tensor>, source: &Pa
                 ),
             ));
         }
-        let t = t.to_dtype(var.as_tensor().dtype())?.to_device(var.as_tensor().device())?;
+        let t = t
+            .to_dtype(var.as_tensor().dtype())?
+            .to_device(var.as_tensor().device())?;
         converted.push((var, t));
     }
     for (var, t) in converted {
@@ -274,7 +276,11 @@ pub fn config_differences(saved: &Value, current: &Value) -> Vec<String> {
                 keys.sort();
                 keys.dedup();
                 for k in keys {
-                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
                     walk(&p, x.get(k), y.get(k), out);
                 }
             }
@@ -328,7 +334,10 @@ mod tests {
     }
 
     fn named(v: f32) -> Vec<(String, Tensor)> {
-        vec![("a.weight".into(), Tensor::new(&[v, v + 1.0], &Device::Cpu).unwrap())]
+        vec![(
+            "a.weight".into(),
+            Tensor::new(&[v, v + 1.0], &Device::Cpu).unwrap(),
+        )]
     }
 
     fn save_step(dir: &Path, step: u64) -> PathBuf {
@@ -410,7 +419,11 @@ mod tests {
         assert!(config_differences(&a, &a).is_empty());
         let e = check_config(&a, &b, Path::new("run/checkpoint")).unwrap_err();
         assert!(e.is_user_error());
-        assert!(e.to_string().contains("trainer.optimizer.lr: checkpoint 0.001, now 0.002"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("trainer.optimizer.lr: checkpoint 0.001, now 0.002"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -422,16 +435,28 @@ mod tests {
         varmap.data().lock().unwrap().insert("b".into(), b.clone());
         let src = Path::new("model.safetensors");
         let mut t = HashMap::new();
-        t.insert("w".to_string(), Tensor::ones((2, 2), DType::F64, &Device::Cpu).unwrap());
+        t.insert(
+            "w".to_string(),
+            Tensor::ones((2, 2), DType::F64, &Device::Cpu).unwrap(),
+        );
         let e = load_vars(&varmap, &t, src).unwrap_err().to_string();
         assert!(e.contains("missing b"), "{e}");
-        t.insert("b".to_string(), Tensor::ones(3, DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            "b".to_string(),
+            Tensor::ones(3, DType::F32, &Device::Cpu).unwrap(),
+        );
         let e = load_vars(&varmap, &t, src).unwrap_err().to_string();
         assert!(e.contains("'b' has shape [3], the model expects [2]"), "{e}");
         // nothing was written by the failed loads
         assert_eq!(w.as_tensor().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
-        t.insert("b".to_string(), Tensor::ones(2, DType::F32, &Device::Cpu).unwrap());
-        t.insert("c".to_string(), Tensor::ones(2, DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            "b".to_string(),
+            Tensor::ones(2, DType::F32, &Device::Cpu).unwrap(),
+        );
+        t.insert(
+            "c".to_string(),
+            Tensor::ones(2, DType::F32, &Device::Cpu).unwrap(),
+        );
         let e = load_vars(&varmap, &t, src).unwrap_err().to_string();
         assert!(e.contains("unexpected c"), "{e}");
         t.remove("c");
@@ -445,7 +470,10 @@ mod tests {
         let p = dir.path().join("model.safetensors");
         fs::write(&p, b"garbage").unwrap();
         let e = read_tensors(&p, &Device::Cpu).unwrap_err().to_string();
-        assert!(e.contains("model.safetensors") && e.contains("safetensors"), "{e}");
+        assert!(
+            e.contains("model.safetensors") && e.contains("safetensors"),
+            "{e}"
+        );
         let e = locate(dir.path()).unwrap_err().to_string();
         assert!(e.contains("no checkpoint here"), "{e}");
         fs::write(dir.path().join(STATE_FILE), b"{\"format\": \"other\"}").unwrap();

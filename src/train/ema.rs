@@ -152,13 +152,19 @@ impl Ema {
             if t.dims() != s.value.dims() {
                 return Err(Error::bad_input(
                     source,
-                    format!("EMA tensor '{}' has shape {:?}, the model has {:?}", s.name, t.dims(), s.value.dims()),
+                    format!(
+                        "EMA tensor '{}' has shape {:?}, the model has {:?}",
+                        s.name,
+                        t.dims(),
+                        s.value.dims()
+                    ),
                 ));
             }
             values.push(t.to_dtype(DType::F32)?.to_device(s.value.device())?);
         }
         if tensors.len() != self.shadows.len() {
-            let known: std::collections::HashSet<&str> = self.shadows.iter().map(|s| s.name.as_str()).collect();
+            let known: std::collections::HashSet<&str> =
+                self.shadows.iter().map(|s| s.name.as_str()).collect();
             let mut extra: Vec<&String> = tensors.keys().filter(|k| !known.contains(k.as_str())).collect();
             extra.sort();
             return Err(Error::bad_input(
@@ -204,7 +210,12 @@ mod tests {
             warmup: false,
         };
         assert_eq!(flat.decay_at(1), 0.9);
-        assert!(EmaConfig { decay: 1.0, warmup: true }.validate().is_err());
+        assert!(EmaConfig {
+            decay: 1.0,
+            warmup: true
+        }
+        .validate()
+        .is_err());
     }
 
     /// theta_0 = 0, then the weights are set to 1, 2, 3 before updates 1, 2, 3 with warm-up
@@ -216,10 +227,18 @@ mod tests {
         let varmap = VarMap::new();
         let var = Var::zeros(2, DType::F32, &Device::Cpu).unwrap();
         varmap.data().lock().unwrap().insert("w".into(), var.clone());
-        let mut ema = Ema::new(&varmap, EmaConfig { decay: 0.999, warmup: true }).unwrap();
+        let mut ema = Ema::new(
+            &varmap,
+            EmaConfig {
+                decay: 0.999,
+                warmup: true,
+            },
+        )
+        .unwrap();
         let mut expect = 0.0f64;
         for k in 1..=3u64 {
-            var.set(&Tensor::new(&[k as f32, -(k as f32)], &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::new(&[k as f32, -(k as f32)], &Device::Cpu).unwrap())
+                .unwrap();
             ema.update().unwrap();
             let d = (1.0 + k as f64) / (10.0 + k as f64);
             expect = d * expect + (1.0 - d) * k as f64;
@@ -227,7 +246,10 @@ mod tests {
         assert!((expect - (4.0 / 13.0 * (0.25 * 9.0 / 11.0 + 1.5) + 27.0 / 13.0)).abs() < 1e-12);
         let got = ema.tensors()[0].1.to_vec1::<f32>().unwrap();
         // f32 arithmetic on numbers of size ~3: 1e-6 is a few ulps
-        assert!((got[0] as f64 - expect).abs() < 1e-6 && (got[1] as f64 + expect).abs() < 1e-6, "{got:?}");
+        assert!(
+            (got[0] as f64 - expect).abs() < 1e-6 && (got[1] as f64 + expect).abs() < 1e-6,
+            "{got:?}"
+        );
         assert_eq!(ema.updates(), 3);
         // the raw weights are untouched until copy_into_vars
         assert_eq!(var.as_tensor().to_vec1::<f32>().unwrap(), vec![3.0, -3.0]);
@@ -250,6 +272,10 @@ mod tests {
         assert_eq!(ema.updates(), 7);
         assert_eq!(ema.tensors()[0].1.to_vec1::<f32>().unwrap(), vec![5.0, 6.0]);
         m.insert("x".to_string(), Tensor::new(&[5f32], &Device::Cpu).unwrap());
-        assert!(ema.load_state(&m, 7, p).unwrap_err().to_string().contains("unexpected EMA tensors: x"));
+        assert!(ema
+            .load_state(&m, 7, p)
+            .unwrap_err()
+            .to_string()
+            .contains("unexpected EMA tensors: x"));
     }
 }

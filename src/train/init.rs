@@ -69,7 +69,10 @@ impl SimpleBackend for SeededVarMap {
             .map_err(|_| candle_core::Error::Msg("the VarMap's lock is poisoned".into()))?;
         if let Some(var) = data.get(name) {
             if var.shape() != &s {
-                candle_core::bail!("shape mismatch on {name}: asked for {s:?}, the variable has {:?}", var.shape())
+                candle_core::bail!(
+                    "shape mismatch on {name}: asked for {s:?}, the variable has {:?}",
+                    var.shape()
+                )
             }
             return Ok(var.as_tensor().clone());
         }
@@ -94,13 +97,21 @@ impl SimpleBackend for SeededVarMap {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.varmap.data().lock().map(|d| d.contains_key(name)).unwrap_or(false)
+        self.varmap
+            .data()
+            .lock()
+            .map(|d| d.contains_key(name))
+            .unwrap_or(false)
     }
 }
 
 /// A `VarBuilder` over `varmap` whose new variables are seeded from `seed` (f32 weights).
 pub fn seeded_var_builder(varmap: &VarMap, seed: u64, device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(SeededVarMap::new(varmap, seed)), DType::F32, device.clone())
+    VarBuilder::from_backend(
+        Box::new(SeededVarMap::new(varmap, seed)),
+        DType::F32,
+        device.clone(),
+    )
 }
 
 #[cfg(test)]

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::plot::{line_chart, Panel, Series};
+use plotters::prelude::*;
+
+use crate::plot::{ensure_font, plot_err, save_rgb_png};
 
 /// One line of `metrics.jsonl`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,7 +67,10 @@ impl MetricsLog {
                 Ok(r) => r,
                 Err(_) if i + 1 == lines.len() => break,
                 Err(e) => {
-                    return Err(Error::bad_input(path, format!("line {}: not a metrics record: {e}", i + 1)));
+                    return Err(Error::bad_input(
+                        path,
+                        format!("line {}: not a metrics record: {e}", i + 1),
+                    ));
                 }
             };
             if rec.step > through_step {
@@ -120,7 +125,8 @@ impl MetricsLog {
 }
 
 fn record_line(r: &MetricRecord) -> Result<String> {
-    let mut s = serde_json::to_string(r).map_err(|e| Error::Numerical(format!("cannot encode a metrics record: {e}")))?;
+    let mut s = serde_json::to_string(r)
+        .map_err(|e| Error::Numerical(format!("cannot encode a metrics record: {e}")))?;
     s.push('\n');
     Ok(s)
 }
@@ -152,41 +158,127 @@ pub fn smoothing_weight(n: usize) -> f64 {
     (1.0 - 1.0 / window).min(0.999)
 }
 
-/// Draws the loss against the step, raw and smoothed, on a log scale, into a PNG.
-/// Curves longer than 4000 points are thinned for drawing (the smoothing uses every point).
+/// Colour of the per-step loss (light, drawn first).
+const RAW_COLOUR: RGBColor = RGBColor(158, 202, 225);
+/// Colour of the smoothed loss.
+const SMOOTH_COLOUR: RGBColor = RGBColor(217, 95, 2);
+
+/// Draws the loss against the step into a PNG: the per-step loss in light blue, the smoothed
+/// loss ([`smooth`], [`smoothing_weight`]) in orange. The y axis spans the 0.5th to 99.5th
+/// percentile of the losses and the whole smoothed curve (single spikes do not flatten the
+/// picture), on a log scale when that span covers more than a factor of 10. Curves longer
+/// than 4000 points are thinned for drawing (the smoothing uses every point).
 pub fn loss_curve_png(path: &Path, records: &[MetricRecord]) -> Result<()> {
     let losses: Vec<f64> = records.iter().map(|r| r.loss).collect();
     let smoothed = smooth(&losses, smoothing_weight(records.len()));
     let stride = records.len().div_ceil(4000).max(1);
-    let raw: Vec<(f64, f64)> = records.iter().step_by(stride).map(|r| (r.step as f64, r.loss)).collect();
+    let raw: Vec<(f64, f64)> = records
+        .iter()
+        .step_by(stride)
+        .map(|r| (r.step as f64, r.loss))
+        .filter(|p| p.1.is_finite())
+        .collect();
     let sm: Vec<(f64, f64)> = records
         .iter()
         .zip(&smoothed)
         .step_by(stride)
         .map(|(r, &s)| (r.step as f64, s))
+        .filter(|p| p.1.is_finite())
         .collect();
-    let all_positive = losses.iter().all(|&l| l > 0.0 || !l.is_finite());
-    line_chart(
-        path,
-        &[Panel {
-            title: "training loss".into(),
-            x_label: "step".into(),
-            y_label: "loss".into(),
-            series: vec![
-                Series {
-                    label: "per step".into(),
-                    points: raw,
-                },
-                Series {
-                    label: "smoothed".into(),
-                    points: sm,
-                },
-            ],
-            log_y: all_positive && !records.is_empty(),
-        }],
-        900,
-        560,
-    )
+
+    let mut sorted: Vec<f64> = losses.iter().copied().filter(|v| v.is_finite()).collect();
+    sorted.sort_by(f64::total_cmp);
+    let pct = |q: f64| {
+        sorted
+            .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+    };
+    let (mut lo, mut hi) = match (pct(0.005), pct(0.995)) {
+        (Some(a), Some(b)) => (a, b),
+        _ => (0.0, 1.0),
+    };
+    for &(_, v) in &sm {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if hi - lo < 1e-12 {
+        (lo, hi) = (lo - 0.5, hi + 0.5);
+    }
+    let log_y = lo > 0.0 && hi / lo > 10.0;
+    let (x0, x1) = match (records.first(), records.last()) {
+        (Some(a), Some(b)) if b.step > a.step => (a.step as f64, b.step as f64),
+        (Some(a), _) => (a.step as f64 - 0.5, a.step as f64 + 0.5),
+        _ => (0.0, 1.0),
+    };
+
+    ensure_font();
+    let (w, h) = (900u32, 560u32);
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let title = match records.last() {
+            Some(r) => format!(
+                "training loss (step {}, smoothed {:.4})",
+                r.step,
+                sm.last().map_or(f64::NAN, |p| p.1)
+            ),
+            None => "training loss (no steps yet)".to_string(),
+        };
+        // clip to the y range so spikes do not draw outside the plot
+        let clip = |v: f64| v.clamp(lo, hi);
+        let raw_c: Vec<(f64, f64)> = raw.iter().map(|&(x, y)| (x, clip(y))).collect();
+        macro_rules! draw {
+            ($chart:expr) => {{
+                let mut chart = $chart;
+                chart
+                    .configure_mesh()
+                    .x_desc("step")
+                    .y_desc("loss")
+                    .label_style(("sans-serif", 14))
+                    .draw()
+                    .map_err(plot_err)?;
+                chart
+                    .draw_series(LineSeries::new(raw_c.clone(), RAW_COLOUR.stroke_width(1)))
+                    .map_err(plot_err)?
+                    .label("per step")
+                    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RAW_COLOUR.stroke_width(2)));
+                chart
+                    .draw_series(LineSeries::new(sm.clone(), SMOOTH_COLOUR.stroke_width(2)))
+                    .map_err(plot_err)?
+                    .label("smoothed")
+                    .legend(|(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], SMOOTH_COLOUR.stroke_width(2))
+                    });
+                chart
+                    .configure_series_labels()
+                    .background_style(WHITE.mix(0.8))
+                    .border_style(BLACK)
+                    .label_font(("sans-serif", 14))
+                    .draw()
+                    .map_err(plot_err)?;
+            }};
+        }
+        if log_y {
+            draw!(ChartBuilder::on(&root)
+                .caption(title.clone(), ("sans-serif", 22))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(70)
+                .build_cartesian_2d(x0..x1, (lo..hi).log_scale())
+                .map_err(plot_err)?);
+        } else {
+            let pad = 0.03 * (hi - lo);
+            draw!(ChartBuilder::on(&root)
+                .caption(title.clone(), ("sans-serif", 22))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(70)
+                .build_cartesian_2d(x0..x1, (lo - pad)..(hi + pad))
+                .map_err(plot_err)?);
+        }
+    }
+    save_rgb_png(path, w, h, buf)
 }
 
 #[cfg(test)]
@@ -209,7 +301,10 @@ mod tests {
         assert!(smooth(&[2.0; 5], 0.9).iter().all(|&s| (s - 2.0).abs() < 1e-12));
         // y = [1, 3], w = 0.5: s_1 = 0.5, /0.5 = 1; s_2 = 0.25 + 1.5 = 1.75, /0.75 = 7/3
         let s = smooth(&[1.0, 3.0], 0.5);
-        assert!((s[0] - 1.0).abs() < 1e-12 && (s[1] - 7.0 / 3.0).abs() < 1e-12, "{s:?}");
+        assert!(
+            (s[0] - 1.0).abs() < 1e-12 && (s[1] - 7.0 / 3.0).abs() < 1e-12,
+            "{s:?}"
+        );
         // a NaN holds the previous value
         assert_eq!(smooth(&[1.0, f64::NAN], 0.5)[1], 1.0);
     }
@@ -241,7 +336,11 @@ mod tests {
         assert!(text.contains("\"loss\":9.0"));
 
         // a bad line in the middle is an error with its line number
-        fs::write(&p, "{\"step\":1,\"loss\":1,\"lr\":1,\"grad_norm\":1,\"elapsed_s\":1}\nnonsense\n{}\n").unwrap();
+        fs::write(
+            &p,
+            "{\"step\":1,\"loss\":1,\"lr\":1,\"grad_norm\":1,\"elapsed_s\":1}\nnonsense\n{}\n",
+        )
+        .unwrap();
         let e = MetricsLog::resume(&p, 5).err().unwrap().to_string();
         assert!(e.contains("line 2"), "{e}");
     }
@@ -250,11 +349,13 @@ mod tests {
     fn loss_curve_draws_both_series() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("loss.png");
-        let recs: Vec<MetricRecord> = (1..=300).map(|s| rec(s, 1.0 / (s as f64).sqrt() + 0.1 * ((s % 7) as f64))).collect();
+        let recs: Vec<MetricRecord> = (1..=300)
+            .map(|s| rec(s, 1.0 / (s as f64).sqrt() + 0.1 * ((s % 7) as f64)))
+            .collect();
         loss_curve_png(&p, &recs).unwrap();
         let img = image::open(&p).unwrap().to_rgb8();
-        let blue = img.pixels().filter(|p| p.0 == [31, 119, 180]).count();
-        let orange = img.pixels().filter(|p| p.0 == [255, 127, 14]).count();
+        let blue = img.pixels().filter(|p| p.0 == [158, 202, 225]).count();
+        let orange = img.pixels().filter(|p| p.0 == [217, 95, 2]).count();
         assert!(blue > 200 && orange > 200, "blue {blue}, orange {orange}");
         // an empty log still gives a picture rather than an error
         loss_curve_png(&p, &[]).unwrap();

@@ -190,7 +190,9 @@ impl Trainer {
             let step = checkpoint::read_state(&found).map(|s| s.step).unwrap_or(0);
             return Err(Error::bad_input(
                 run_dir,
-                format!("already holds a checkpoint (step {step}); resume it or choose another output directory"),
+                format!(
+                    "already holds a checkpoint (step {step}); resume it or choose another output directory"
+                ),
             ));
         }
         let full_config = Self::full_config(config, task_config)?;
@@ -281,7 +283,11 @@ impl Trainer {
     }
 
     /// Writes a checkpoint of the current state (and fsyncs the metrics, redraws the loss curve).
-    pub fn save_checkpoint(&mut self, task: &dyn TrainTask, session_start: Option<Instant>) -> Result<PathBuf> {
+    pub fn save_checkpoint(
+        &mut self,
+        task: &dyn TrainTask,
+        session_start: Option<Instant>,
+    ) -> Result<PathBuf> {
         let elapsed_s = self.elapsed_before + session_start.map_or(0.0, |s| s.elapsed().as_secs_f64());
         self.metrics.sync()?;
         let state = CheckpointState {
@@ -338,7 +344,13 @@ impl Trainer {
                 break StopReason::Time;
             }
             let record = self.one_step(task, start)?;
-            progress.update(&record, self.step - session_first, start.elapsed(), budget, self.metrics.records());
+            progress.update(
+                &record,
+                self.step - session_first,
+                start.elapsed(),
+                budget,
+                self.metrics.records(),
+            );
             if options.hook_every > 0 && self.step % options.hook_every == 0 {
                 self.call_hook(task)?;
             }
@@ -379,7 +391,10 @@ impl Trainer {
             return Err(Error::Numerical(format!(
                 "the loss is {loss_value} at step {step}; {}",
                 match self.last_checkpoint_step {
-                    Some(s) => format!("the checkpoint of step {s} in {} is intact", self.run_dir.display()),
+                    Some(s) => format!(
+                        "the checkpoint of step {s} in {} is intact",
+                        self.run_dir.display()
+                    ),
                     None => "no checkpoint was written yet".into(),
                 }
             )));
@@ -415,7 +430,10 @@ pub fn named_vars(varmap: &VarMap) -> Result<Vec<(String, Tensor)>> {
         .data()
         .lock()
         .map_err(|_| Error::Numerical("the VarMap's lock is poisoned".into()))?;
-    let mut out: Vec<(String, Tensor)> = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+    let mut out: Vec<(String, Tensor)> = data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
@@ -438,7 +456,11 @@ impl Progress {
             (None, Some(m)) => ((m * 60.0).ceil() as u64, false),
             (None, None) => (0, true),
         };
-        let bar = if enabled { ProgressBar::new(len) } else { ProgressBar::hidden() };
+        let bar = if enabled {
+            ProgressBar::new(len)
+        } else {
+            ProgressBar::hidden()
+        };
         let template = if by_steps {
             "[{elapsed_precise}] {bar:30.cyan/blue} step {pos}/{len} {msg}"
         } else {
@@ -453,7 +475,14 @@ impl Progress {
         Progress { bar, by_steps }
     }
 
-    fn update(&self, r: &MetricRecord, session_steps: u64, elapsed: Duration, budget: &Budget, records: &[MetricRecord]) {
+    fn update(
+        &self,
+        r: &MetricRecord,
+        session_steps: u64,
+        elapsed: Duration,
+        budget: &Budget,
+        records: &[MetricRecord],
+    ) {
         if self.bar.is_hidden() {
             return;
         }
@@ -474,9 +503,14 @@ impl Progress {
         } else {
             "?".into()
         };
-        let step_part = if self.by_steps { String::new() } else { format!("step {} | ", r.step) };
-        self.bar
-            .set_message(format!("| {step_part}loss {mean:.4} | {rate:.1} steps/s | ETA {eta}"));
+        let step_part = if self.by_steps {
+            String::new()
+        } else {
+            format!("step {} | ", r.step)
+        };
+        self.bar.set_message(format!(
+            "| {step_part}loss {mean:.4} | {rate:.1} steps/s | ETA {eta}"
+        ));
         if self.by_steps {
             self.bar.set_position(r.step);
         } else {

@@ -78,7 +78,12 @@ impl AdamWConfig {
         check_range("beta1", self.beta1, (0.0, true), (1.0, false))?;
         check_range("beta2", self.beta2, (0.0, true), (1.0, false))?;
         check_range("eps", self.eps, (0.0, false), (f64::INFINITY, false))?;
-        check_range("weight_decay", self.weight_decay, (0.0, true), (f64::INFINITY, false))?;
+        check_range(
+            "weight_decay",
+            self.weight_decay,
+            (0.0, true),
+            (f64::INFINITY, false),
+        )?;
         if let Some(c) = self.grad_clip {
             check_range("grad_clip", c, (0.0, false), (f64::INFINITY, false))?;
         }
@@ -151,7 +156,10 @@ impl AdamW {
                 if t.dtype() != DType::F32 {
                     return Err(Error::param(
                         "model",
-                        format!("parameter {name} is {:?}; AdamW here trains f32 parameters", t.dtype()),
+                        format!(
+                            "parameter {name} is {:?}; AdamW here trains f32 parameters",
+                            t.dtype()
+                        ),
                     ));
                 }
                 Ok(Param {
@@ -215,7 +223,11 @@ impl AdamW {
             let theta = p.var.as_tensor();
             let (m, v) = match g {
                 Some(g) => {
-                    let g = if clipped { g.affine(clip_coef, 0.0)? } else { g.clone() };
+                    let g = if clipped {
+                        g.affine(clip_coef, 0.0)?
+                    } else {
+                        g.clone()
+                    };
                     let m = ((&p.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
                     let v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
                     (m, v)
@@ -293,7 +305,11 @@ impl AdamW {
                 if t.dims() != p.m.dims() {
                     return Err(Error::bad_input(
                         source,
-                        format!("'{key}' has shape {:?}, the parameter has {:?}", t.dims(), p.m.dims()),
+                        format!(
+                            "'{key}' has shape {:?}, the parameter has {:?}",
+                            t.dims(),
+                            p.m.dims()
+                        ),
                     ));
                 }
                 pair.push(t.to_dtype(DType::F32)?.to_device(p.m.device())?);
@@ -311,7 +327,12 @@ impl AdamW {
 
 /// Up to `n` names joined by ", ", with "..." when there are more.
 pub(crate) fn join_first(names: &[&String], n: usize) -> String {
-    let mut s = names.iter().take(n).map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+    let mut s = names
+        .iter()
+        .take(n)
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
     if names.len() > n {
         s.push_str(", ...");
     }
@@ -401,7 +422,11 @@ mod tests {
         let m_hat = (0.9 * g1 + g2) / 1.9;
         let v_hat = (0.99 * g1 * g1 + g2 * g2) / 1.99;
         let theta2 = theta1 - 0.1 * m_hat / (v_hat.sqrt() + 1e-8);
-        assert!((values(&var)[0] as f64 - theta2).abs() < 1e-6, "{:?} vs {theta2}", values(&var));
+        assert!(
+            (values(&var)[0] as f64 - theta2).abs() < 1e-6,
+            "{:?} vs {theta2}",
+            values(&var)
+        );
     }
 
     /// Clipping scales the gradient by max_norm / (norm + 1e-6); the reported norm is the
@@ -462,18 +487,28 @@ mod tests {
         a.backward_step(&loss).unwrap();
         let saved: HashMap<String, Tensor> = a.state_tensors().into_iter().collect();
         let mut b = AdamW::new(&varmap, AdamWConfig::default()).unwrap();
-        b.load_state(&saved, a.step(), std::path::Path::new("opt.safetensors")).unwrap();
+        b.load_state(&saved, a.step(), std::path::Path::new("opt.safetensors"))
+            .unwrap();
         assert_eq!(b.step(), 1);
         for ((_, x), (_, y)) in a.state_tensors().iter().zip(b.state_tensors().iter()) {
             assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
         }
         let mut wrong = saved.clone();
         wrong.insert("v.w".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
-        let e = b.load_state(&wrong, 1, std::path::Path::new("opt.safetensors")).unwrap_err().to_string();
+        let e = b
+            .load_state(&wrong, 1, std::path::Path::new("opt.safetensors"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("'v.w' has shape [3]"), "{e}");
         let mut extra = saved;
-        extra.insert("m.other".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
-        let e = b.load_state(&extra, 1, std::path::Path::new("opt.safetensors")).unwrap_err().to_string();
+        extra.insert(
+            "m.other".into(),
+            Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = b
+            .load_state(&extra, 1, std::path::Path::new("opt.safetensors"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unexpected: m.other"), "{e}");
     }
 }

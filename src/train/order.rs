@@ -49,7 +49,10 @@ impl EpochOrder {
         if state.position > state.n {
             return Err(Error::param(
                 "data order",
-                format!("position {} is past the {} examples of an epoch", state.position, state.n),
+                format!(
+                    "position {} is past the {} examples of an epoch",
+                    state.position, state.n
+                ),
             ));
         }
         let permutation = Self::permutation(state.seed, state.epoch, state.n);
@@ -99,7 +102,7 @@ mod tests {
         e1.sort();
         assert_eq!(e1, (0..10).collect::<Vec<_>>());
         assert_ne!(first[..10], first[10..]); // a new shuffle each epoch
-        // stop mid-epoch, save, rebuild: the continuation is identical
+                                              // stop mid-epoch, save, rebuild: the continuation is identical
         let mut b = EpochOrder::new(10, 4).unwrap();
         b.next_batch(7);
         let saved = serde_json::to_value(b.state()).unwrap();

@@ -19,8 +19,12 @@
 //! `lambda = -2 ln tan(pi t / 2)`, t uniform, truncated to [-12, 12]; its density is
 //! proportional to sech(lambda / 2) (Kingma & Gao 2023), most mass in |lambda| < 5 where
 //! the data's shape is decided, with exponential tails still reaching the ends. Uniform
-//! log-SNR on [-12, 12] is the alternative; measured on moons (README of the toy commands,
-//! `examples/toy_moons.rs`) the cosine choice gave samples at least as close to the data.
+//! log-SNR on [-12, 12] is the alternative. Measured on moons with `examples/toy_moons.rs`
+//! (width 128, 3 blocks, 3000 steps, 1000 samples, seeds 0 and 1): the mean distance of the
+//! samples to the moon curves (data: 0.089) was 0.096 / 0.096 (cosine) against 0.102 / 0.101
+//! (uniform) under DDPM ancestral sampling (linear schedule, T = 1000), and 0.099 / 0.090
+//! against 0.103 / 0.091 under a VE probability-flow ODE (100 Euler steps); the energy distance
+//! to fresh data was inside the null band for both. Hence cosine by default.
 
 use std::path::Path;
 
@@ -61,7 +65,10 @@ pub enum LogSnrSampling {
 impl Default for LogSnrSampling {
     /// Cosine on [-12, 12].
     fn default() -> Self {
-        LogSnrSampling::Cosine { min: -12.0, max: 12.0 }
+        LogSnrSampling::Cosine {
+            min: -12.0,
+            max: 12.0,
+        }
     }
 }
 
@@ -91,7 +98,12 @@ impl LogSnrSampling {
     /// Checks `min < max`, both finite.
     pub fn validate(&self) -> Result<()> {
         let (min, max) = self.range();
-        check_range("log-snr-min", min, (f64::NEG_INFINITY, false), (f64::INFINITY, false))?;
+        check_range(
+            "log-snr-min",
+            min,
+            (f64::NEG_INFINITY, false),
+            (f64::INFINITY, false),
+        )?;
         check_range("log-snr-max", max, (min, false), (f64::INFINITY, false))?;
         Ok(())
     }
@@ -182,7 +194,13 @@ pub struct ToyTask {
 
 impl ToyTask {
     /// A task over `points` for `mlp`.
-    pub fn new(points: &Points, mlp: Mlp, config: &ToyTrainConfig, order_seed: u64, device: &Device) -> Result<Self> {
+    pub fn new(
+        points: &Points,
+        mlp: Mlp,
+        config: &ToyTrainConfig,
+        order_seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         if config.batch == 0 {
             return Err(Error::param("batch", "got 0, expected at least 1"));
         }
@@ -190,7 +208,11 @@ impl ToyTask {
         if points.dim() != mlp.config().dim {
             return Err(Error::param(
                 "data",
-                format!("points have dimension {}, the model {}", points.dim(), mlp.config().dim),
+                format!(
+                    "points have dimension {}, the model {}",
+                    points.dim(),
+                    mlp.config().dim
+                ),
             ));
         }
         Ok(ToyTask {
@@ -214,7 +236,9 @@ impl TrainTask for ToyTask {
         let b = self.batch;
         let d = self.mlp.config().dim;
         let idx: Vec<u32> = self.order.next_batch(b).into_iter().map(|i| i as u32).collect();
-        let x0 = self.points.index_select(&Tensor::from_vec(idx, b, &self.device)?, 0)?;
+        let x0 = self
+            .points
+            .index_select(&Tensor::from_vec(idx, b, &self.device)?, 0)?;
         let lam: Vec<f64> = (0..b).map(|_| self.log_snr.sample(rng)).collect();
         let eps = rng.randn(&[b, d], &self.device)?;
         let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
@@ -224,7 +248,9 @@ impl TrainTask for ToyTask {
         let sigma = Tensor::from_vec(sigma, (b, 1), &self.device)?;
         let x_vp = (x0.broadcast_mul(&alpha)? + eps.broadcast_mul(&sigma)?)?;
         let lam32: Vec<f32> = lam.iter().map(|&l| l as f32).collect();
-        let eps_hat = self.mlp.forward(&x_vp, &Tensor::from_vec(lam32, b, &self.device)?)?;
+        let eps_hat = self
+            .mlp
+            .forward(&x_vp, &Tensor::from_vec(lam32, b, &self.device)?)?;
         Ok((eps_hat - eps)?.sqr()?.mean_all()?)
     }
 
@@ -238,7 +264,11 @@ impl TrainTask for ToyTask {
         if s.n != self.order.state().n {
             return Err(Error::param(
                 "data order",
-                format!("the checkpoint's order covers {} points, the data has {}", s.n, self.order.state().n),
+                format!(
+                    "the checkpoint's order covers {} points, the data has {}",
+                    s.n,
+                    self.order.state().n
+                ),
             ));
         }
         self.order = EpochOrder::from_state(s)?;
@@ -278,17 +308,32 @@ impl ToyRun {
         } else {
             Trainer::new(run_dir, &varmap, trainer_config, &task_config)?
         };
-        Ok(ToyRun { trainer, task, varmap })
+        Ok(ToyRun {
+            trainer,
+            task,
+            varmap,
+        })
     }
 
     /// Trains within `budget`.
-    pub fn run(&mut self, budget: &Budget, options: &LoopOptions, interrupt: &Interrupt) -> Result<TrainOutcome> {
+    pub fn run(
+        &mut self,
+        budget: &Budget,
+        options: &LoopOptions,
+        interrupt: &Interrupt,
+    ) -> Result<TrainOutcome> {
         self.trainer.run(&mut self.task, budget, options, interrupt)
     }
 }
 
 /// The resolved config of a toy run over `points`.
-pub fn toy_config(spec: &DataSpec, points: &Points, model: MlpConfig, batch: usize, log_snr: LogSnrSampling) -> ToyTrainConfig {
+pub fn toy_config(
+    spec: &DataSpec,
+    points: &Points,
+    model: MlpConfig,
+    batch: usize,
+    log_snr: LogSnrSampling,
+) -> ToyTrainConfig {
     ToyTrainConfig {
         data: spec.to_string(),
         n_data: points.len(),
@@ -318,7 +363,11 @@ mod tests {
         let p2 = (t(-2.0) - t(2.0)) / (t(-12.0) - t(12.0));
         // binomial standard error sqrt(p(1-p)/n) <= 0.0016; allow 4 of them
         assert!((frac(&|l| l <= 0.0) - 0.5).abs() < 0.0064);
-        assert!((frac(&|l| l.abs() <= 2.0) - p2).abs() < 0.0064, "{} vs {p2}", frac(&|l| l.abs() <= 2.0));
+        assert!(
+            (frac(&|l| l.abs() <= 2.0) - p2).abs() < 0.0064,
+            "{} vs {p2}",
+            frac(&|l| l.abs() <= 2.0)
+        );
         let u = LogSnrSampling::from_name("uniform", -4.0, 4.0).unwrap();
         let m = (0..n).map(|_| u.sample(&mut rng)).sum::<f64>() / n as f64;
         assert!(m.abs() < 0.04); // sd 4.62 / sqrt(n) = 0.015
