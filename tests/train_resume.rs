@@ -138,6 +138,7 @@ struct Faulty<'a> {
     interrupt: Interrupt,
     at: Option<u64>,
     fail_at: Option<u64>,
+    nan_at: Option<u64>,
     hooks: Vec<u64>,
 }
 
@@ -149,7 +150,11 @@ impl TrainTask for Faulty<'_> {
         if Some(step) == self.at {
             self.interrupt.trigger();
         }
-        self.inner.loss(step, rng)
+        let loss = self.inner.loss(step, rng)?;
+        if Some(step) == self.nan_at {
+            return Ok((loss * f64::NAN)?);
+        }
+        Ok(loss)
     }
     fn data_state(&self) -> Value {
         self.inner.data_state()
@@ -177,6 +182,7 @@ fn interrupted_and_resumed_run_equals_the_uninterrupted_run() {
         interrupt: interrupt.clone(),
         at: Some(13),
         fail_at: None,
+        nan_at: None,
         hooks: vec![],
     };
     let out = run
@@ -213,6 +219,7 @@ fn a_kill_between_checkpoints_loses_only_the_steps_since_the_last_one() {
         interrupt: interrupt.clone(),
         at: None,
         fail_at: Some(18),
+        nan_at: None,
         hooks: vec![],
     };
     let err = run
@@ -249,6 +256,7 @@ fn resume_in_two_hops_with_hooks() {
             interrupt: interrupt.clone(),
             at: None,
             fail_at: None,
+            nan_at: None,
             hooks: vec![],
         };
         let opts = LoopOptions {
@@ -333,4 +341,32 @@ fn same_seed_same_losses_other_seed_other_losses_and_time_budget() {
         out.step
     );
     assert!(d.join(diffuse::train::LOSS_CURVE_FILE).is_file());
+}
+
+#[test]
+fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("nan");
+    let mut run = setup(&dir, false).unwrap();
+    let interrupt = Interrupt::new();
+    let mut task = Faulty {
+        inner: &mut run.task,
+        interrupt: interrupt.clone(),
+        at: None,
+        fail_at: None,
+        nan_at: Some(14),
+        hooks: vec![],
+    };
+    let e = run
+        .trainer
+        .run(&mut task, &steps(TOTAL), &options(), &interrupt)
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("the loss is NaN at step 14") && msg.contains("checkpoint of step 10"),
+        "{msg}"
+    );
+    // the update of step 14 was not applied and the checkpoint of step 10 is untouched
+    assert_eq!(run.trainer.step(), 13);
+    assert_eq!(read_state(&checkpoint::locate(&dir).unwrap()).unwrap().step, 10);
 }

@@ -85,8 +85,9 @@ pub struct ToyTrainArgs {
     /// Write a checkpoint every this many steps (0: only at the end and on Ctrl-C/SIGTERM).
     #[arg(long, default_value_t = 1000)]
     checkpoint_every: u64,
-    /// Continue the run in --out from its last checkpoint; every other flag must match the
-    /// original run (a mismatch is an error naming the differing settings).
+    /// Continue the run in --out from its last checkpoint. The run's settings (every flag but
+    /// --steps, --minutes, --checkpoint-every and --json) must be given as in the original run;
+    /// a mismatch is an error naming the differing settings. --steps counts the total.
     #[arg(long)]
     resume: bool,
     /// Print the summary as one JSON object.
