@@ -198,10 +198,17 @@ impl AdamW {
     pub fn apply(&mut self, grads: &GradStore) -> Result<StepStats> {
         let c = &self.config;
         let grads: Vec<Option<&Tensor>> = self.params.iter().map(|p| grads.get(p.var.as_tensor())).collect();
-        let mut sum_sq = 0.0f64;
-        for g in grads.iter().flatten() {
-            sum_sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        }
+        // per-parameter sums of squares on the device, one transfer, summed in f64 in name order
+        let per_param: Vec<Tensor> = grads
+            .iter()
+            .flatten()
+            .map(|g| Ok(g.sqr()?.sum_all()?.to_dtype(DType::F64)?))
+            .collect::<Result<_>>()?;
+        let sum_sq: f64 = if per_param.is_empty() {
+            0.0
+        } else {
+            Tensor::stack(&per_param, 0)?.to_vec1::<f64>()?.iter().sum()
+        };
         let grad_norm = sum_sq.sqrt();
         if !grad_norm.is_finite() {
             return Err(Error::Numerical(format!(
