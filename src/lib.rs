@@ -26,6 +26,9 @@
 //! - [`image_out`]: sample grids, per-image PNGs, trajectory strips and GIFs.
 //! - [`nets`]: the U-Net (diffusers' `UNet2DModel` layout), its presets and diffusers interop.
 //! - [`ops`]: network building blocks (conv, GroupNorm, attention) with fast CPU kernels.
+//! - [`data`]: datasets (2-D toy sets, point files).
+//! - [`nets`]: networks behind the `Denoiser` trait (the toy MLP).
+//! - [`train`]: the training loop, AdamW, EMA, checkpoints and exact resume.
 
 pub mod data;
 pub mod denoiser;
@@ -40,5 +43,6 @@ pub mod plot;
 pub mod posterior;
 pub mod rng;
 pub mod schedule;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod common;
 mod forward;
 mod schedule;
+mod toy_train;
 
 /// Denoising diffusion models: schedules, samplers, training, likelihoods.
 #[derive(Parser, Debug)]
@@ -23,6 +24,8 @@ enum Command {
     Schedule(schedule::ScheduleArgs),
     /// Draw the forward process: images noised at evenly spaced t, one block per schedule.
     Forward(forward::ForwardArgs),
+    /// Train the MLP denoiser on 2-D toy data or points from a file (to become `toy train`).
+    ToyTrain(toy_train::ToyTrainArgs),
 }
 
 /// An error in how the tool was called (a flag combination that makes no sense): exit code 2.
@@ -38,7 +41,6 @@ impl std::fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 /// Shorthand for returning a [`UsageError`].
-#[allow(dead_code)]
 pub fn usage<T>(msg: impl Into<String>) -> anyhow::Result<T> {
     Err(UsageError(msg.into()).into())
 }
@@ -47,6 +49,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Schedule(args) => schedule::run(args),
         Command::Forward(args) => forward::run(args),
+        Command::ToyTrain(args) => toy_train::run(args),
     }
 }
 
