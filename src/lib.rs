@@ -20,13 +20,24 @@
 //! - [`plot`]: PNG charts.
 //! - [`denoiser`]: the `Denoiser` trait samplers call; eps / x_0 / v / score conversions.
 //! - [`ops`]: network building blocks (conv, GroupNorm, attention) with fast CPU kernels.
+//! - [`process`]: forward processes: the discrete DDPM chain and the continuous SDE families.
+//! - [`gmm`], [`oracle`]: Gaussian mixtures and their exact denoiser.
+//! - [`samplers`]: every sampler behind one trait, and the name -> sampler registry.
+//! - [`ode_likelihood`]: log p(x) by the probability-flow ODE.
+//! - [`eval`]: sample-quality distances (energy distance, MMD, null band).
 
 pub mod denoiser;
 pub mod error;
+pub mod eval;
+pub mod gmm;
 pub mod io;
+pub mod ode_likelihood;
 pub mod ops;
+pub mod oracle;
 pub mod plot;
+pub mod process;
 pub mod rng;
+pub mod samplers;
 pub mod schedule;
 
 pub use error::{Error, Result};

@@ -1,0 +1,3 @@
+//! Evaluation: sample-quality distances between sample sets.
+
+pub mod distance;
