@@ -35,6 +35,7 @@ pub mod ode_likelihood;
 pub mod ops;
 pub mod oracle;
 pub mod plot;
+pub mod plot2d;
 pub mod process;
 pub mod rng;
 pub mod samplers;

@@ -47,10 +47,31 @@ struct LevelFactors {
     trace_inv: Vec<f64>,
 }
 
-/// What the per-row computation returns: responsibilities and `u_k = C_k^{-1}(x - m_k)`.
-struct RowPosterior {
+/// Per-row working memory: responsibilities `r` (K) and `u_k = C_k^{-1}(x - m_k)` (K x D).
+struct Scratch {
+    logits: Vec<f64>,
     r: Vec<f64>,
-    u: Vec<Vec<f64>>,
+    u: Vec<f64>,
+    tmp: Vec<f64>,
+}
+
+impl Scratch {
+    fn new(k: usize, d: usize) -> Self {
+        Scratch {
+            logits: vec![0.0; k],
+            r: vec![0.0; k],
+            u: vec![0.0; k * d],
+            tmp: vec![0.0; d],
+        }
+    }
+}
+
+/// Which outputs `Oracle::outputs` computes.
+#[derive(Clone, Copy)]
+struct Want {
+    x0: bool,
+    eps: bool,
+    score: bool,
 }
 
 /// The exact denoiser of a Gaussian mixture ([`Denoiser`] with `Prediction::X0`).
@@ -123,52 +144,100 @@ impl Oracle {
         Ok(lf)
     }
 
-    fn row_posterior(&self, lf: &LevelFactors, alpha: f64, x: &[f64]) -> RowPosterior {
+    /// Fills `s.r` and `s.u` for one row `x` at a level with factors `lf`.
+    fn row_posterior(&self, lf: &LevelFactors, alpha: f64, x: &[f64], s: &mut Scratch) {
         let d = self.gmm.dim();
-        let k = self.gmm.num_components();
-        let mut logits = Vec::with_capacity(k);
-        let mut u = Vec::with_capacity(k);
-        for c in 0..k {
-            let mut v: Vec<f64> = x
-                .iter()
-                .zip(&self.gmm.means()[c])
-                .map(|(xi, mi)| xi - alpha * mi)
-                .collect();
-            lf.factors[c].whiten(d, &mut v);
+        for (c, mean) in self.gmm.means().iter().enumerate() {
+            let v = &mut s.u[c * d..(c + 1) * d];
+            for j in 0..d {
+                v[j] = x[j] - alpha * mean[j];
+            }
+            lf.factors[c].whiten(d, v);
             let maha: f64 = v.iter().map(|z| z * z).sum();
-            logits.push(lf.log_norm[c] - 0.5 * maha);
-            lf.factors[c].unwhiten_t(d, &mut v);
-            u.push(v);
+            s.logits[c] = lf.log_norm[c] - 0.5 * maha;
+            lf.factors[c].unwhiten_t(d, v);
         }
-        let lse = log_sum_exp(&logits);
-        let r = logits.iter().map(|l| (l - lse).exp()).collect();
-        RowPosterior { r, u }
+        let lse = log_sum_exp(&s.logits);
+        for (r, l) in s.r.iter_mut().zip(&s.logits) {
+            *r = (l - lse).exp();
+        }
     }
 
-    /// Applies `f(level factors, level, row, out_row)` to each row of `x` (shape [B, ...] with
-    /// D values per row), returning a tensor of x's shape, dtype and device.
-    fn map_rows(
+    /// The factors of `level`, reusing `current` when the level repeats (the common case).
+    fn factors_for(
         &self,
-        x: &Tensor,
-        levels: &[NoiseLevel],
-        f: impl Fn(&LevelFactors, NoiseLevel, &[f64], &mut [f64]),
-    ) -> Result<Tensor> {
-        let (data, d) = self.rows(x, levels)?;
-        let mut out = vec![0.0; data.len()];
-        let mut current: Option<(NoiseLevel, Arc<LevelFactors>)> = None;
-        for (i, (row, o)) in data.chunks(d).zip(out.chunks_mut(d)).enumerate() {
-            let level = levels[i];
-            let lf = match &current {
-                Some((l, lf)) if *l == level => lf.clone(),
-                _ => {
-                    let lf = self.level_factors(level)?;
-                    current = Some((level, lf.clone()));
-                    lf
-                }
-            };
-            f(&lf, level, row, o);
+        level: NoiseLevel,
+        current: &mut Option<(NoiseLevel, Arc<LevelFactors>)>,
+    ) -> Result<Arc<LevelFactors>> {
+        if let Some((l, lf)) = current {
+            if *l == level {
+                return Ok(lf.clone());
+            }
         }
-        Ok(Tensor::from_vec(out, x.shape(), x.device())?.to_dtype(x.dtype())?)
+        let lf = self.level_factors(level)?;
+        *current = Some((level, lf.clone()));
+        Ok(lf)
+    }
+
+    /// The requested outputs for a batch (each shaped like `x`, in x's dtype):
+    /// `x0 = sum_k r_k (mu_k + alpha Sigma_k u_k)`, `eps = sigma sum_k r_k u_k`, `score = -sum_k r_k u_k`.
+    fn outputs(&self, x: &Tensor, levels: &[NoiseLevel], want: Want) -> Result<[Option<Tensor>; 3]> {
+        let (data, d) = self.rows(x, levels)?;
+        let k = self.gmm.num_components();
+        let mut s = Scratch::new(k, d);
+        let mut x0 = if want.x0 { vec![0.0; data.len()] } else { Vec::new() };
+        let mut ubar = vec![0.0; data.len()];
+        let mut current = None;
+        for (i, row) in data.chunks(d).enumerate() {
+            let level = levels[i];
+            let lf = self.factors_for(level, &mut current)?;
+            self.row_posterior(&lf, level.alpha, row, &mut s);
+            let ub = &mut ubar[i * d..(i + 1) * d];
+            for c in 0..k {
+                let rc = s.r[c];
+                let uc = &s.u[c * d..(c + 1) * d];
+                for j in 0..d {
+                    ub[j] += rc * uc[j];
+                }
+                if want.x0 {
+                    self.gmm.covariances()[c].matvec(d, uc, &mut s.tmp);
+                    let mean = &self.gmm.means()[c];
+                    let o = &mut x0[i * d..(i + 1) * d];
+                    for j in 0..d {
+                        o[j] += rc * (mean[j] + level.alpha * s.tmp[j]);
+                    }
+                }
+            }
+        }
+        let to_tensor = |v: Vec<f64>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, x.shape(), x.device())?.to_dtype(x.dtype())?)
+        };
+        let eps = if want.eps {
+            let e: Vec<f64> = ubar
+                .chunks(d)
+                .zip(levels)
+                .flat_map(|(u, l)| u.iter().map(move |v| l.sigma * v))
+                .collect();
+            Some(to_tensor(e)?)
+        } else {
+            None
+        };
+        let score = if want.score {
+            Some(to_tensor(ubar.iter().map(|v| -v).collect())?)
+        } else {
+            None
+        };
+        let x0 = if want.x0 { Some(to_tensor(x0)?) } else { None };
+        Ok([x0, eps, score])
+    }
+
+    /// The one output `want` asks for.
+    fn one(&self, x: &Tensor, levels: &[NoiseLevel], want: Want) -> Result<Tensor> {
+        self.outputs(x, levels, want)?
+            .into_iter()
+            .flatten()
+            .next()
+            .ok_or_else(|| Error::Numerical("internal error: no oracle output requested".into()))
     }
 
     /// x as f64 rows of length D, after checking the batch and the dimension.
@@ -215,48 +284,25 @@ impl Denoiser for Oracle {
 
     /// E[x_0 | x_t] = sum_k r_k (mu_k + alpha Sigma_k u_k).
     fn predict_x0(&self, x_t: &Tensor, levels: &[NoiseLevel]) -> Result<Tensor> {
-        let d = self.gmm.dim();
-        self.map_rows(x_t, levels, |lf, level, row, out| {
-            let p = self.row_posterior(lf, level.alpha, row);
-            let mut su = vec![0.0; d];
-            out.iter_mut().for_each(|o| *o = 0.0);
-            for (k, (rk, uk)) in p.r.iter().zip(&p.u).enumerate() {
-                self.gmm.covariances()[k].matvec(d, uk, &mut su);
-                for j in 0..d {
-                    out[j] += rk * (self.gmm.means()[k][j] + level.alpha * su[j]);
-                }
-            }
-        })
+        self.one(x_t, levels, Want { x0: true, eps: false, score: false })
     }
 
     /// E[eps | x_t] = sigma sum_k r_k u_k.
     fn predict_eps(&self, x_t: &Tensor, levels: &[NoiseLevel]) -> Result<Tensor> {
-        self.map_rows(x_t, levels, |lf, level, row, out| {
-            let p = self.row_posterior(lf, level.alpha, row);
-            out.iter_mut().for_each(|o| *o = 0.0);
-            for (rk, uk) in p.r.iter().zip(&p.u) {
-                for (o, u) in out.iter_mut().zip(uk) {
-                    *o += level.sigma * rk * u;
-                }
-            }
-        })
+        self.one(x_t, levels, Want { x0: false, eps: true, score: false })
     }
 
+    /// Both, from one pass over the components.
     fn predict_x0_eps(&self, x_t: &Tensor, levels: &[NoiseLevel]) -> Result<(Tensor, Tensor)> {
-        Ok((self.predict_x0(x_t, levels)?, self.predict_eps(x_t, levels)?))
+        match self.outputs(x_t, levels, Want { x0: true, eps: true, score: false })? {
+            [Some(x0), Some(eps), _] => Ok((x0, eps)),
+            _ => Err(Error::Numerical("internal error: oracle outputs missing".into())),
+        }
     }
 
     /// score = -sum_k r_k u_k.
     fn score(&self, x_t: &Tensor, levels: &[NoiseLevel]) -> Result<Tensor> {
-        self.map_rows(x_t, levels, |lf, level, row, out| {
-            let p = self.row_posterior(lf, level.alpha, row);
-            out.iter_mut().for_each(|o| *o = 0.0);
-            for (rk, uk) in p.r.iter().zip(&p.u) {
-                for (o, u) in out.iter_mut().zip(uk) {
-                    *o -= rk * u;
-                }
-            }
-        })
+        self.one(x_t, levels, Want { x0: false, eps: false, score: true })
     }
 }
 
@@ -264,15 +310,19 @@ impl ScoreJacobian for Oracle {
     /// tr J = sum_k r_k (|u_k|^2 - tr C_k^{-1}) - |u_bar|^2.
     fn score_divergence(&self, x_t: &Tensor, levels: &[NoiseLevel]) -> Result<Vec<f64>> {
         let (data, d) = self.rows(x_t, levels)?;
+        let k = self.gmm.num_components();
+        let mut s = Scratch::new(k, d);
+        let mut current = None;
         let mut out = Vec::with_capacity(levels.len());
         for (row, level) in data.chunks(d).zip(levels) {
-            let lf = self.level_factors(*level)?;
-            let p = self.row_posterior(&lf, level.alpha, row);
+            let lf = self.factors_for(*level, &mut current)?;
+            self.row_posterior(&lf, level.alpha, row, &mut s);
             let mut ubar = vec![0.0; d];
             let mut tr = 0.0;
-            for (k, (rk, uk)) in p.r.iter().zip(&p.u).enumerate() {
-                tr += rk * (uk.iter().map(|v| v * v).sum::<f64>() - lf.trace_inv[k]);
-                ubar.iter_mut().zip(uk).for_each(|(a, b)| *a += rk * b);
+            for c in 0..k {
+                let uc = &s.u[c * d..(c + 1) * d];
+                tr += s.r[c] * (uc.iter().map(|v| v * v).sum::<f64>() - lf.trace_inv[c]);
+                ubar.iter_mut().zip(uc).for_each(|(a, b)| *a += s.r[c] * b);
             }
             out.push(tr - ubar.iter().map(|v| v * v).sum::<f64>());
         }
@@ -283,20 +333,24 @@ impl ScoreJacobian for Oracle {
     fn score_jvp(&self, x_t: &Tensor, levels: &[NoiseLevel], v: &Tensor) -> Result<Tensor> {
         let (vs, d) = self.rows(v, levels)?;
         let (data, _) = self.rows(x_t, levels)?;
+        let k = self.gmm.num_components();
+        let mut s = Scratch::new(k, d);
+        let mut current = None;
         let mut out = vec![0.0; data.len()];
         for (i, ((row, vrow), o)) in data.chunks(d).zip(vs.chunks(d)).zip(out.chunks_mut(d)).enumerate() {
             let level = levels[i];
-            let lf = self.level_factors(level)?;
-            let p = self.row_posterior(&lf, level.alpha, row);
+            let lf = self.factors_for(level, &mut current)?;
+            self.row_posterior(&lf, level.alpha, row, &mut s);
             let mut ubar = vec![0.0; d];
-            for (k, (rk, uk)) in p.r.iter().zip(&p.u).enumerate() {
-                let uv: f64 = uk.iter().zip(vrow).map(|(a, b)| a * b).sum();
-                let mut cinv_v = vrow.to_vec();
-                lf.factors[k].solve(d, &mut cinv_v);
+            for c in 0..k {
+                let uc = &s.u[c * d..(c + 1) * d];
+                let uv: f64 = uc.iter().zip(vrow).map(|(a, b)| a * b).sum();
+                s.tmp.copy_from_slice(vrow);
+                lf.factors[c].solve(d, &mut s.tmp);
                 for j in 0..d {
-                    o[j] += rk * (uk[j] * uv - cinv_v[j]);
+                    o[j] += s.r[c] * (uc[j] * uv - s.tmp[j]);
                 }
-                ubar.iter_mut().zip(uk).for_each(|(a, b)| *a += rk * b);
+                ubar.iter_mut().zip(uc).for_each(|(a, b)| *a += s.r[c] * b);
             }
             let ubv: f64 = ubar.iter().zip(vrow).map(|(a, b)| a * b).sum();
             o.iter_mut().zip(&ubar).for_each(|(a, b)| *a -= b * ubv);

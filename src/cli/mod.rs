@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod schedule;
+mod toy;
 
 /// Denoising diffusion models: schedules, samplers, training, likelihoods.
 #[derive(Parser, Debug)]
@@ -19,6 +20,8 @@ pub struct Cli {
 enum Command {
     /// Print or plot noise schedules (beta_t, alpha_bar_t, posterior variance, SNR).
     Schedule(schedule::ScheduleArgs),
+    /// Low-dimensional diffusion with the exact Gaussian-mixture oracle: sample, nll, score-field, report.
+    Toy(toy::ToyArgs),
 }
 
 /// An error in how the tool was called (a flag combination that makes no sense): exit code 2.
@@ -42,6 +45,7 @@ pub fn usage<T>(msg: impl Into<String>) -> anyhow::Result<T> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Schedule(args) => schedule::run(args),
+        Command::Toy(args) => toy::run(args),
     }
 }
 

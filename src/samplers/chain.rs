@@ -156,8 +156,8 @@ impl ReverseChain {
         }
         let times: Vec<f64> = match grid {
             TimeGrid::Uniform => (1..=steps).rev().map(|k| k as f64 / steps as f64).collect(),
-            TimeGrid::UniformLogSnr if steps == 1 => vec![sde.t_max()],
-            TimeGrid::UniformLogSnr => sde.time_grid(steps - 1, grid)?,
+            _ if steps == 1 => vec![sde.t_max()],
+            _ => sde.time_grid(steps - 1, grid)?,
         };
         let mut levels: Vec<(f64, NoiseLevel)> = times.iter().map(|&t| (t, sde.level(t))).collect();
         levels.push((0.0, NoiseLevel::new(1.0, 0.0)));

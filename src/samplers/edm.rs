@@ -12,7 +12,8 @@
 //!
 //! The last step, to sigma = 0, is a plain Euler step, which lands on the denoised value
 //! `D(x^; sigma^)` (field notes, bug 8); the grid has no repeated sigma. NFE = 2N - 1.
-//! sigma_max and sigma_min are the process's EDM noise at t_max and t_eps (VE: 50 and 0.01); the
+//! sigma_max and sigma_min are the process's EDM noise at t_max and t_eps (VE: 50 and 0.01;
+//! sigma_min at least [`EDM_SIGMA_MIN`]); the
 //! denoiser is called at the process's own level with that EDM noise
 //! ([`Sde::level_for_edm_sigma`]) on `alpha * x~`, so any continuous process works.
 
@@ -27,6 +28,10 @@ use super::{lin, noise_like, same_level, Observer, SampleOutput, Sampler, StepEv
 
 /// Karras et al.'s rho (eq. 5).
 pub const KARRAS_RHO: f64 = 7.0;
+
+/// Karras et al.'s sigma_min (0.002): the grid stops at the larger of this and the process's
+/// noise at t_eps (sub-VP reaches 1e-4 there, which would spread 18 steps over two more decades).
+pub const EDM_SIGMA_MIN: f64 = 0.002;
 
 /// The Karras sigma grid: `steps` values from `sigma_max` to `sigma_min`, then 0.
 pub fn karras_sigmas(steps: usize, sigma_min: f64, sigma_max: f64, rho: f64) -> Result<Vec<f64>> {
@@ -90,7 +95,7 @@ impl EdmHeun {
     pub fn new(sde: Sde, steps: usize, churn: Churn) -> Result<Self> {
         crate::error::check_range("churn", churn.s_churn, (0.0, true), (f64::INFINITY, false))?;
         let sigma_max = sde.level(sde.t_max()).edm_sigma();
-        let sigma_min = sde.level(sde.t_eps()).edm_sigma();
+        let sigma_min = sde.level(sde.t_eps()).edm_sigma().max(EDM_SIGMA_MIN);
         Ok(EdmHeun {
             sigmas: karras_sigmas(steps, sigma_min, sigma_max, KARRAS_RHO)?,
             sde,

@@ -8,8 +8,10 @@
 //! eps_i = 2 alpha_i (snr * ||z|| / ||s||)^2,        x <- x + eps_i s + sqrt(2 eps_i) z
 //! ```
 //!
-//! with `alpha_i = 1 - beta(t_i) |dt|` for the VP types (Score-SDE's `sde.alphas[timestep]`)
-//! and 1 for the VE types. Score-SDE averages both norms over the **batch**, which makes every
+//! with `alpha_i = (alpha(t_i) / alpha(t_{i+1}))^2`, the discrete chain's `alpha_i = 1 - beta_i`
+//! between grid times (Score-SDE's `sde.alphas[timestep]` for VP and sub-VP, computed exactly
+//! so that it stays in (0, 1] on coarse grids, where their `1 - beta(t)/N` goes negative), and
+//! 1 for the VE types. Score-SDE averages both norms over the **batch**, which makes every
 //! sample depend on the batch it is drawn with (field notes, bug 9): [`SnrRule::BatchMean`]
 //! keeps that rule. The default, [`SnrRule::NoiseLevel`], uses the values the norms take when
 //! the data are concentrated at a point, `||z||^2 = D` and `||s||^2 = D / sigma(t_i)^2`, so
@@ -118,13 +120,13 @@ impl Pc {
             .to_vec1::<f64>()?)
     }
 
-    fn langevin_step(&self, den: &dyn Denoiser, x: &Tensor, t: f64, dt: f64, noise: &mut NoiseStreams) -> Result<Tensor> {
+    fn langevin_step(&self, den: &dyn Denoiser, x: &Tensor, t: f64, s: f64, noise: &mut NoiseStreams) -> Result<Tensor> {
         let level = self.sde.level(t);
         let levels = same_level(level, x)?;
         let eps = den.predict_eps(x, &levels)?;
         let score = score_from_eps(&eps, &levels)?;
         let z = noise_like(noise, x)?;
-        let alpha_i = 1.0 - self.sde.beta(t) * dt.abs();
+        let alpha_i = (level.alpha / self.sde.level(s).alpha).powi(2);
         let step = match self.rule {
             SnrRule::NoiseLevel => 2.0 * alpha_i * (self.snr * level.sigma).powi(2),
             SnrRule::BatchMean => {
@@ -182,7 +184,7 @@ impl Sampler for Pc {
         for (i, w) in self.times.windows(2).enumerate() {
             let (t, s) = (w[0], w[1]);
             for _ in 0..self.corrector_steps {
-                x = self.langevin_step(den, &x, t, s - t, noise)?;
+                x = self.langevin_step(den, &x, t, s, noise)?;
                 nfe += 1;
             }
             let (x_next, x0) = self.predictor_step(den, &x, t, s, noise)?;

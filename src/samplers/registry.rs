@@ -7,14 +7,14 @@
 //! | `ddim` | `ddpm`, `seed-ve` | 100 | `eta` (0), `spacing`, `clip_x0` |
 //! | `euler-maruyama` | `vp`, `vp-cosine`, `subvp`, `ve`, `seed-ve` | 1000 | `spacing` |
 //! | `pc` | same | 1000 | `snr` (0.16), `corrector_steps` (1), `predictor`, `spacing` |
-//! | `ode-euler` | same | 1000 | `spacing` |
-//! | `ode-heun` | same | 200 | `spacing` |
+//! | `ode-euler` | same | 1000 | `spacing`, `ode_variable` |
+//! | `ode-heun` | same | 200 | `spacing`, `ode_variable` |
 //! | `ode-rk45` | same | adaptive | `rtol`, `atol` (1e-5 each, as Score-SDE) |
 //! | `edm-heun` | same | 18 | `churn` (0) |
 //!
 //! `spacing` is a DDIM timestep spacing on the `ddpm` process (`linspace` default, `leading`,
 //! `trailing`, `quadratic`; with `--steps K < T` the chain is respaced) and a time grid on the
-//! continuous ones (`uniform`, or `log-snr`, the default for seed-ve).
+//! continuous ones (`uniform`, `log-snr` [the default for seed-ve], `karras`).
 //! An unsupported pair or an option the sampler does not use is an error, not a guess.
 
 use crate::error::{Error, Result};
@@ -25,7 +25,7 @@ use super::ddim::Ddim;
 use super::ddpm::{Ddpm, Variance};
 use super::edm::{Churn, EdmHeun};
 use super::euler_maruyama::EulerMaruyama;
-use super::ode::{OdeMethod, OdeSampler};
+use super::ode::{OdeMethod, OdeSampler, OdeVariable};
 use super::pc::{Pc, Predictor};
 use super::rk45::{OdeRk45, Rk45Options};
 use super::timesteps::{timesteps, Spacing};
@@ -149,6 +149,8 @@ pub struct SamplerOptions {
     pub atol: Option<f64>,
     /// EDM S_churn (default 0).
     pub churn: Option<f64>,
+    /// ode-euler/ode-heun: step in t or in the EDM sigma (default: sigma for ve and seed-ve, t otherwise).
+    pub ode_variable: Option<OdeVariable>,
 }
 
 /// Score-SDE's snr for VE on CIFAR-10, our default for every process.
@@ -156,7 +158,7 @@ pub const DEFAULT_SNR: f64 = 0.16;
 
 fn reject_unused(kind: SamplerKind, o: &SamplerOptions) -> Result<()> {
     use SamplerKind::*;
-    let checks: [(&str, bool, &[SamplerKind]); 9] = [
+    let checks: [(&str, bool, &[SamplerKind]); 10] = [
         ("eta", o.eta.is_some(), &[Ddim]),
         ("variance", o.variance.is_some(), &[Ddpm]),
         ("clip-x0", o.clip_x0.is_some(), &[Ddpm, Ddim]),
@@ -166,6 +168,7 @@ fn reject_unused(kind: SamplerKind, o: &SamplerOptions) -> Result<()> {
         ("rtol", o.rtol.is_some(), &[OdeRk45]),
         ("atol", o.atol.is_some(), &[OdeRk45]),
         ("churn", o.churn.is_some(), &[EdmHeun]),
+        ("ode-variable", o.ode_variable.is_some(), &[OdeEuler, OdeHeun]),
     ];
     for (flag, set, users) in checks {
         if set && !users.contains(&kind) {
@@ -268,8 +271,14 @@ pub fn build_sampler(kind: SamplerKind, process: &Process, o: &SamplerOptions) -
                     let times = sde.time_grid(steps, time_grid(&sde, &o.spacing)?)?;
                     Ok(match kind {
                         SamplerKind::EulerMaruyama => Box::new(EulerMaruyama::new(sde, times)),
-                        SamplerKind::OdeEuler => Box::new(OdeSampler::new(sde, times, OdeMethod::Euler)),
-                        SamplerKind::OdeHeun => Box::new(OdeSampler::new(sde, times, OdeMethod::Heun)),
+                        SamplerKind::OdeEuler | SamplerKind::OdeHeun => {
+                            let method = if kind == SamplerKind::OdeEuler { OdeMethod::Euler } else { OdeMethod::Heun };
+                            let mut s = OdeSampler::new(sde, times, method);
+                            if let Some(v) = o.ode_variable {
+                                s.variable = v;
+                            }
+                            Box::new(s)
+                        }
                         _ => Box::new(Pc::new(
                             sde,
                             times,
