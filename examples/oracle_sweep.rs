@@ -8,7 +8,9 @@ use diffuse::samplers::SamplerKind;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let path = args.next().ok_or_else(|| anyhow::anyhow!("usage: oracle_sweep MIXTURE.json [N]"))?;
+    let path = args
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("usage: oracle_sweep MIXTURE.json [N]"))?;
     let n: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(4000);
     let gmm = Gmm::from_json_file(std::path::Path::new(&path))?;
     let mut worst = 0.0f64;
@@ -40,6 +42,9 @@ fn main() -> anyhow::Result<()> {
             println!("{line}");
         }
     }
-    println!("null p95 {:.5}; worst ratio {worst:.2} (acceptance: <= 2)", all[0].null_p95);
+    println!(
+        "null p95 {:.5}; worst ratio {worst:.2} (acceptance: <= 2)",
+        all[0].null_p95
+    );
     Ok(())
 }

@@ -164,11 +164,13 @@ impl Factor {
                     Err(format!("variance {v} is not positive"))
                 }
             }
-            Covariance::Full(m) => linalg::cholesky(m, d)
-                .map(|l| Factor::Full { l })
-                .map_err(|(row, pivot)| {
-                    format!("not positive definite (Cholesky pivot {pivot:e} at row {row})")
-                }),
+            Covariance::Full(m) => {
+                linalg::cholesky(m, d)
+                    .map(|l| Factor::Full { l })
+                    .map_err(|(row, pivot)| {
+                        format!("not positive definite (Cholesky pivot {pivot:e} at row {row})")
+                    })
+            }
         }
     }
 
@@ -370,9 +372,9 @@ impl Gmm {
     pub fn from_json(text: &str, source: &Path) -> Result<Self> {
         let bad = |m: String| Error::bad_input(source, m);
         let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| bad("expected a JSON object with \"weights\", \"means\" and \"covariances\" or \"stds\"".into()))?;
+        let obj = v.as_object().ok_or_else(|| {
+            bad("expected a JSON object with \"weights\", \"means\" and \"covariances\" or \"stds\"".into())
+        })?;
         for key in obj.keys() {
             if !["weights", "means", "covariances", "stds"].contains(&key.as_str()) {
                 return Err(bad(format!(
@@ -399,12 +401,17 @@ impl Gmm {
             .collect::<std::result::Result<_, _>>()
             .map_err(bad)?;
         let covs: Vec<Covariance> = match (obj.get("covariances"), obj.get("stds")) {
-            (Some(_), Some(_)) => return Err(bad("give either \"covariances\" or \"stds\", not both".into())),
+            (Some(_), Some(_)) => {
+                return Err(bad("give either \"covariances\" or \"stds\", not both".into()))
+            }
             (None, None) => return Err(bad("missing field \"covariances\" (or \"stds\")".into())),
             (None, Some(s)) => {
                 let stds = numbers(s, "stds").map_err(bad)?;
                 if let Some(i) = stds.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
-                    return Err(bad(format!("stds[{i}] = {}, expected a finite number > 0", stds[i])));
+                    return Err(bad(format!(
+                        "stds[{i}] = {}, expected a finite number > 0",
+                        stds[i]
+                    )));
                 }
                 stds.into_iter().map(|s| Covariance::Isotropic(s * s)).collect()
             }
@@ -446,12 +453,12 @@ impl Gmm {
     /// The mixture as JSON (the file format; full covariances as `covariances`, all-isotropic as `stds`).
     pub fn to_json(&self) -> Value {
         let d = self.dim;
-        if self.covariances.iter().all(|c| matches!(c, Covariance::Isotropic(_))) {
-            let stds: Vec<f64> = self
-                .covariances
-                .iter()
-                .map(|c| c.get(d, 0, 0).sqrt())
-                .collect();
+        if self
+            .covariances
+            .iter()
+            .all(|c| matches!(c, Covariance::Isotropic(_)))
+        {
+            let stds: Vec<f64> = self.covariances.iter().map(|c| c.get(d, 0, 0).sqrt()).collect();
             serde_json::json!({"weights": self.weights, "means": self.means, "stds": stds})
         } else {
             let covs: Vec<Vec<Vec<f64>>> = self
@@ -494,7 +501,10 @@ impl Gmm {
         let d = self.dim;
         Gmm::new(
             self.weights.clone(),
-            self.means.iter().map(|m| m.iter().map(|v| alpha * v).collect()).collect(),
+            self.means
+                .iter()
+                .map(|m| m.iter().map(|v| alpha * v).collect())
+                .collect(),
             self.covariances
                 .iter()
                 .map(|c| c.scaled_plus_identity(d, alpha * alpha, sigma * sigma))
@@ -543,8 +553,8 @@ impl Gmm {
                 .for_each(|(o, (a, b))| *o = a - b);
             self.factors[k].whiten(d, &mut v);
             let maha: f64 = v.iter().map(|z| z * z).sum();
-            let log_n = -0.5
-                * (d as f64 * (2.0 * std::f64::consts::PI).ln() + self.factors[k].logdet(d) + maha);
+            let log_n =
+                -0.5 * (d as f64 * (2.0 * std::f64::consts::PI).ln() + self.factors[k].logdet(d) + maha);
             terms.push(self.weights[k].ln() + log_n);
         }
         log_sum_exp(&terms)
@@ -555,7 +565,11 @@ impl Gmm {
         if points.len() % self.dim != 0 {
             return Err(Error::param(
                 "points",
-                format!("{} values do not form rows of dimension {}", points.len(), self.dim),
+                format!(
+                    "{} values do not form rows of dimension {}",
+                    points.len(),
+                    self.dim
+                ),
             ));
         }
         Ok(points.chunks(self.dim).map(|x| self.log_density(x)).collect())
@@ -629,8 +643,12 @@ mod tests {
 
     #[test]
     fn log_density_of_a_single_gaussian_is_the_closed_form() {
-        let g = Gmm::new(vec![1.0], vec![vec![1.0, -1.0]], vec![Covariance::Full(vec![2.0, 0.0, 0.0, 0.5])])
-            .unwrap();
+        let g = Gmm::new(
+            vec![1.0],
+            vec![vec![1.0, -1.0]],
+            vec![Covariance::Full(vec![2.0, 0.0, 0.0, 0.5])],
+        )
+        .unwrap();
         // ln N([2, 0]; [1, -1], diag(2, 0.5)) = -ln(2 pi) - 1/2 ln(1) - 1/2 (1/2 + 1/0.5)
         let want = -(2.0 * std::f64::consts::PI).ln() - 0.5 * (0.5 + 2.0);
         assert!((g.log_density(&[2.0, 0.0]) - want).abs() < 1e-14);
@@ -681,7 +699,10 @@ mod tests {
         let g = two_d().noisy(0.5, 2.0).unwrap();
         assert_eq!(g.means()[1], vec![1.0, 0.0]);
         // 0.25 * [[1, .6], [.6, .5]] + 4 I
-        assert_eq!(g.covariances()[0], Covariance::Full(vec![4.25, 0.15, 0.15, 4.125]));
+        assert_eq!(
+            g.covariances()[0],
+            Covariance::Full(vec![4.25, 0.15, 0.15, 4.125])
+        );
         assert_eq!(g.covariances()[1], Covariance::Isotropic(0.25 * 0.25 + 4.0));
     }
 
@@ -700,14 +721,18 @@ mod tests {
     fn json_errors_say_what_is_wrong() {
         let err = |s: &str| Gmm::from_json(s, path()).unwrap_err().to_string();
         let e = err(r#"{"weights": [0.5, 0.4], "means": [[0], [1]], "stds": [1, 1]}"#);
-        assert!(e.contains("weights sum to 0.9") && e.starts_with("mix.json"), "{e}");
+        assert!(
+            e.contains("weights sum to 0.9") && e.starts_with("mix.json"),
+            "{e}"
+        );
         let e = err(r#"{"weights": [0.5, 0.5], "means": [[0, 1], [1]], "stds": [1, 1]}"#);
         assert!(e.contains("means[1] has length 1, expected 2"), "{e}");
         let e = err(r#"{"weights": [1], "means": [[0, 0]], "covariances": [[[1, 2], [2, 1]]]}"#);
         assert!(e.contains("covariances[0]: not positive definite"), "{e}");
         let e = err(r#"{"weights": [1], "means": [[0, 0]], "covariances": [[[1, 0.5], [0.1, 1]]]}"#);
         assert!(e.contains("not symmetric"), "{e}");
-        let e = err(r#"{"weights": [1], "means": [[0, 0]], "covariances": [[[1, 0, 0], [0, 1, 0], [0, 0, 1]]]}"#);
+        let e =
+            err(r#"{"weights": [1], "means": [[0, 0]], "covariances": [[[1, 0, 0], [0, 1, 0], [0, 0, 1]]]}"#);
         assert!(e.contains("expected a 2 x 2 matrix"), "{e}");
         let e = err(r#"{"weights": [1], "means": [[0, 0]], "covariances": [[[1, 0], [0]]]}"#);
         assert!(e.contains("not square"), "{e}");

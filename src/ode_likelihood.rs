@@ -207,7 +207,10 @@ pub fn log_likelihood(
                     Some(j) => j.score_jvp(&xs, &levels, z)?,
                     None => fd_jvp(den, &xs, &levels, z)?,
                 };
-                (row_dot(z, &jz)?, fx.iter().zip(zz).map(|(f, z2)| f * z2).collect())
+                (
+                    row_dot(z, &jz)?,
+                    fx.iter().zip(zz).map(|(f, z2)| f * z2).collect(),
+                )
             }
             _ => {
                 let tr = match jacobian {
@@ -236,16 +239,31 @@ pub fn log_likelihood(
     };
     let t_start = options.t_start.unwrap_or(sde.t_eps());
     crate::error::check_range("t_start", t_start, (0.0, true), (sde.t_max(), false))?;
-    let y0 = Tensor::cat(&[x.reshape((b, d))?, Tensor::zeros((b, 1), DType::F64, x.device())?], 1)?;
-    let (y, stats) = integrate(&mut f, &y0, t_start, sde.t_max(), &options.rk45, &mut |_, _, _| Ok(()))?;
+    let y0 = Tensor::cat(
+        &[x.reshape((b, d))?, Tensor::zeros((b, 1), DType::F64, x.device())?],
+        1,
+    )?;
+    let (y, stats) = integrate(
+        &mut f,
+        &y0,
+        t_start,
+        sde.t_max(),
+        &options.rk45,
+        &mut |_, _, _| Ok(()),
+    )?;
     let latents = y.narrow(1, 0, d)?.flatten_all()?.to_vec1::<f64>()?;
     let delta = y.narrow(1, d, 1)?.flatten_all()?.to_vec1::<f64>()?;
     let prior: Vec<f64> = latents.chunks(d).map(|z| sde.prior_log_density(z)).collect();
     let ll: Vec<f64> = prior.iter().zip(&delta).map(|(p, dl)| p + dl).collect();
     if let Some(i) = ll.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Numerical(format!("the log-likelihood of point {i} is not finite")));
+        return Err(Error::Numerical(format!(
+            "the log-likelihood of point {i} is not finite"
+        )));
     }
-    let bpd = ll.iter().map(|l| -l / (d as f64 * std::f64::consts::LN_2)).collect();
+    let bpd = ll
+        .iter()
+        .map(|l| -l / (d as f64 * std::f64::consts::LN_2))
+        .collect();
     Ok(Likelihood {
         log_likelihood: ll,
         bits_per_dim: bpd,

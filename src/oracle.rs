@@ -185,7 +185,11 @@ impl Oracle {
         let (data, d) = self.rows(x, levels)?;
         let k = self.gmm.num_components();
         let mut s = Scratch::new(k, d);
-        let mut x0 = if want.x0 { vec![0.0; data.len()] } else { Vec::new() };
+        let mut x0 = if want.x0 {
+            vec![0.0; data.len()]
+        } else {
+            Vec::new()
+        };
         let mut ubar = vec![0.0; data.len()];
         let mut current = None;
         for (i, row) in data.chunks(d).enumerate() {
@@ -253,7 +257,10 @@ impl Oracle {
         if x.elem_count() != b * d {
             return Err(Error::param(
                 "x_t",
-                format!("shape {:?} does not hold rows of the mixture's dimension {d}", x.dims()),
+                format!(
+                    "shape {:?} does not hold rows of the mixture's dimension {d}",
+                    x.dims()
+                ),
             ));
         }
         let data = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
@@ -262,7 +269,11 @@ impl Oracle {
 
     /// E[x_0 | x_t = x] for f64 rows (n x D) at one level.
     pub fn posterior_mean_rows(&self, x: &[f64], level: NoiseLevel) -> Result<Vec<f64>> {
-        let t = Tensor::from_vec(x.to_vec(), (x.len() / self.gmm.dim(), self.gmm.dim()), &candle_core::Device::Cpu)?;
+        let t = Tensor::from_vec(
+            x.to_vec(),
+            (x.len() / self.gmm.dim(), self.gmm.dim()),
+            &candle_core::Device::Cpu,
+        )?;
         let n = t.dim(0)?;
         Ok(self.predict_x0(&t, &vec![level; n])?.flatten_all()?.to_vec1()?)
     }
@@ -284,17 +295,41 @@ impl Denoiser for Oracle {
 
     /// E[x_0 | x_t] = sum_k r_k (mu_k + alpha Sigma_k u_k).
     fn predict_x0(&self, x_t: &Tensor, levels: &[NoiseLevel]) -> Result<Tensor> {
-        self.one(x_t, levels, Want { x0: true, eps: false, score: false })
+        self.one(
+            x_t,
+            levels,
+            Want {
+                x0: true,
+                eps: false,
+                score: false,
+            },
+        )
     }
 
     /// E[eps | x_t] = sigma sum_k r_k u_k.
     fn predict_eps(&self, x_t: &Tensor, levels: &[NoiseLevel]) -> Result<Tensor> {
-        self.one(x_t, levels, Want { x0: false, eps: true, score: false })
+        self.one(
+            x_t,
+            levels,
+            Want {
+                x0: false,
+                eps: true,
+                score: false,
+            },
+        )
     }
 
     /// Both, from one pass over the components.
     fn predict_x0_eps(&self, x_t: &Tensor, levels: &[NoiseLevel]) -> Result<(Tensor, Tensor)> {
-        match self.outputs(x_t, levels, Want { x0: true, eps: true, score: false })? {
+        match self.outputs(
+            x_t,
+            levels,
+            Want {
+                x0: true,
+                eps: true,
+                score: false,
+            },
+        )? {
             [Some(x0), Some(eps), _] => Ok((x0, eps)),
             _ => Err(Error::Numerical("internal error: oracle outputs missing".into())),
         }
@@ -302,7 +337,15 @@ impl Denoiser for Oracle {
 
     /// score = -sum_k r_k u_k.
     fn score(&self, x_t: &Tensor, levels: &[NoiseLevel]) -> Result<Tensor> {
-        self.one(x_t, levels, Want { x0: false, eps: false, score: true })
+        self.one(
+            x_t,
+            levels,
+            Want {
+                x0: false,
+                eps: false,
+                score: true,
+            },
+        )
     }
 }
 
@@ -337,7 +380,12 @@ impl ScoreJacobian for Oracle {
         let mut s = Scratch::new(k, d);
         let mut current = None;
         let mut out = vec![0.0; data.len()];
-        for (i, ((row, vrow), o)) in data.chunks(d).zip(vs.chunks(d)).zip(out.chunks_mut(d)).enumerate() {
+        for (i, ((row, vrow), o)) in data
+            .chunks(d)
+            .zip(vs.chunks(d))
+            .zip(out.chunks_mut(d))
+            .enumerate()
+        {
             let level = levels[i];
             let lf = self.factors_for(level, &mut current)?;
             self.row_posterior(&lf, level.alpha, row, &mut s);
@@ -416,7 +464,11 @@ mod tests {
                 a[j] += h;
                 b[j] -= h;
                 let fd = (noisy.log_density(&a) - noisy.log_density(&b)) / (2.0 * h);
-                assert!((s[2 * i + j] - fd).abs() < 1e-6 * fd.abs().max(1.0), "{i},{j}: {} vs {fd}", s[2 * i + j]);
+                assert!(
+                    (s[2 * i + j] - fd).abs() < 1e-6 * fd.abs().max(1.0),
+                    "{i},{j}: {} vs {fd}",
+                    s[2 * i + j]
+                );
             }
         }
     }
@@ -426,7 +478,11 @@ mod tests {
         // E[x_0|x] = (x + sigma^2 score) / alpha and eps = -sigma score, at several levels
         let o = Oracle::new(mixture());
         let x = t2(&[0.3, -0.2, -1.7, 0.4, 1.2, 0.9]);
-        for level in [NoiseLevel::new(0.99, 0.14), NoiseLevel::new(0.3, 0.95), NoiseLevel::new(1.0, 5.0)] {
+        for level in [
+            NoiseLevel::new(0.99, 0.14),
+            NoiseLevel::new(0.3, 0.95),
+            NoiseLevel::new(1.0, 5.0),
+        ] {
             let l = [level; 3];
             let x0 = v(&o.predict_x0(&x, &l).unwrap());
             let eps = v(&o.predict_eps(&x, &l).unwrap());
@@ -454,7 +510,10 @@ mod tests {
         let x0 = g.sample(n, 5);
         let mut rng = crate::rng::Rng::new(6);
         let level = NoiseLevel::new(0.8, 0.6);
-        let xt: Vec<f64> = x0.iter().map(|v| level.alpha * v + level.sigma * rng.normal()).collect();
+        let xt: Vec<f64> = x0
+            .iter()
+            .map(|v| level.alpha * v + level.sigma * rng.normal())
+            .collect();
         let pred = o.posterior_mean_rows(&xt, level).unwrap();
         for j in 0..2 {
             let mut mean = 0.0;
@@ -466,7 +525,10 @@ mod tests {
                 corr[1] += r * xt[2 * i + 1] / n as f64;
             }
             assert!(mean.abs() < 0.0125, "coordinate {j}: residual mean {mean}");
-            assert!(corr[0].abs() < 0.028 && corr[1].abs() < 0.028, "coordinate {j}: {corr:?}");
+            assert!(
+                corr[0].abs() < 0.028 && corr[1].abs() < 0.028,
+                "coordinate {j}: {corr:?}"
+            );
         }
     }
 
@@ -475,7 +537,11 @@ mod tests {
         // central differences of the exact score, h = 1e-5 (truncation ~1e-9): tolerance 1e-6
         let o = Oracle::new(mixture());
         let pts = [0.3, -0.2, -1.7, 0.4, 1.2, 0.9, 30.0, -20.0];
-        for level in [NoiseLevel::new(0.9, 0.3), NoiseLevel::new(1.0, 0.05), NoiseLevel::new(0.1, 0.99)] {
+        for level in [
+            NoiseLevel::new(0.9, 0.3),
+            NoiseLevel::new(1.0, 0.05),
+            NoiseLevel::new(0.1, 0.99),
+        ] {
             let l = [level; 4];
             let tr = o.score_divergence(&t2(&pts), &l).unwrap();
             let dir = t2(&[1.0, 0.5, -0.3, 2.0, 0.0, 1.0, 1.0, 1.0]);
@@ -497,7 +563,11 @@ mod tests {
                     }
                 }
                 let scale = fd_tr.abs().max(1.0);
-                assert!((tr[i] - fd_tr).abs() < 1e-6 * scale, "trace {i}: {} vs {fd_tr}", tr[i]);
+                assert!(
+                    (tr[i] - fd_tr).abs() < 1e-6 * scale,
+                    "trace {i}: {} vs {fd_tr}",
+                    tr[i]
+                );
                 for k in 0..2 {
                     assert!((jv[2 * i + k] - fd_jv[k]).abs() < 1e-6 * scale, "jvp {i}");
                 }
@@ -521,7 +591,11 @@ mod tests {
         assert_eq!(out.dtype(), DType::F32);
         // wrong dimension, wrong number of levels, bad level
         let x3 = Tensor::zeros((2, 3), DType::F64, &Device::Cpu).unwrap();
-        assert!(o.predict_x0(&x3, &[a, a]).unwrap_err().to_string().contains("dimension 2"));
+        assert!(o
+            .predict_x0(&x3, &[a, a])
+            .unwrap_err()
+            .to_string()
+            .contains("dimension 2"));
         assert!(o.predict_x0(&x, &[a]).is_err());
         assert!(o.predict_x0(&x, &[NoiseLevel::new(0.0, 0.0); 2]).is_err());
         // at sigma = 0 the posterior mean is x / alpha (no noise to remove)

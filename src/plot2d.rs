@@ -120,8 +120,14 @@ pub fn draw_panels(path: &Path, panels: &[Panel2d], width: u32, height: u32) -> 
             }
             for (k, line) in panel.lines.iter().enumerate() {
                 let c = PALETTE[k % PALETTE.len()];
-                let pts: Vec<(f64, f64)> = line.iter().copied().filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
-                chart.draw_series(LineSeries::new(pts.clone(), c.stroke_width(1))).map_err(plot_err)?;
+                let pts: Vec<(f64, f64)> = line
+                    .iter()
+                    .copied()
+                    .filter(|p| p.0.is_finite() && p.1.is_finite())
+                    .collect();
+                chart
+                    .draw_series(LineSeries::new(pts.clone(), c.stroke_width(1)))
+                    .map_err(plot_err)?;
                 if let Some(last) = pts.last().filter(|p| inside(p)) {
                     chart
                         .draw_series(std::iter::once(Circle::new(*last, 4, c.filled())))

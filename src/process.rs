@@ -213,7 +213,9 @@ impl Sde {
             // sigma^2 = 1 - alpha^2 = -expm1(2 ln alpha): accurate at small t.
             Sde::Vp { .. } | Sde::VpCosine { .. } => NoiseLevel::new(la.exp(), (-(2.0 * la).exp_m1()).sqrt()),
             Sde::SubVp { .. } => NoiseLevel::new(la.exp(), -(2.0 * la).exp_m1()),
-            Sde::Ve { sigma_min, sigma_max } => NoiseLevel::new(1.0, sigma_min * (sigma_max / sigma_min).powf(t)),
+            Sde::Ve { sigma_min, sigma_max } => {
+                NoiseLevel::new(1.0, sigma_min * (sigma_max / sigma_min).powf(t))
+            }
             Sde::SeedVe { sigma_q } => NoiseLevel::new(1.0, sigma_q * t.max(0.0).sqrt()),
         }
     }
@@ -221,7 +223,9 @@ impl Sde {
     /// beta(t) = -2 d ln alpha / dt of the VP-type families (0 for VE types).
     pub fn beta(&self, t: f64) -> f64 {
         match *self {
-            Sde::Vp { beta_min, beta_max } | Sde::SubVp { beta_min, beta_max } => beta_min + t * (beta_max - beta_min),
+            Sde::Vp { beta_min, beta_max } | Sde::SubVp { beta_min, beta_max } => {
+                beta_min + t * (beta_max - beta_min)
+            }
             Sde::VpCosine { s } => {
                 std::f64::consts::PI / (1.0 + s) * ((t + s) / (1.0 + s) * std::f64::consts::FRAC_PI_2).tan()
             }
@@ -322,7 +326,13 @@ impl Sde {
         let n = steps as f64;
         let times: Vec<f64> = match grid {
             TimeGrid::Uniform => (0..=steps)
-                .map(|i| if i == steps { t1 } else { t0 + (t1 - t0) * i as f64 / n })
+                .map(|i| {
+                    if i == steps {
+                        t1
+                    } else {
+                        t0 + (t1 - t0) * i as f64 / n
+                    }
+                })
                 .collect(),
             TimeGrid::UniformLogSnr => {
                 let (l0, l1) = (self.log_snr(t0), self.log_snr(t1));
@@ -360,7 +370,7 @@ impl Sde {
     }
 
     /// The default time grid: [`TimeGrid::UniformLogSnr`] for seed-ve (uniform in t would put the
-/// last step from sigma_q/sqrt(K) straight to 0), [`TimeGrid::Uniform`] otherwise (Score-SDE).
+    /// last step from sigma_q/sqrt(K) straight to 0), [`TimeGrid::Uniform`] otherwise (Score-SDE).
     pub fn default_grid(&self) -> TimeGrid {
         match self {
             Sde::SeedVe { .. } => TimeGrid::UniformLogSnr,
@@ -389,6 +399,9 @@ impl Sde {
 }
 
 /// A forward process: the discrete DDPM chain or a continuous SDE.
+// A Process is built once per run and matched everywhere; boxing the schedule would only
+// complicate the matching.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Process {
     /// The discrete chain `q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)`, t = 1..T
@@ -414,7 +427,10 @@ impl Process {
             other => {
                 return Err(Error::param(
                     "process",
-                    format!("unknown process '{other}', expected one of: {}", Self::NAMES.join(", ")),
+                    format!(
+                        "unknown process '{other}', expected one of: {}",
+                        Self::NAMES.join(", ")
+                    ),
                 ))
             }
         })
@@ -447,7 +463,13 @@ mod tests {
     use super::*;
 
     fn all() -> Vec<Sde> {
-        vec![Sde::vp(), Sde::vp_cosine(), Sde::subvp(), Sde::ve(), Sde::seed_ve()]
+        vec![
+            Sde::vp(),
+            Sde::vp_cosine(),
+            Sde::subvp(),
+            Sde::ve(),
+            Sde::seed_ve(),
+        ]
     }
 
     #[test]
@@ -536,8 +558,16 @@ mod tests {
             for t in [0.01, 0.3, 0.9] {
                 let l = sde.level(t);
                 let m = sde.level_for_edm_sigma(l.edm_sigma());
-                assert!((m.alpha - l.alpha).abs() < 1e-12 * l.alpha.max(1.0), "{}", sde.name());
-                assert!((m.sigma - l.sigma).abs() < 1e-12 * l.sigma.max(1.0), "{}", sde.name());
+                assert!(
+                    (m.alpha - l.alpha).abs() < 1e-12 * l.alpha.max(1.0),
+                    "{}",
+                    sde.name()
+                );
+                assert!(
+                    (m.sigma - l.sigma).abs() < 1e-12 * l.sigma.max(1.0),
+                    "{}",
+                    sde.name()
+                );
             }
         }
     }
@@ -549,7 +579,12 @@ mod tests {
             assert_eq!(p.name(), name);
         }
         assert!(Process::from_name("vpp", || Schedule::named("linear", 10)).is_err());
-        assert!(Sde::Ve { sigma_min: 1.0, sigma_max: 0.5 }.validate().is_err());
+        assert!(Sde::Ve {
+            sigma_min: 1.0,
+            sigma_max: 0.5
+        }
+        .validate()
+        .is_err());
         assert!(Sde::SeedVe { sigma_q: f64::NAN }.validate().is_err());
         for sde in all() {
             sde.validate().unwrap();

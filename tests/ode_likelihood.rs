@@ -35,7 +35,11 @@ fn points(g: &Gmm) -> Vec<f64> {
 }
 
 fn tight() -> Rk45Options {
-    Rk45Options { rtol: 1e-8, atol: 1e-8, max_steps: 100_000 }
+    Rk45Options {
+        rtol: 1e-8,
+        atol: 1e-8,
+        max_steps: 100_000,
+    }
 }
 
 #[test]
@@ -45,14 +49,33 @@ fn exact_divergence_matches_the_exact_log_density() {
     let pts = points(&g);
     let n = pts.len() / 2;
     let x = Tensor::from_vec(pts.clone(), (n, 2), &Device::Cpu).unwrap();
-    for sde in [Sde::vp(), Sde::subvp(), Sde::vp_cosine(), Sde::ve(), Sde::seed_ve()] {
+    for sde in [
+        Sde::vp(),
+        Sde::subvp(),
+        Sde::vp_cosine(),
+        Sde::ve(),
+        Sde::seed_ve(),
+    ] {
         // start at t = 0 where the process has no noise there (the clean data density), else at
         // t_eps; the reference is the exact mixture log-density at that time
-        let t0 = if sde.level(0.0).sigma == 0.0 { 0.0 } else { sde.t_eps() };
-        let opts = LikelihoodOptions { divergence: Divergence::Exact, rk45: tight(), t_start: Some(t0) };
+        let t0 = if sde.level(0.0).sigma == 0.0 {
+            0.0
+        } else {
+            sde.t_eps()
+        };
+        let opts = LikelihoodOptions {
+            divergence: Divergence::Exact,
+            rk45: tight(),
+            t_start: Some(t0),
+        };
         let ll = log_likelihood(&oracle, Some(&oracle as &dyn ScoreJacobian), &sde, &x, &opts).unwrap();
         let exact = oracle.log_density_rows(&pts, sde.level(t0)).unwrap();
-        let err = |l: &[f64]| l.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let err = |l: &[f64]| {
+            l.iter()
+                .zip(&exact)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max)
+        };
         // (1) with the exact prior at t_max only the integration error remains: rtol = atol =
         // 1e-8 leaves < 1e-5 nats here (measured 1e-7 .. 3e-6); 1e-4 allowed.
         let l1 = sde.level(sde.t_max());
@@ -64,14 +87,23 @@ fn exact_divergence_matches_the_exact_log_density() {
         // mean is off by alpha(1) |mu| ~ 0.01) and below 5e-2 for VE (off by |mu| / sigma_max in
         // units of the std, with latents ~70 long: 70 * 2 / 2500 = 0.056 at most).
         let bound = if sde.level(1.0).alpha == 1.0 { 5e-2 } else { 1e-2 };
-        let e_gauss_data = ll.log_likelihood[..8].iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let e_gauss_data = ll.log_likelihood[..8]
+            .iter()
+            .zip(&exact)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
         println!(
             "{} (t_start {t0}): exact prior {e_exact:.2e}, gaussian prior {:.2e} (on-data {e_gauss_data:.2e}), NFE {}",
             sde.name(),
             err(&ll.log_likelihood),
             ll.nfe
         );
-        assert!(e_exact < 1e-4, "{}: {:?} vs {exact:?}", sde.name(), with_exact.log_likelihood);
+        assert!(
+            e_exact < 1e-4,
+            "{}: {:?} vs {exact:?}",
+            sde.name(),
+            with_exact.log_likelihood
+        );
         assert!(e_gauss_data < bound, "{}: {e_gauss_data}", sde.name());
         // bits/dim = -ln p / (D ln 2)
         let bpd0 = -with_exact.log_likelihood[0] / (2.0 * std::f64::consts::LN_2);
@@ -88,7 +120,11 @@ fn finite_difference_divergence_without_a_jacobian() {
     let n = pts.len() / 2;
     let x = Tensor::from_vec(pts.clone(), (n, 2), &Device::Cpu).unwrap();
     let sde = Sde::vp();
-    let opts = LikelihoodOptions { divergence: Divergence::Exact, rk45: tight(), t_start: None };
+    let opts = LikelihoodOptions {
+        divergence: Divergence::Exact,
+        rk45: tight(),
+        t_start: None,
+    };
     let exact_jac = log_likelihood(&oracle, Some(&oracle as &dyn ScoreJacobian), &sde, &x, &opts).unwrap();
     let fd = log_likelihood(&oracle, None, &sde, &x, &opts).unwrap();
     // the same transport with the trace by finite differences: relative truncation ~1e-6 of
@@ -122,8 +158,16 @@ fn hutchinson_is_unbiased_within_its_standard_error() {
     }
     let x = Tensor::from_vec(rows, (3 * reps, 2), &Device::Cpu).unwrap();
     let sde = Sde::vp();
-    let loose = Rk45Options { rtol: 1e-6, atol: 1e-6, max_steps: 100_000 };
-    let opts_exact = LikelihoodOptions { divergence: Divergence::Exact, rk45: tight(), t_start: None };
+    let loose = Rk45Options {
+        rtol: 1e-6,
+        atol: 1e-6,
+        max_steps: 100_000,
+    };
+    let opts_exact = LikelihoodOptions {
+        divergence: Divergence::Exact,
+        rk45: tight(),
+        t_start: None,
+    };
     let exact_x = Tensor::from_vec(base.to_vec(), (3, 2), &Device::Cpu).unwrap();
     let exact = log_likelihood(
         &oracle,
@@ -136,20 +180,36 @@ fn hutchinson_is_unbiased_within_its_standard_error() {
     .log_likelihood;
     let mut sds = Vec::new();
     for probe in [Probe::Rademacher, Probe::Gaussian] {
-        let opts = LikelihoodOptions { divergence: Divergence::Hutchinson { probe, seed: 11 }, rk45: loose, t_start: None };
+        let opts = LikelihoodOptions {
+            divergence: Divergence::Hutchinson { probe, seed: 11 },
+            rk45: loose,
+            t_start: None,
+        };
         let ll = log_likelihood(&oracle, Some(&oracle as &dyn ScoreJacobian), &sde, &x, &opts).unwrap();
         for (k, est) in ll.log_likelihood.chunks(reps).enumerate() {
             let mean = est.iter().sum::<f64>() / reps as f64;
             let sd = (est.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (reps - 1) as f64).sqrt();
             let se = sd / (reps as f64).sqrt();
-            println!("{probe:?} point {k}: mean {mean:.4} exact {:.4} sd {sd:.4} se {se:.4}", exact[k]);
-            assert!((mean - exact[k]).abs() < 4.0 * se + 1e-4, "{probe:?} point {k}: {mean} vs {}", exact[k]);
+            println!(
+                "{probe:?} point {k}: mean {mean:.4} exact {:.4} sd {sd:.4} se {se:.4}",
+                exact[k]
+            );
+            assert!(
+                (mean - exact[k]).abs() < 4.0 * se + 1e-4,
+                "{probe:?} point {k}: {mean} vs {}",
+                exact[k]
+            );
             assert!(sd > 1e-3, "the estimator should not be exact: sd {sd}");
             sds.push(sd);
         }
     }
     for k in 0..3 {
-        assert!(sds[3 + k] > sds[k], "Gaussian sd {} should exceed Rademacher sd {}", sds[3 + k], sds[k]);
+        assert!(
+            sds[3 + k] > sds[k],
+            "Gaussian sd {} should exceed Rademacher sd {}",
+            sds[3 + k],
+            sds[k]
+        );
     }
 }
 

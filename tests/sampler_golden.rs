@@ -22,14 +22,21 @@ fn golden(name: &str) -> Value {
 }
 
 fn vecf(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 fn close(what: &str, got: &[f64], want: &[f64]) {
     assert_eq!(got.len(), want.len(), "{what}");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs();
-        assert!(err <= 1e-9 * w.abs() || err <= 1e-15, "{what}[{i}]: got {g:e}, want {w:e}");
+        assert!(
+            err <= 1e-9 * w.abs() || err <= 1e-15,
+            "{what}[{i}]: got {g:e}, want {w:e}"
+        );
     }
 }
 
@@ -42,7 +49,12 @@ fn timestep_subsequences_match_diffusers() {
         let (spacing, k) = key.rsplit_once('_').unwrap();
         let k: usize = k.parse().unwrap();
         let got = timesteps(1000, k, Spacing::from_name(spacing).unwrap()).unwrap();
-        let want: Vec<usize> = want.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let want: Vec<usize> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
         assert_eq!(got, want, "{key}");
         seen += 1;
     }
@@ -64,19 +76,34 @@ fn single_steps_match_golden() {
     let et = Tensor::from_vec(eps.clone(), (1, n), &dev).unwrap();
     let row = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
     for case in g["cases"].as_array().unwrap() {
-        let (t, t_prev) = (case["t"].as_u64().unwrap() as usize, case["t_prev"].as_u64().unwrap() as usize);
+        let (t, t_prev) = (
+            case["t"].as_u64().unwrap() as usize,
+            case["t_prev"].as_u64().unwrap() as usize,
+        );
         let x0 = x0_from_eps(&xt, &et, &[ddpm_level(&s, t)]).unwrap();
         close(&format!("x0_pred t={t}"), &row(&x0), &vecf(&case["x0_pred"]));
         // DDIM from t to the looked-up t_prev (a two-entry subsequence)
         let chain = ReverseChain::discrete(&s, &[t, t_prev]).unwrap();
         let ddim = ddim_step(&chain.steps[0], &x0, &et, 0.0, None).unwrap();
-        close(&format!("ddim_prev t={t}"), &row(&ddim), &vecf(&case["ddim_prev"]));
+        close(
+            &format!("ddim_prev t={t}"),
+            &row(&ddim),
+            &vecf(&case["ddim_prev"]),
+        );
         // DDPM posterior q(x_{t-1} | x_t, x_0) of the full chain at t
         let full = ReverseChain::discrete(&s, &[t, t - 1]).unwrap();
         let mean = posterior_mean(&full.steps[0], &xt, &x0).unwrap();
-        close(&format!("ddpm_mean t={t}"), &row(&mean), &vecf(&case["ddpm_mean"]));
+        close(
+            &format!("ddpm_mean t={t}"),
+            &row(&mean),
+            &vecf(&case["ddpm_mean"]),
+        );
         let mean_c = posterior_mean(&full.steps[0], &xt, &x0.clamp(-1.0, 1.0).unwrap()).unwrap();
-        close(&format!("ddpm_mean_clipped t={t}"), &row(&mean_c), &vecf(&case["ddpm_mean_clipped"]));
+        close(
+            &format!("ddpm_mean_clipped t={t}"),
+            &row(&mean_c),
+            &vecf(&case["ddpm_mean_clipped"]),
+        );
         close(
             &format!("posterior variance t={t}"),
             &[full.steps[0].posterior_variance],
@@ -102,7 +129,12 @@ fn the_last_ddim_step_lands_on_alpha_bar_one() {
     // bug 4: with any spacing, the final step goes to alpha_bar = 1 (x_0 itself), so the
     // output is the x_0 prediction at the last kept timestep.
     let s = Schedule::named("linear", 1000).unwrap();
-    for spacing in [Spacing::Linspace, Spacing::Leading, Spacing::Trailing, Spacing::Quadratic] {
+    for spacing in [
+        Spacing::Linspace,
+        Spacing::Leading,
+        Spacing::Trailing,
+        Spacing::Quadratic,
+    ] {
         let kept = timesteps(1000, 10, spacing).unwrap();
         let chain = ReverseChain::discrete(&s, &kept).unwrap();
         let last = chain.steps.last().unwrap();
@@ -128,7 +160,8 @@ fn ddim_with_eta_one_is_ddpm_draw_for_draw() {
     let chain = ReverseChain::discrete(&s, &(0..100).rev().collect::<Vec<_>>()).unwrap();
     let ddpm = Ddpm::new(chain.clone(), Variance::FixedSmall, 1.0);
     let ddim = Ddim::new(chain, 1.0, 1.0).unwrap();
-    let den = FixedEps(Tensor::from_vec(vec![0.2f64, -0.1, 0.05, 0.3, 0.0, -0.4], (3, 2), &Device::Cpu).unwrap());
+    let den =
+        FixedEps(Tensor::from_vec(vec![0.2f64, -0.1, 0.05, 0.3, 0.0, -0.4], (3, 2), &Device::Cpu).unwrap());
     let run = |sm: &dyn diffuse::samplers::Sampler| {
         sample_batched(sm, &den, 3, &[2], 5, 3, DType::F64, &Device::Cpu, &mut NoObserver)
             .unwrap()
@@ -150,12 +183,38 @@ fn respaced_ddpm_takes_exactly_k_steps() {
     let p = Process::Ddpm(Schedule::named("linear", 1000).unwrap());
     let den = FixedEps(Tensor::zeros((1, 2), DType::F64, &Device::Cpu).unwrap());
     for k in [1usize, 7, 37, 333, 1000] {
-        let s = build_sampler(SamplerKind::Ddpm, &p, &SamplerOptions { steps: Some(k), ..Default::default() }).unwrap();
-        let out = sample_batched(s.as_ref(), &den, 1, &[2], 0, 1, DType::F64, &Device::Cpu, &mut NoObserver).unwrap();
+        let s = build_sampler(
+            SamplerKind::Ddpm,
+            &p,
+            &SamplerOptions {
+                steps: Some(k),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let out = sample_batched(
+            s.as_ref(),
+            &den,
+            1,
+            &[2],
+            0,
+            1,
+            DType::F64,
+            &Device::Cpu,
+            &mut NoObserver,
+        )
+        .unwrap();
         assert_eq!(out.nfe, k);
     }
     for k in [0usize, 1001] {
-        let e = build_sampler(SamplerKind::Ddpm, &p, &SamplerOptions { steps: Some(k), ..Default::default() });
+        let e = build_sampler(
+            SamplerKind::Ddpm,
+            &p,
+            &SamplerOptions {
+                steps: Some(k),
+                ..Default::default()
+            },
+        );
         assert!(e.is_err(), "K = {k}");
     }
 }

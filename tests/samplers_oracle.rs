@@ -67,7 +67,18 @@ fn truth() -> &'static Truth {
 }
 
 fn run(sampler: &dyn Sampler, den: &dyn Denoiser) -> (f64, usize) {
-    let out = sample_batched(sampler, den, N, &[2], 0, N, DType::F64, &Device::Cpu, &mut NoObserver).unwrap();
+    let out = sample_batched(
+        sampler,
+        den,
+        N,
+        &[2],
+        0,
+        N,
+        DType::F64,
+        &Device::Cpu,
+        &mut NoObserver,
+    )
+    .unwrap();
     let x = out.x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
     (energy_distance(&x, &truth().fresh, 2).unwrap(), out.nfe)
 }
@@ -81,13 +92,28 @@ fn check(name: &str, good: &dyn Sampler, broken: &dyn Sampler, broken_what: &str
         "{name}: energy distance {e_good:.5} (NFE {nfe}); broken ({broken_what}) {e_bad:.5}; null p95 {:.5}",
         t.band.p95
     );
-    assert!(e_good <= t.band.p95, "{name}: {e_good} outside the null band (p95 {})", t.band.p95);
-    assert!(e_bad > t.band.p95, "{name}: the broken variant ({broken_what}) was not detected: {e_bad}");
+    assert!(
+        e_good <= t.band.p95,
+        "{name}: {e_good} outside the null band (p95 {})",
+        t.band.p95
+    );
+    assert!(
+        e_bad > t.band.p95,
+        "{name}: the broken variant ({broken_what}) was not detected: {e_bad}"
+    );
 }
 
 fn build(kind: SamplerKind, process: &str, steps: Option<usize>) -> Box<dyn Sampler> {
     let p = Process::from_name(process, || Schedule::named("linear", 1000)).unwrap();
-    build_sampler(kind, &p, &SamplerOptions { steps, ..Default::default() }).unwrap()
+    build_sampler(
+        kind,
+        &p,
+        &SamplerOptions {
+            steps,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn linear() -> Schedule {
@@ -122,7 +148,11 @@ fn null_band_is_sane() {
 fn ddpm_ancestral_full_chain() {
     let good = build(SamplerKind::Ddpm, "ddpm", Some(1000));
     // wrong variance: every step's noise std 1.5 times too large
-    let mut bad = Ddpm::new(ReverseChain::discrete(&linear(), &(0..1000).rev().collect::<Vec<_>>()).unwrap(), Variance::FixedSmall, 1.0);
+    let mut bad = Ddpm::new(
+        ReverseChain::discrete(&linear(), &(0..1000).rev().collect::<Vec<_>>()).unwrap(),
+        Variance::FixedSmall,
+        1.0,
+    );
     bad.noise_scale = 1.5;
     check("ddpm (T = 1000)", good.as_ref(), &bad, "noise std x1.5");
 }
@@ -133,7 +163,10 @@ fn ddpm_fixed_large_and_respaced() {
     let large = build_sampler(
         SamplerKind::Ddpm,
         &p,
-        &SamplerOptions { variance: Some(Variance::FixedLarge), ..Default::default() },
+        &SamplerOptions {
+            variance: Some(Variance::FixedLarge),
+            ..Default::default()
+        },
     )
     .unwrap();
     let respaced = build(SamplerKind::Ddpm, "ddpm", Some(250));
@@ -150,15 +183,34 @@ fn ddpm_fixed_large_and_respaced() {
         st.posterior_variance = orig.posterior_variance;
     }
     let bad = Ddpm::new(chain, Variance::FixedSmall, 1.0);
-    check("ddpm fixed-large", large.as_ref(), &bad, "respaced with the unspaced posterior");
-    check("ddpm respaced K = 250", respaced.as_ref(), &bad, "respaced with the unspaced posterior");
+    check(
+        "ddpm fixed-large",
+        large.as_ref(),
+        &bad,
+        "respaced with the unspaced posterior",
+    );
+    check(
+        "ddpm respaced K = 250",
+        respaced.as_ref(),
+        &bad,
+        "respaced with the unspaced posterior",
+    );
 }
 
 #[test]
 fn ddim_eta0_and_eta1() {
     let good = build(SamplerKind::Ddim, "ddpm", Some(200));
     let p = Process::Ddpm(linear());
-    let eta1 = build_sampler(SamplerKind::Ddim, &p, &SamplerOptions { steps: Some(200), eta: Some(1.0), ..Default::default() }).unwrap();
+    let eta1 = build_sampler(
+        SamplerKind::Ddim,
+        &p,
+        &SamplerOptions {
+            steps: Some(200),
+            eta: Some(1.0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     // field notes, bug 2: the previous level computed as t - 1 instead of looked up in the subsequence
     let s = linear();
     let mut chain = ReverseChain::discrete(&s, &timesteps(1000, 200, Spacing::Linspace).unwrap()).unwrap();
@@ -168,10 +220,25 @@ fn ddim_eta0_and_eta1() {
         }
     }
     let bad = Ddim::new(chain, 0.0, 1.0).unwrap();
-    check("ddim eta = 0, 200 steps", good.as_ref(), &bad, "previous level t - 1");
-    let mut bad1 = Ddim::new(ReverseChain::discrete(&s, &timesteps(1000, 200, Spacing::Linspace).unwrap()).unwrap(), 1.0, 1.0).unwrap();
+    check(
+        "ddim eta = 0, 200 steps",
+        good.as_ref(),
+        &bad,
+        "previous level t - 1",
+    );
+    let mut bad1 = Ddim::new(
+        ReverseChain::discrete(&s, &timesteps(1000, 200, Spacing::Linspace).unwrap()).unwrap(),
+        1.0,
+        1.0,
+    )
+    .unwrap();
     bad1.noise_scale = 0.0;
-    check("ddim eta = 1, 200 steps", eta1.as_ref(), &bad1, "noise term dropped");
+    check(
+        "ddim eta = 1, 200 steps",
+        eta1.as_ref(),
+        &bad1,
+        "noise term dropped",
+    );
 }
 
 #[test]
@@ -187,26 +254,42 @@ fn seed_ve_ddpm_and_ddim() {
     // amounts to the wrong x_t coefficient; emulate it with the DDPM posterior mean and no noise
     let mut bad = Ddpm::new(chain, Variance::FixedSmall, sde.prior_std());
     bad.noise_scale = 0.0;
-    check("seed-ve ddim, 200 steps", ddim.as_ref(), &bad, "posterior mean without noise");
+    check(
+        "seed-ve ddim, 200 steps",
+        ddim.as_ref(),
+        &bad,
+        "posterior mean without noise",
+    );
 }
 
 #[test]
 fn euler_maruyama_on_every_family() {
     for (process, steps) in [("vp", 1000), ("subvp", 1000), ("ve", 500), ("seed-ve", 500)] {
         let good = build(SamplerKind::EulerMaruyama, process, Some(steps));
-        let Process::Continuous(sde) = Process::from_name(process, || Schedule::named("linear", 10)).unwrap() else {
+        let Process::Continuous(sde) = Process::from_name(process, || Schedule::named("linear", 10)).unwrap()
+        else {
             unreachable!()
         };
         let mut bad = EulerMaruyama::new(sde.clone(), sde.time_grid(steps, sde.default_grid()).unwrap());
         bad.noise_scale = 0.0;
-        check(&format!("euler-maruyama on {process}"), good.as_ref(), &bad, "noise dropped");
+        check(
+            &format!("euler-maruyama on {process}"),
+            good.as_ref(),
+            &bad,
+            "noise dropped",
+        );
     }
 }
 
 #[test]
 fn predictor_corrector() {
-    for (process, predictor) in [("vp", Predictor::ReverseDiffusion), ("ve", Predictor::ReverseDiffusion), ("seed-ve", Predictor::EulerMaruyama)] {
-        let Process::Continuous(sde) = Process::from_name(process, || Schedule::named("linear", 10)).unwrap() else {
+    for (process, predictor) in [
+        ("vp", Predictor::ReverseDiffusion),
+        ("ve", Predictor::ReverseDiffusion),
+        ("seed-ve", Predictor::EulerMaruyama),
+    ] {
+        let Process::Continuous(sde) = Process::from_name(process, || Schedule::named("linear", 10)).unwrap()
+        else {
             unreachable!()
         };
         let times = sde.time_grid(500, sde.default_grid()).unwrap();
@@ -217,7 +300,14 @@ fn predictor_corrector() {
     }
     // Score-SDE's literal batch-mean rule also works on this data
     let sde = Sde::vp();
-    let mut lit = Pc::new(sde.clone(), sde.time_grid(500, sde.default_grid()).unwrap(), Predictor::ReverseDiffusion, 0.16, 2).unwrap();
+    let mut lit = Pc::new(
+        sde.clone(),
+        sde.time_grid(500, sde.default_grid()).unwrap(),
+        Predictor::ReverseDiffusion,
+        0.16,
+        2,
+    )
+    .unwrap();
     lit.rule = SnrRule::BatchMean;
     let mut bad = lit.clone();
     bad.snr = 1.0; // Langevin steps 40x too large: the chain's stationary law is far too wide
@@ -234,7 +324,8 @@ fn probability_flow_ode_fixed_steps() {
         ("ve", OdeMethod::Heun, 100),
         ("seed-ve", OdeMethod::Heun, 100),
     ] {
-        let Process::Continuous(sde) = Process::from_name(process, || Schedule::named("linear", 10)).unwrap() else {
+        let Process::Continuous(sde) = Process::from_name(process, || Schedule::named("linear", 10)).unwrap()
+        else {
             unreachable!()
         };
         let times = sde.time_grid(steps, sde.default_grid()).unwrap();
@@ -242,7 +333,12 @@ fn probability_flow_ode_fixed_steps() {
         // the reverse SDE's drift (g^2 score) used without its noise: a factor 2 on the score term
         let mut bad = OdeSampler::new(sde.clone(), times, method);
         bad.score_scale = 2.0;
-        check(&format!("{} on {process}", good.name()), &good, &bad, "score term x2");
+        check(
+            &format!("{} on {process}", good.name()),
+            &good,
+            &bad,
+            "score term x2",
+        );
     }
 }
 
@@ -250,35 +346,85 @@ fn probability_flow_ode_fixed_steps() {
 fn probability_flow_ode_rk45() {
     let t = truth();
     for process in ["vp", "ve", "seed-ve"] {
-        let Process::Continuous(sde) = Process::from_name(process, || Schedule::named("linear", 10)).unwrap() else {
+        let Process::Continuous(sde) = Process::from_name(process, || Schedule::named("linear", 10)).unwrap()
+        else {
             unreachable!()
         };
-        let good = OdeRk45 { sde, options: Rk45Options::default() };
+        let good = OdeRk45 {
+            sde,
+            options: Rk45Options::default(),
+        };
         let (e, nfe) = run(&good, &t.oracle);
         // a denoiser whose eps is 10% too large
-        let (e_bad, _) = run(&good, &ScaledEps { inner: &t.oracle, factor: 1.1 });
-        println!("ode-rk45 on {process}: {e:.5} (NFE {nfe}); eps x1.1: {e_bad:.5}; p95 {:.5}", t.band.p95);
+        let (e_bad, _) = run(
+            &good,
+            &ScaledEps {
+                inner: &t.oracle,
+                factor: 1.1,
+            },
+        );
+        println!(
+            "ode-rk45 on {process}: {e:.5} (NFE {nfe}); eps x1.1: {e_bad:.5}; p95 {:.5}",
+            t.band.p95
+        );
         assert!(e <= t.band.p95, "ode-rk45 on {process}: {e}");
-        assert!(e_bad > t.band.p95, "ode-rk45 on {process}: broken denoiser not detected ({e_bad})");
-        assert!(nfe < 1000, "rtol = atol = 1e-5 should need a few hundred evaluations, got {nfe}");
+        assert!(
+            e_bad > t.band.p95,
+            "ode-rk45 on {process}: broken denoiser not detected ({e_bad})"
+        );
+        assert!(
+            nfe < 1000,
+            "rtol = atol = 1e-5 should need a few hundred evaluations, got {nfe}"
+        );
     }
 }
 
 #[test]
 fn edm_heun() {
     for process in ["ve", "vp"] {
-        let Process::Continuous(sde) = Process::from_name(process, || Schedule::named("linear", 10)).unwrap() else {
+        let Process::Continuous(sde) = Process::from_name(process, || Schedule::named("linear", 10)).unwrap()
+        else {
             unreachable!()
         };
         let good = EdmHeun::new(sde.clone(), 40, Churn::default()).unwrap();
-        let stochastic = EdmHeun::new(sde.clone(), 40, Churn { s_churn: 20.0, ..Default::default() }).unwrap();
+        let stochastic = EdmHeun::new(
+            sde.clone(),
+            40,
+            Churn {
+                s_churn: 20.0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         // churn noise with the wrong variance (S_noise = 2: sqrt(sigma^^2 - sigma^2) doubled)
-        let bad = EdmHeun::new(sde.clone(), 40, Churn { s_churn: 20.0, s_noise: 2.0, ..Default::default() }).unwrap();
-        check(&format!("edm-heun on {process}, 40 steps"), &good, &bad, "churn with S_noise = 2");
-        check(&format!("edm-heun on {process}, churn 20"), &stochastic, &bad, "churn with S_noise = 2");
+        let bad = EdmHeun::new(
+            sde.clone(),
+            40,
+            Churn {
+                s_churn: 20.0,
+                s_noise: 2.0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        check(
+            &format!("edm-heun on {process}, 40 steps"),
+            &good,
+            &bad,
+            "churn with S_noise = 2",
+        );
+        check(
+            &format!("edm-heun on {process}, churn 20"),
+            &stochastic,
+            &bad,
+            "churn with S_noise = 2",
+        );
     }
     let (e, nfe) = run(build(SamplerKind::EdmHeun, "ve", None).as_ref(), &truth().oracle);
-    assert_eq!(nfe, 35, "18 steps: 2 * 18 - 1 evaluations (the last step to sigma = 0 is Euler)");
+    assert_eq!(
+        nfe, 35,
+        "18 steps: 2 * 18 - 1 evaluations (the last step to sigma = 0 is Euler)"
+    );
     assert!(e <= truth().band.p95, "edm-heun, 18 steps: {e}");
 }
 
@@ -301,14 +447,33 @@ fn samples_do_not_depend_on_the_batch_size() {
         let mut s = build(kind, process, steps);
         if kind == SamplerKind::Ddim {
             let p = Process::Ddpm(linear());
-            s = build_sampler(kind, &p, &SamplerOptions { steps, eta: Some(0.5), ..Default::default() }).unwrap();
+            s = build_sampler(
+                kind,
+                &p,
+                &SamplerOptions {
+                    steps,
+                    eta: Some(0.5),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         }
         let one = |batch| {
-            sample_batched(s.as_ref(), o, 20, &[2], 3, batch, DType::F64, &Device::Cpu, &mut NoObserver)
-                .unwrap()
-                .x
-                .to_vec2::<f64>()
-                .unwrap()
+            sample_batched(
+                s.as_ref(),
+                o,
+                20,
+                &[2],
+                3,
+                batch,
+                DType::F64,
+                &Device::Cpu,
+                &mut NoObserver,
+            )
+            .unwrap()
+            .x
+            .to_vec2::<f64>()
+            .unwrap()
         };
         let (a, b) = (one(20), one(3));
         assert_eq!(a, b, "{} on {process}: batch 20 vs batch 3", kind.name());

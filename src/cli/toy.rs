@@ -32,8 +32,9 @@ use super::usage;
 
 #[derive(Args, Debug)]
 pub struct ToyArgs {
+    // boxed: the subcommands' flags are large and the top-level Command enum holds this inline
     #[command(subcommand)]
-    command: ToyCommand,
+    command: Box<ToyCommand>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -52,7 +53,12 @@ enum ToyCommand {
 #[derive(Args, Debug)]
 struct ModelArgs {
     /// A trained toy model directory (from `diffuse toy train`).
-    #[arg(long, value_name = "DIR", conflicts_with = "oracle", required_unless_present = "oracle")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with = "oracle",
+        required_unless_present = "oracle"
+    )]
     checkpoint: Option<PathBuf>,
     /// The exact denoiser of a Gaussian mixture, given as gmm:FILE.json with
     /// {"weights": [..], "means": [[..]], "covariances": [[[..]]]} or "stds": [..] instead of covariances.
@@ -245,7 +251,7 @@ struct ReportArgs {
 }
 
 pub fn run(args: ToyArgs) -> anyhow::Result<()> {
-    match args.command {
+    match *args.command {
         ToyCommand::Sample(a) => sample(a),
         ToyCommand::Nll(a) => nll(a),
         ToyCommand::ScoreField(a) => score_field(a),
@@ -372,7 +378,11 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
         eprintln!("note: ode-rk45 chooses its own steps from --rtol/--atol; --steps is ignored");
     }
     let options = SamplerOptions {
-        steps: if kind == SamplerKind::OdeRk45 { None } else { a.steps },
+        steps: if kind == SamplerKind::OdeRk45 {
+            None
+        } else {
+            a.steps
+        },
         eta: a.eta,
         spacing: a.spacing.clone(),
         variance: a.variance.as_deref().map(Variance::from_name).transpose()?,
@@ -383,7 +393,11 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
         rtol: a.rtol,
         atol: a.atol,
         churn: a.churn,
-        ode_variable: a.ode_variable.as_deref().map(OdeVariable::from_name).transpose()?,
+        ode_variable: a
+            .ode_variable
+            .as_deref()
+            .map(OdeVariable::from_name)
+            .transpose()?,
     };
     let sampler = build_sampler(kind, &process, &options)?;
     let d = model.dim;
@@ -423,10 +437,22 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
         _ => None,
     };
     if let Some(path) = &a.plot {
-        plot_samples(path, &x, truth.as_deref(), d, &format!("{} on {}", kind.name(), process.name()))?;
+        plot_samples(
+            path,
+            &x,
+            truth.as_deref(),
+            d,
+            &format!("{} on {}", kind.name(), process.name()),
+        )?;
     }
     if let Some(path) = &a.trajectory {
-        plot_trajectory(path, &traj, truth.as_deref(), d, &format!("{} on {}", kind.name(), process.name()))?;
+        plot_trajectory(
+            path,
+            &traj,
+            truth.as_deref(),
+            d,
+            &format!("{} on {}", kind.name(), process.name()),
+        )?;
     }
     let summary = json!({
         "out": a.out,
@@ -518,7 +544,13 @@ fn probe_range(p: &Panel2d) -> ((f64, f64), (f64, f64)) {
     (lim(xs.collect()), lim(ys.collect()))
 }
 
-fn plot_trajectory(path: &Path, traj: &Trajectory, truth: Option<&[f64]>, d: usize, title: &str) -> anyhow::Result<()> {
+fn plot_trajectory(
+    path: &Path,
+    traj: &Trajectory,
+    truth: Option<&[f64]>,
+    d: usize,
+    title: &str,
+) -> anyhow::Result<()> {
     if d < 2 {
         return usage("--trajectory draws the first two coordinates and needs D >= 2");
     }
@@ -544,9 +576,17 @@ fn plot_trajectory(path: &Path, traj: &Trajectory, truth: Option<&[f64]>, d: usi
     let mut paths = Vec::new();
     let mut coord = [Vec::new(), Vec::new()];
     for r in 0..rows {
-        paths.push(kept.iter().map(|p| (scaled(p, r, 0), scaled(p, r, 1))).collect::<Vec<_>>());
+        paths.push(
+            kept.iter()
+                .map(|p| (scaled(p, r, 0), scaled(p, r, 1)))
+                .collect::<Vec<_>>(),
+        );
         for (j, c) in coord.iter_mut().enumerate() {
-            c.push(kept.iter().map(|p| (p.step as f64 / total, scaled(p, r, j))).collect::<Vec<_>>());
+            c.push(
+                kept.iter()
+                    .map(|p| (p.step as f64 / total, scaled(p, r, j)))
+                    .collect::<Vec<_>>(),
+            );
         }
     }
     let mut dots = Vec::new();
@@ -600,7 +640,10 @@ fn nll(a: NllArgs) -> anyhow::Result<()> {
     if pts.shape.len() != 2 || pts.shape[1] != d || pts.shape[0] == 0 {
         return Err(diffuse::Error::bad_input(
             &a.points,
-            format!("expected an array of shape [N, {d}] with N >= 1, got {:?}", pts.shape),
+            format!(
+                "expected an array of shape [N, {d}] with N >= 1, got {:?}",
+                pts.shape
+            ),
         )
         .into());
     }
@@ -620,7 +663,9 @@ fn nll(a: NllArgs) -> anyhow::Result<()> {
     let exact_prior = match a.prior.as_deref() {
         None => model.oracle.is_some(),
         Some("exact") if model.oracle.is_some() => true,
-        Some("exact") => return usage("--prior exact needs --oracle (a learned model has no exact marginal)"),
+        Some("exact") => {
+            return usage("--prior exact needs --oracle (a learned model has no exact marginal)")
+        }
         Some("gaussian") => false,
         Some(other) => return usage(format!("--prior {other}: expected exact or gaussian")),
     };
@@ -670,7 +715,10 @@ fn nll(a: NllArgs) -> anyhow::Result<()> {
     });
     diffuse::io::write_json(&a.out, &obj)?;
     if a.json {
-        println!("{}", json!({"out": a.out, "mean": mean, "bits_per_dim": bpd, "nfe": ll.nfe}));
+        println!(
+            "{}",
+            json!({"out": a.out, "mean": mean, "bits_per_dim": bpd, "nfe": ll.nfe})
+        );
     } else {
         println!(
             "wrote {}: mean log-likelihood {mean:.6} nats ({bpd:.6} bits/dim) over {n} points, NFE {}, {seconds:.2} s",
@@ -678,7 +726,12 @@ fn nll(a: NllArgs) -> anyhow::Result<()> {
             ll.nfe
         );
         if let Some(e) = exact {
-            let err = ll.log_likelihood.iter().zip(&e).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            let err = ll
+                .log_likelihood
+                .iter()
+                .zip(&e)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
             println!("exact mixture log-density at t = {t_start}: largest difference {err:.2e} nats");
         }
     }
@@ -703,7 +756,11 @@ fn score_field(a: ScoreFieldArgs) -> anyhow::Result<()> {
         Some(r) if r.len() == 4 && r[0] < r[1] && r[2] < r[3] && r.iter().all(|v| v.is_finite()) => {
             ((r[0], r[1]), (r[2], r[3]))
         }
-        Some(r) => return usage(format!("--range {r:?}: expected xmin,xmax,ymin,ymax with min < max")),
+        Some(r) => {
+            return usage(format!(
+                "--range {r:?}: expected xmin,xmax,ymin,ymax with min < max"
+            ))
+        }
         None => match &truth {
             Some(t) => probe_range(&Panel2d {
                 dots: vec![Dots {
@@ -742,7 +799,11 @@ fn score_field(a: ScoreFieldArgs) -> anyhow::Result<()> {
             .to_dtype(DType::F64)?
             .flatten_all()?
             .to_vec1::<f64>()?;
-        let max = score.chunks(2).map(|s| s[0].hypot(s[1])).fold(0.0, f64::max).max(1e-300);
+        let max = score
+            .chunks(2)
+            .map(|s| s[0].hypot(s[1]))
+            .fold(0.0, f64::max)
+            .max(1e-300);
         let arrows = grid
             .chunks(2)
             .zip(score.chunks(2))
@@ -752,7 +813,10 @@ fn score_field(a: ScoreFieldArgs) -> anyhow::Result<()> {
             })
             .collect();
         panels.push(Panel2d {
-            title: format!("score at t = {t} (alpha {:.3}, sigma {:.3}), max |s| {:.3e}", level.alpha, level.sigma, max),
+            title: format!(
+                "score at t = {t} (alpha {:.3}, sigma {:.3}), max |s| {:.3e}",
+                level.alpha, level.sigma, max
+            ),
             x_label: "x1".into(),
             y_label: "x2".into(),
             dots: truth
@@ -772,7 +836,12 @@ fn score_field(a: ScoreFieldArgs) -> anyhow::Result<()> {
         });
     }
     draw_panels(&a.out, &panels, 560 * panels.len() as u32, 580)?;
-    println!("wrote {} ({} panels, {} process)", a.out.display(), panels.len(), process.name());
+    println!(
+        "wrote {} ({} panels, {} process)",
+        a.out.display(),
+        panels.len(),
+        process.name()
+    );
     Ok(())
 }
 

@@ -26,12 +26,19 @@ fn check(x: &[f64], y: &[f64], d: usize) -> Result<(usize, usize)> {
     if d == 0 || x.len() % d != 0 || y.len() % d != 0 {
         return Err(Error::param(
             "samples",
-            format!("{} and {} values do not form rows of dimension {d}", x.len(), y.len()),
+            format!(
+                "{} and {} values do not form rows of dimension {d}",
+                x.len(),
+                y.len()
+            ),
         ));
     }
     let (n, m) = (x.len() / d, y.len() / d);
     if n < 2 || m < 2 {
-        return Err(Error::param("samples", format!("need at least 2 rows in each set, got {n} and {m}")));
+        return Err(Error::param(
+            "samples",
+            format!("need at least 2 rows in each set, got {n} and {m}"),
+        ));
     }
     if let Some(i) = x.iter().chain(y).position(|v| !v.is_finite()) {
         return Err(Error::Numerical(format!("sample value {i} is not finite")));
@@ -69,7 +76,14 @@ pub fn median_heuristic(x: &[f64], y: &[f64], d: usize) -> Result<f64> {
     let mut dists = Vec::with_capacity(pooled.len() * (pooled.len() - 1) / 2);
     for i in 0..pooled.len() {
         for j in i + 1..pooled.len() {
-            dists.push(pooled[i].iter().zip(&pooled[j]).map(|(p, q)| (p - q) * (p - q)).sum::<f64>().sqrt());
+            dists.push(
+                pooled[i]
+                    .iter()
+                    .zip(&pooled[j])
+                    .map(|(p, q)| (p - q) * (p - q))
+                    .sum::<f64>()
+                    .sqrt(),
+            );
         }
     }
     dists.sort_by(f64::total_cmp);
@@ -95,7 +109,10 @@ pub fn mmd2(x: &[f64], y: &[f64], d: usize, bandwidth: Option<f64>) -> Result<f6
 /// The `q`-quantile of `values` by linear interpolation between order statistics (numpy's default).
 pub fn quantile(values: &[f64], q: f64) -> Result<f64> {
     if values.is_empty() || !(0.0..=1.0).contains(&q) {
-        return Err(Error::param("quantile", format!("q = {q} of {} values", values.len())));
+        return Err(Error::param(
+            "quantile",
+            format!("q = {q} of {} values", values.len()),
+        ));
     }
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
@@ -180,7 +197,11 @@ mod tests {
         assert_eq!(band.values.len(), 10);
         assert!(band.p95 >= quantile(&band.values, 0.5).unwrap());
         let e = energy_distance(&g.sample(500, 7), &shifted.sample(500, 8), 2).unwrap();
-        assert!(e > 3.0 * band.p95, "a 0.5 sd shift is far outside the null band: {e} vs {}", band.p95);
+        assert!(
+            e > 3.0 * band.p95,
+            "a 0.5 sd shift is far outside the null band: {e} vs {}",
+            band.p95
+        );
         let same = mmd2(&g.sample(500, 1), &g.sample(500, 2), 2, None).unwrap();
         let diff = mmd2(&g.sample(500, 3), &shifted.sample(500, 4), 2, None).unwrap();
         assert!(diff > 10.0 * same.abs(), "{diff} vs {same}");

@@ -113,7 +113,12 @@ pub fn sampler_report(gmm: &Gmm, config: &ReportConfig, progress: &mut dyn FnMut
                 atol: tol,
                 ..Default::default()
             };
-            progress(&format!("{} on {} ({})", kind.name(), pname, steps.map_or(format!("tol {:e}", tol.unwrap_or(0.0)), |s| format!("{s} steps"))));
+            progress(&format!(
+                "{} on {} ({})",
+                kind.name(),
+                pname,
+                steps.map_or(format!("tol {:e}", tol.unwrap_or(0.0)), |s| format!("{s} steps"))
+            ));
             let sampler = build_sampler(*kind, &process, &options)?;
             let start = Instant::now();
             let out = sample_batched(

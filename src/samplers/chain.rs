@@ -69,7 +69,10 @@ impl ReverseChain {
     pub fn discrete(schedule: &Schedule, kept: &[usize]) -> Result<Self> {
         let n = schedule.timesteps();
         if kept.is_empty() {
-            return Err(Error::param("steps", "the chain needs at least one kept timestep"));
+            return Err(Error::param(
+                "steps",
+                "the chain needs at least one kept timestep",
+            ));
         }
         if kept.windows(2).any(|w| w[1] >= w[0]) || kept[0] >= n {
             return Err(Error::param(
@@ -88,7 +91,11 @@ impl ReverseChain {
                 Some(p) => p + 1 == i,
                 None => i == 0,
             };
-            let beta = if consecutive { schedule.beta[i] } else { 1.0 - ab / ab_prev };
+            let beta = if consecutive {
+                schedule.beta[i]
+            } else {
+                1.0 - ab / ab_prev
+            };
             let alpha = 1.0 - beta;
             steps.push(ChainStep {
                 index: Some(i),
@@ -207,7 +214,8 @@ mod tests {
         // from_levels on the DDPM levels must give the schedule's posterior tables (to
         // rounding: sigma_t^2 - a^2 sigma_s^2 cancels to beta ~ 1e-4, losing ~4 digits of 16).
         let s = Schedule::named("cosine", 200).unwrap();
-        let mut levels: Vec<(f64, NoiseLevel)> = (0..200).rev().map(|i| (i as f64, ddpm_level(&s, i))).collect();
+        let mut levels: Vec<(f64, NoiseLevel)> =
+            (0..200).rev().map(|i| (i as f64, ddpm_level(&s, i))).collect();
         levels.push((-1.0, NoiseLevel::new(1.0, 0.0)));
         let c = ReverseChain::from_levels(&levels).unwrap();
         for (k, st) in c.steps.iter().enumerate() {
@@ -238,9 +246,15 @@ mod tests {
             // posterior variance from the chain's own betas (field notes, bug 7), which is
             // not the original chain's beta~_t at the same index
             let want = st.beta * (1.0 - ab_prev) / (1.0 - ab);
-            assert!(rel(st.posterior_variance, want) < 1e-9, "posterior variance at {i}");
+            assert!(
+                rel(st.posterior_variance, want) < 1e-9,
+                "posterior variance at {i}"
+            );
             if i > 0 {
-                assert!(rel(st.posterior_variance, s.posterior_variance[i]) > 0.1, "at {i}");
+                assert!(
+                    rel(st.posterior_variance, s.posterior_variance[i]) > 0.1,
+                    "at {i}"
+                );
             }
         }
         // respaced beta of the first kept step after index 0: 1 - ab[tau]/ab[0]
@@ -260,7 +274,7 @@ mod tests {
         let ts: Vec<f64> = c.steps.iter().map(|s| s.t).collect();
         assert_eq!(ts, vec![1.0, 0.75, 0.5, 0.25]);
         let st = &c.steps[1]; // t = 0.75 -> s = 0.5
-        // beta = sigma_q^2 (t - s) = 4 * 0.25; bridge mean (s/t) x_t + ((t-s)/t) x_0; variance 4 (t-s) s / t
+                              // beta = sigma_q^2 (t - s) = 4 * 0.25; bridge mean (s/t) x_t + ((t-s)/t) x_0; variance 4 (t-s) s / t
         assert!(rel(st.beta, 1.0) < 1e-14);
         assert!(rel(st.coef_xt, 0.5 / 0.75) < 1e-14 && rel(st.coef_x0, 0.25 / 0.75) < 1e-14);
         assert!(rel(st.posterior_variance, 4.0 * 0.25 * 0.5 / 0.75) < 1e-14);

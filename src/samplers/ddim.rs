@@ -86,7 +86,13 @@ impl Sampler for Ddim {
         observer: &mut dyn Observer,
     ) -> Result<SampleOutput> {
         if let Some(first) = self.chain.steps.first() {
-            observer.observe(&StepEvent { step: 0, t: first.t, level: first.level, x: &x, x0_pred: None })?;
+            observer.observe(&StepEvent {
+                step: 0,
+                t: first.t,
+                level: first.level,
+                x: &x,
+                x0_pred: None,
+            })?;
         }
         for (k, step) in self.chain.steps.iter().enumerate() {
             let levels = same_level(step.level, &x)?;
@@ -105,8 +111,17 @@ impl Sampler for Ddim {
                 None
             };
             x = ddim_step(step, &x0, &eps, self.eta, z.as_ref())?;
-            observer.observe(&StepEvent { step: k + 1, t: step.t_prev, level: step.prev, x: &x, x0_pred: Some(&x0) })?;
+            observer.observe(&StepEvent {
+                step: k + 1,
+                t: step.t_prev,
+                level: step.prev,
+                x: &x,
+                x0_pred: Some(&x0),
+            })?;
         }
-        Ok(SampleOutput { x, nfe: self.chain.len() })
+        Ok(SampleOutput {
+            x,
+            nfe: self.chain.len(),
+        })
     }
 }

@@ -97,7 +97,13 @@ impl Sampler for Ddpm {
     ) -> Result<SampleOutput> {
         let n = self.chain.len();
         if let Some(first) = self.chain.steps.first() {
-            observer.observe(&StepEvent { step: 0, t: first.t, level: first.level, x: &x, x0_pred: None })?;
+            observer.observe(&StepEvent {
+                step: 0,
+                t: first.t,
+                level: first.level,
+                x: &x,
+                x0_pred: None,
+            })?;
         }
         for (k, step) in self.chain.steps.iter().enumerate() {
             let x0 = maybe_clip(den.predict_x0(&x, &same_level(step.level, &x)?)?, self.clip_x0)?;
@@ -112,7 +118,13 @@ impl Sampler for Ddpm {
             } else {
                 mean
             };
-            observer.observe(&StepEvent { step: k + 1, t: step.t_prev, level: step.prev, x: &x, x0_pred: Some(&x0) })?;
+            observer.observe(&StepEvent {
+                step: k + 1,
+                t: step.t_prev,
+                level: step.prev,
+                x: &x,
+                x0_pred: Some(&x0),
+            })?;
         }
         Ok(SampleOutput { x, nfe: n })
     }

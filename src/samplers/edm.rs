@@ -47,7 +47,11 @@ pub fn karras_sigmas(steps: usize, sigma_min: f64, sigma_max: f64, rho: f64) -> 
     let (a, b) = (sigma_max.powf(1.0 / rho), sigma_min.powf(1.0 / rho));
     let mut s: Vec<f64> = (0..steps)
         .map(|i| {
-            let frac = if steps == 1 { 0.0 } else { i as f64 / (steps - 1) as f64 };
+            let frac = if steps == 1 {
+                0.0
+            } else {
+                i as f64 / (steps - 1) as f64
+            };
             (a + frac * (b - a)).powf(rho)
         })
         .collect();
@@ -130,7 +134,13 @@ impl Sampler for EdmHeun {
         // the prior is drawn in the process frame: x~ = x_T / alpha(t_max)
         let mut x = x_t.affine(1.0 / self.sde.level(self.sde.t_max()).alpha, 0.0)?;
         let edm_level = |s: f64| NoiseLevel::new(1.0, s);
-        observer.observe(&StepEvent { step: 0, t: self.sigmas[0], level: edm_level(self.sigmas[0]), x: &x, x0_pred: None })?;
+        observer.observe(&StepEvent {
+            step: 0,
+            t: self.sigmas[0],
+            level: edm_level(self.sigmas[0]),
+            x: &x,
+            x0_pred: None,
+        })?;
         let mut nfe = 0;
         for i in 0..n {
             let (s_cur, s_next) = (self.sigmas[i], self.sigmas[i + 1]);
@@ -160,7 +170,13 @@ impl Sampler for EdmHeun {
             } else {
                 x_next
             };
-            observer.observe(&StepEvent { step: i + 1, t: s_next, level: edm_level(s_next), x: &x, x0_pred: Some(&den_hat) })?;
+            observer.observe(&StepEvent {
+                step: i + 1,
+                t: s_next,
+                level: edm_level(s_next),
+                x: &x,
+                x0_pred: Some(&den_hat),
+            })?;
         }
         Ok(SampleOutput { x, nfe })
     }
@@ -175,7 +191,10 @@ mod tests {
         let s = karras_sigmas(18, 0.002, 80.0, 7.0).unwrap();
         assert_eq!(s.len(), 19);
         assert!((s[0] - 80.0).abs() < 1e-12 && (s[17] - 0.002).abs() < 1e-15 && s[18] == 0.0);
-        assert!(s.windows(2).all(|w| w[1] < w[0]), "strictly decreasing, no repeated sigma");
+        assert!(
+            s.windows(2).all(|w| w[1] < w[0]),
+            "strictly decreasing, no repeated sigma"
+        );
         // midpoint by hand: ((80^(1/7) + 0.002^(1/7)) / 2)^7 at i = 8.5 is not on the grid;
         // check i = 1: (80^(1/7) + (0.002^(1/7) - 80^(1/7)) / 17)^7
         let (a, b) = (80f64.powf(1.0 / 7.0), 0.002f64.powf(1.0 / 7.0));

@@ -34,7 +34,11 @@ pub struct EulerMaruyama {
 impl EulerMaruyama {
     /// Euler–Maruyama on `sde` over `times` (decreasing).
     pub fn new(sde: Sde, times: Vec<f64>) -> Self {
-        EulerMaruyama { sde, times, noise_scale: 1.0 }
+        EulerMaruyama {
+            sde,
+            times,
+            noise_scale: 1.0,
+        }
     }
 }
 
@@ -55,7 +59,13 @@ impl Sampler for EulerMaruyama {
         observer: &mut dyn Observer,
     ) -> Result<SampleOutput> {
         let sde = &self.sde;
-        observer.observe(&StepEvent { step: 0, t: self.times[0], level: sde.level(self.times[0]), x: &x, x0_pred: None })?;
+        observer.observe(&StepEvent {
+            step: 0,
+            t: self.times[0],
+            level: sde.level(self.times[0]),
+            x: &x,
+            x0_pred: None,
+        })?;
         let mut nfe = 0;
         for (i, w) in self.times.windows(2).enumerate() {
             let (t, s) = (w[0], w[1]);
@@ -65,8 +75,19 @@ impl Sampler for EulerMaruyama {
             let drift = reverse_drift(sde, t, &x, &eps, 1.0)?;
             let z = noise_like(noise, &x)?;
             let x_mean = lin(1.0, &x, dt, &drift)?;
-            x = lin(1.0, &x_mean, self.noise_scale * sde.diffusion(t) * (-dt).sqrt(), &z)?;
-            observer.observe(&StepEvent { step: i + 1, t: s, level: sde.level(s), x: &x, x0_pred: Some(&x0) })?;
+            x = lin(
+                1.0,
+                &x_mean,
+                self.noise_scale * sde.diffusion(t) * (-dt).sqrt(),
+                &z,
+            )?;
+            observer.observe(&StepEvent {
+                step: i + 1,
+                t: s,
+                level: sde.level(s),
+                x: &x,
+                x0_pred: Some(&x0),
+            })?;
         }
         let t_end = *self.times.last().unwrap_or(&sde.t_eps());
         let x0 = final_denoise(den, sde, &x, t_end)?;

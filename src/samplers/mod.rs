@@ -115,7 +115,10 @@ impl Trajectory {
 
     fn head(&self, t: &Tensor) -> Result<Vec<f64>> {
         let n = self.rows.min(t.dim(0)?);
-        Ok(t.narrow(0, 0, n)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
+        Ok(t.narrow(0, 0, n)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1()?)
     }
 }
 

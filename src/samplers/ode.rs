@@ -91,7 +91,13 @@ impl OdeSampler {
     /// The sampler for `method` on `sde` over `times`.
     pub fn new(sde: Sde, times: Vec<f64>, method: OdeMethod) -> Self {
         let variable = OdeVariable::default_for(&sde);
-        OdeSampler { sde, times, method, variable, score_scale: 1.0 }
+        OdeSampler {
+            sde,
+            times,
+            method,
+            variable,
+            score_scale: 1.0,
+        }
     }
 
     /// The slope at `(x, t)` in the sampler's variable, and the x_0 prediction:
@@ -114,7 +120,12 @@ impl OdeSampler {
             OdeVariable::EdmSigma => {
                 let (lt, ls) = (self.sde.level(t), self.sde.level(s));
                 // x_s = alpha_s (x_t / alpha_t + (sigma~_s - sigma~_t) slope)
-                lin(ls.alpha / lt.alpha, x, ls.alpha * weight * (ls.edm_sigma() - lt.edm_sigma()), slope)
+                lin(
+                    ls.alpha / lt.alpha,
+                    x,
+                    ls.alpha * weight * (ls.edm_sigma() - lt.edm_sigma()),
+                    slope,
+                )
             }
         }
     }
@@ -140,7 +151,13 @@ impl Sampler for OdeSampler {
         observer: &mut dyn Observer,
     ) -> Result<SampleOutput> {
         let sde = &self.sde;
-        observer.observe(&StepEvent { step: 0, t: self.times[0], level: sde.level(self.times[0]), x: &x, x0_pred: None })?;
+        observer.observe(&StepEvent {
+            step: 0,
+            t: self.times[0],
+            level: sde.level(self.times[0]),
+            x: &x,
+            x0_pred: None,
+        })?;
         let mut nfe = 0;
         for (i, w) in self.times.windows(2).enumerate() {
             let (t, s) = (w[0], w[1]);
@@ -155,7 +172,13 @@ impl Sampler for OdeSampler {
                     self.advance(&x, t, s, &(d1 + d2)?, 0.5)?
                 }
             };
-            observer.observe(&StepEvent { step: i + 1, t: s, level: sde.level(s), x: &x, x0_pred: Some(&x0) })?;
+            observer.observe(&StepEvent {
+                step: i + 1,
+                t: s,
+                level: sde.level(s),
+                x: &x,
+                x0_pred: Some(&x0),
+            })?;
         }
         let t_end = *self.times.last().unwrap_or(&sde.t_eps());
         let x0 = final_denoise(den, sde, &x, t_end)?;

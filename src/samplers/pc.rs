@@ -33,8 +33,8 @@ use crate::process::Sde;
 use crate::rng::NoiseStreams;
 
 use super::{
-    final_denoise, lin, noise_like, predict_at, reverse_drift, same_level, Observer, SampleOutput,
-    Sampler, StepEvent,
+    final_denoise, lin, noise_like, predict_at, reverse_drift, same_level, Observer, SampleOutput, Sampler,
+    StepEvent,
 };
 
 /// The predictor of a PC sampler.
@@ -90,7 +90,13 @@ pub struct Pc {
 
 impl Pc {
     /// A PC sampler; errors unless `snr > 0` and `corrector_steps >= 1`.
-    pub fn new(sde: Sde, times: Vec<f64>, predictor: Predictor, snr: f64, corrector_steps: usize) -> Result<Self> {
+    pub fn new(
+        sde: Sde,
+        times: Vec<f64>,
+        predictor: Predictor,
+        snr: f64,
+        corrector_steps: usize,
+    ) -> Result<Self> {
         crate::error::check_range("snr", snr, (0.0, false), (f64::INFINITY, false))?;
         if corrector_steps == 0 {
             return Err(Error::param(
@@ -120,7 +126,14 @@ impl Pc {
             .to_vec1::<f64>()?)
     }
 
-    fn langevin_step(&self, den: &dyn Denoiser, x: &Tensor, t: f64, s: f64, noise: &mut NoiseStreams) -> Result<Tensor> {
+    fn langevin_step(
+        &self,
+        den: &dyn Denoiser,
+        x: &Tensor,
+        t: f64,
+        s: f64,
+        noise: &mut NoiseStreams,
+    ) -> Result<Tensor> {
         let level = self.sde.level(t);
         let levels = same_level(level, x)?;
         let eps = den.predict_eps(x, &levels)?;
@@ -139,7 +152,14 @@ impl Pc {
         lin(1.0, &x_mean, self.noise_scale * (2.0 * step).sqrt(), &z)
     }
 
-    fn predictor_step(&self, den: &dyn Denoiser, x: &Tensor, t: f64, s: f64, noise: &mut NoiseStreams) -> Result<(Tensor, Tensor)> {
+    fn predictor_step(
+        &self,
+        den: &dyn Denoiser,
+        x: &Tensor,
+        t: f64,
+        s: f64,
+        noise: &mut NoiseStreams,
+    ) -> Result<(Tensor, Tensor)> {
         let (x0, eps) = predict_at(den, &self.sde, x, t)?;
         let z = noise_like(noise, x)?;
         let x_next = match self.predictor {
@@ -147,7 +167,12 @@ impl Pc {
                 let dt = s - t;
                 let drift = reverse_drift(&self.sde, t, x, &eps, 1.0)?;
                 let x_mean = lin(1.0, x, dt, &drift)?;
-                lin(1.0, &x_mean, self.noise_scale * self.sde.diffusion(t) * (-dt).sqrt(), &z)?
+                lin(
+                    1.0,
+                    &x_mean,
+                    self.noise_scale * self.sde.diffusion(t) * (-dt).sqrt(),
+                    &z,
+                )?
             }
             Predictor::ReverseDiffusion => {
                 let (lt, ls) = (self.sde.level(t), self.sde.level(s));
@@ -179,7 +204,13 @@ impl Sampler for Pc {
         observer: &mut dyn Observer,
     ) -> Result<SampleOutput> {
         let sde = &self.sde;
-        observer.observe(&StepEvent { step: 0, t: self.times[0], level: sde.level(self.times[0]), x: &x, x0_pred: None })?;
+        observer.observe(&StepEvent {
+            step: 0,
+            t: self.times[0],
+            level: sde.level(self.times[0]),
+            x: &x,
+            x0_pred: None,
+        })?;
         let mut nfe = 0;
         for (i, w) in self.times.windows(2).enumerate() {
             let (t, s) = (w[0], w[1]);
@@ -190,7 +221,13 @@ impl Sampler for Pc {
             let (x_next, x0) = self.predictor_step(den, &x, t, s, noise)?;
             nfe += 1;
             x = x_next;
-            observer.observe(&StepEvent { step: i + 1, t: s, level: sde.level(s), x: &x, x0_pred: Some(&x0) })?;
+            observer.observe(&StepEvent {
+                step: i + 1,
+                t: s,
+                level: sde.level(s),
+                x: &x,
+                x0_pred: Some(&x0),
+            })?;
         }
         let t_end = *self.times.last().unwrap_or(&sde.t_eps());
         let x0 = final_denoise(den, sde, &x, t_end)?;

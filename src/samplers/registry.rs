@@ -185,7 +185,10 @@ fn reject_unused(kind: SamplerKind, o: &SamplerOptions) -> Result<()> {
     if o.spacing.is_some() && matches!(kind, EdmHeun | OdeRk45) {
         return Err(Error::param(
             "spacing",
-            format!("--sampler {} chooses its own noise levels; --spacing does not apply", kind.name()),
+            format!(
+                "--sampler {} chooses its own noise levels; --spacing does not apply",
+                kind.name()
+            ),
         ));
     }
     Ok(())
@@ -272,7 +275,11 @@ pub fn build_sampler(kind: SamplerKind, process: &Process, o: &SamplerOptions) -
                     Ok(match kind {
                         SamplerKind::EulerMaruyama => Box::new(EulerMaruyama::new(sde, times)),
                         SamplerKind::OdeEuler | SamplerKind::OdeHeun => {
-                            let method = if kind == SamplerKind::OdeEuler { OdeMethod::Euler } else { OdeMethod::Heun };
+                            let method = if kind == SamplerKind::OdeEuler {
+                                OdeMethod::Euler
+                            } else {
+                                OdeMethod::Heun
+                            };
                             let mut s = OdeSampler::new(sde, times, method);
                             if let Some(v) = o.ode_variable {
                                 s.variable = v;
@@ -311,7 +318,13 @@ mod tests {
                     SamplerKind::Ddpm | SamplerKind::Ddim => p == "ddpm" || p == "seed-ve",
                     _ => p != "ddpm",
                 };
-                assert_eq!(r.is_ok(), expected, "{} on {p}: {:?}", kind.name(), r.err().map(|e| e.to_string()));
+                assert_eq!(
+                    r.is_ok(),
+                    expected,
+                    "{} on {p}: {:?}",
+                    kind.name(),
+                    r.err().map(|e| e.to_string())
+                );
                 if let Err(e) = r {
                     assert!(e.is_user_error());
                     assert!(e.to_string().contains("does not run on --process"), "{e}");
@@ -329,15 +342,38 @@ mod tests {
             o
         };
         let e = |k, p: &Process, o: SamplerOptions| build_sampler(k, p, &o).err().map(|e| e.to_string());
-        assert!(e(SamplerKind::Ddpm, &ddpm, opts(|o| o.steps = Some(0))).unwrap().contains("steps"));
-        assert!(e(SamplerKind::Ddpm, &ddpm, opts(|o| o.steps = Some(1001))).unwrap().contains("1001"));
-        assert!(e(SamplerKind::Ddpm, &ddpm, opts(|o| o.eta = Some(0.5))).unwrap().contains("--eta applies only to ddim"));
-        assert!(e(SamplerKind::Ddim, &ddpm, opts(|o| o.eta = Some(1.5))).unwrap().contains("eta"));
-        assert!(e(SamplerKind::Ddim, &ddpm, opts(|o| o.spacing = Some("log-snr".into()))).is_some());
-        assert!(e(SamplerKind::Pc, &process("vp"), opts(|o| o.corrector_steps = Some(0))).is_some());
+        assert!(e(SamplerKind::Ddpm, &ddpm, opts(|o| o.steps = Some(0)))
+            .unwrap()
+            .contains("steps"));
+        assert!(e(SamplerKind::Ddpm, &ddpm, opts(|o| o.steps = Some(1001)))
+            .unwrap()
+            .contains("1001"));
+        assert!(e(SamplerKind::Ddpm, &ddpm, opts(|o| o.eta = Some(0.5)))
+            .unwrap()
+            .contains("--eta applies only to ddim"));
+        assert!(e(SamplerKind::Ddim, &ddpm, opts(|o| o.eta = Some(1.5)))
+            .unwrap()
+            .contains("eta"));
+        assert!(e(
+            SamplerKind::Ddim,
+            &ddpm,
+            opts(|o| o.spacing = Some("log-snr".into()))
+        )
+        .is_some());
+        assert!(e(
+            SamplerKind::Pc,
+            &process("vp"),
+            opts(|o| o.corrector_steps = Some(0))
+        )
+        .is_some());
         assert!(e(SamplerKind::Pc, &process("vp"), opts(|o| o.snr = Some(-1.0))).is_some());
         assert!(e(SamplerKind::OdeRk45, &process("vp"), opts(|o| o.rtol = Some(0.0))).is_some());
-        assert!(e(SamplerKind::EulerMaruyama, &process("ve"), opts(|o| o.spacing = Some("leading".into()))).is_some());
+        assert!(e(
+            SamplerKind::EulerMaruyama,
+            &process("ve"),
+            opts(|o| o.spacing = Some("leading".into()))
+        )
+        .is_some());
         assert!(SamplerKind::from_name("ddpm2").is_err());
         // K < T respaces to exactly K steps
         let s = build_sampler(SamplerKind::Ddpm, &ddpm, &opts(|o| o.steps = Some(37))).unwrap();

@@ -26,10 +26,28 @@ const A: [&[f64]; 7] = [
     &[1.0 / 5.0],
     &[3.0 / 40.0, 9.0 / 40.0],
     &[44.0 / 45.0, -56.0 / 15.0, 32.0 / 9.0],
-    &[19372.0 / 6561.0, -25360.0 / 2187.0, 64448.0 / 6561.0, -212.0 / 729.0],
-    &[9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0 / 176.0, -5103.0 / 18656.0],
+    &[
+        19372.0 / 6561.0,
+        -25360.0 / 2187.0,
+        64448.0 / 6561.0,
+        -212.0 / 729.0,
+    ],
+    &[
+        9017.0 / 3168.0,
+        -355.0 / 33.0,
+        46732.0 / 5247.0,
+        49.0 / 176.0,
+        -5103.0 / 18656.0,
+    ],
     // the 5th-order solution's weights (FSAL: stage 7 is evaluated at it)
-    &[35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0],
+    &[
+        35.0 / 384.0,
+        0.0,
+        500.0 / 1113.0,
+        125.0 / 192.0,
+        -2187.0 / 6784.0,
+        11.0 / 84.0,
+    ],
 ];
 /// Error weights: 5th-order minus 4th-order weights (b - b*).
 const E: [f64; 7] = [
@@ -110,6 +128,10 @@ fn combo(coefs: &[f64], ks: &[Tensor]) -> Result<Tensor> {
     }
 }
 
+/// Called after every iteration of [`integrate`] with the iteration number, the rows' times
+/// and the state.
+pub type OnStep<'a> = &'a mut dyn FnMut(usize, &[f64], &Tensor) -> Result<()>;
+
 /// Integrates `dy/dt = f(t, y)` for every row of `y0` (shape [B, n]) from `t0` to `t1`
 /// (either direction). `f` receives one time per row. `on_step` is called after every
 /// iteration with the iteration number, the rows' times and the state.
@@ -119,7 +141,7 @@ pub fn integrate(
     t0: f64,
     t1: f64,
     opts: &Rk45Options,
-    on_step: &mut dyn FnMut(usize, &[f64], &Tensor) -> Result<()>,
+    on_step: OnStep,
 ) -> Result<(Tensor, Rk45Stats)> {
     opts.validate()?;
     let (b, _n) = y0.dims2()?;
@@ -266,7 +288,13 @@ impl Sampler for OdeRk45 {
         let shape = x.shape().clone();
         let b = x.dim(0)?;
         let (t0, t1) = (sde.t_max(), sde.t_eps());
-        observer.observe(&StepEvent { step: 0, t: t0, level: sde.level(t0), x: &x, x0_pred: None })?;
+        observer.observe(&StepEvent {
+            step: 0,
+            t: t0,
+            level: sde.level(t0),
+            x: &x,
+            x0_pred: None,
+        })?;
         let mut f = |ts: &[f64], y: &Tensor| -> Result<Tensor> {
             let xs = y.reshape(&shape)?;
             let levels: Vec<NoiseLevel> = ts.iter().map(|&t| sde.level(t)).collect();
@@ -283,7 +311,13 @@ impl Sampler for OdeRk45 {
         let mut on_step = |iter: usize, ts: &[f64], y: &Tensor| -> Result<()> {
             let t = ts.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let xs = y.reshape(&shape)?;
-            observer.observe(&StepEvent { step: iter, t, level: sde.level(ts[0]), x: &xs, x0_pred: None })
+            observer.observe(&StepEvent {
+                step: iter,
+                t,
+                level: sde.level(ts[0]),
+                x: &xs,
+                x0_pred: None,
+            })
         };
         let (y, stats) = integrate(&mut f, &x.reshape((b, ()))?, t0, t1, &self.options, &mut on_step)?;
         let x_end = y.reshape(&shape)?;
@@ -295,7 +329,10 @@ impl Sampler for OdeRk45 {
             x: &x0,
             x0_pred: Some(&x0),
         })?;
-        Ok(SampleOutput { x: x0, nfe: stats.nfe + 1 })
+        Ok(SampleOutput {
+            x: x0,
+            nfe: stats.nfe + 1,
+        })
     }
 }
 
@@ -310,7 +347,11 @@ mod tests {
         let ks = [0.5, 3.0, -1.0];
         let y0 = Tensor::from_vec(vec![1.0f64, 1.0, 1.0], (3, 1), &Device::Cpu).unwrap();
         let mut f = |_t: &[f64], y: &Tensor| -> Result<Tensor> { scale_rows(y, &ks.map(|k| -k)) };
-        let opts = Rk45Options { rtol: 1e-8, atol: 1e-10, max_steps: 10_000 };
+        let opts = Rk45Options {
+            rtol: 1e-8,
+            atol: 1e-10,
+            max_steps: 10_000,
+        };
         let (y, stats) = integrate(&mut f, &y0, 0.0, 2.0, &opts, &mut |_, _, _| Ok(())).unwrap();
         let y = y.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         for (i, k) in ks.iter().enumerate() {
@@ -319,7 +360,17 @@ mod tests {
             assert!((y[i] - want).abs() < 1e-6 * want, "row {i}: {} vs {want}", y[i]);
         }
         assert!(stats.accepted[1] > stats.accepted[0], "{stats:?}");
-        assert_eq!(stats.nfe, 2 + 6 * (stats.accepted.iter().zip(&stats.rejected).map(|(a, r)| a + r).max().unwrap()));
+        assert_eq!(
+            stats.nfe,
+            2 + 6
+                * (stats
+                    .accepted
+                    .iter()
+                    .zip(&stats.rejected)
+                    .map(|(a, r)| a + r)
+                    .max()
+                    .unwrap())
+        );
     }
 
     #[test]
@@ -330,10 +381,16 @@ mod tests {
         let mut f = |t: &[f64], y: &Tensor| -> Result<Tensor> {
             Ok(Tensor::from_vec(vec![t[0].powi(4)], (1, 1), y.device())?)
         };
-        let (y, _) = integrate(&mut f, &y0, 1.0, 0.0, &Rk45Options::default(), &mut |_, _, _| Ok(())).unwrap();
+        let (y, _) = integrate(&mut f, &y0, 1.0, 0.0, &Rk45Options::default(), &mut |_, _, _| {
+            Ok(())
+        })
+        .unwrap();
         let v = y.flatten_all().unwrap().to_vec1::<f64>().unwrap()[0];
         assert!((v - 0.8).abs() < 1e-13, "{v}");
-        let bad = Rk45Options { rtol: 0.0, ..Default::default() };
+        let bad = Rk45Options {
+            rtol: 0.0,
+            ..Default::default()
+        };
         assert!(integrate(&mut f, &y0, 1.0, 0.0, &bad, &mut |_, _, _| Ok(())).is_err());
     }
 }

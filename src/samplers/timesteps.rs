@@ -46,7 +46,10 @@ impl Spacing {
             "quadratic" | "quad" => Ok(Spacing::Quadratic),
             other => Err(Error::param(
                 "spacing",
-                format!("unknown spacing '{other}', expected one of: {}", Self::NAMES.join(", ")),
+                format!(
+                    "unknown spacing '{other}', expected one of: {}",
+                    Self::NAMES.join(", ")
+                ),
             )),
         }
     }
@@ -155,7 +158,12 @@ mod tests {
     fn every_spacing_gives_exactly_k_distinct_indices_in_range() {
         for t in [2usize, 7, 10, 150, 1000] {
             for k in 1..=t.min(200) {
-                for s in [Spacing::Linspace, Spacing::Leading, Spacing::Trailing, Spacing::Quadratic] {
+                for s in [
+                    Spacing::Linspace,
+                    Spacing::Leading,
+                    Spacing::Trailing,
+                    Spacing::Quadratic,
+                ] {
                     let ts = timesteps(t, k, s).unwrap();
                     assert_eq!(ts.len(), k, "{} T={t} K={k}", s.name());
                     assert!(ts.windows(2).all(|w| w[0] > w[1]));
@@ -167,7 +175,12 @@ mod tests {
             }
         }
         // K = T is the full chain for every spacing
-        for s in [Spacing::Linspace, Spacing::Leading, Spacing::Trailing, Spacing::Quadratic] {
+        for s in [
+            Spacing::Linspace,
+            Spacing::Leading,
+            Spacing::Trailing,
+            Spacing::Quadratic,
+        ] {
             assert_eq!(timesteps(50, 50, s).unwrap(), (0..50).rev().collect::<Vec<_>>());
         }
     }
