@@ -4,10 +4,13 @@
 
 use std::path::Path;
 
+use candle_core::{DType, Device, Tensor};
 use plotters::prelude::*;
 
-use crate::error::Result;
+use crate::denoiser::{Denoiser, NoiseLevel};
+use crate::error::{Error, Result};
 use crate::plot::{ensure_font, plot_err, save_rgb_png, PALETTE};
+use crate::samplers::{Trajectory, TrajectoryPoint};
 
 /// A set of points drawn as dots.
 #[derive(Clone, Debug)]
@@ -172,6 +175,238 @@ pub fn draw_panels(path: &Path, panels: &[Panel2d], width: u32, height: u32) -> 
 /// Pairs `(row[i], row[j])` of row-major `d`-dimensional points.
 pub fn project(points: &[f64], d: usize, i: usize, j: usize) -> Vec<(f64, f64)> {
     points.chunks(d).map(|r| (r[i], r[j])).collect()
+}
+
+/// A quantile-based range of the points (0.1% .. 99.9%, padded by 8%), so that a few stray
+/// samples do not squash the picture.
+pub fn robust_range(points: &[(f64, f64)]) -> ((f64, f64), (f64, f64)) {
+    let lim = |mut v: Vec<f64>| {
+        v.retain(|x| x.is_finite());
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return (-1.0, 1.0);
+        }
+        let q = |f: f64| v[((v.len() - 1) as f64 * f).round() as usize];
+        let (lo, hi) = (q(0.001), q(0.999));
+        let pad = 0.08 * (hi - lo).max(1e-6);
+        (lo - pad, hi + pad)
+    };
+    (
+        lim(points.iter().map(|p| p.0).collect()),
+        lim(points.iter().map(|p| p.1).collect()),
+    )
+}
+
+fn need_two_dims(d: usize, what: &str) -> Result<()> {
+    if d < 2 {
+        return Err(Error::param(
+            what,
+            format!("draws the first two coordinates and needs D >= 2, got D = {d}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Data (when given) and samples side by side on the same axes (first two coordinates of
+/// row-major `d`-dimensional points).
+pub fn samples_figure(
+    path: &Path,
+    samples: &[f64],
+    data: Option<&[f64]>,
+    d: usize,
+    title: &str,
+) -> Result<()> {
+    need_two_dims(d, "plot")?;
+    let dots = |label: &str, pts: &[f64], color| Dots {
+        label: label.into(),
+        points: project(pts, d, 0, 1),
+        color,
+        radius: 1,
+    };
+    let mut all = project(samples, d, 0, 1);
+    if let Some(t) = data {
+        all.extend(project(t, d, 0, 1));
+    }
+    let range = robust_range(&all);
+    let mut panels = Vec::new();
+    if let Some(t) = data {
+        panels.push(Panel2d {
+            title: format!("data ({} exact draws)", t.len() / d),
+            x_label: "x1".into(),
+            y_label: "x2".into(),
+            dots: vec![dots("data", t, Some(1))],
+            range: Some(range),
+            ..Default::default()
+        });
+    }
+    panels.push(Panel2d {
+        title: format!("samples: {title}"),
+        x_label: "x1".into(),
+        y_label: "x2".into(),
+        dots: vec![dots("samples", samples, Some(0))],
+        range: Some(range),
+        ..Default::default()
+    });
+    draw_panels(path, &panels, 560 * panels.len() as u32, 560)
+}
+
+/// Up to six recorded sample paths: in the plane (over the data, when given) and each of the
+/// first two coordinates against the sampling progress. States are divided by
+/// `sqrt(alpha^2 + sigma^2)` (the variance-preserving frame) so that every process fits one picture.
+pub fn trajectory_figure(
+    path: &Path,
+    traj: &Trajectory,
+    data: Option<&[f64]>,
+    d: usize,
+    title: &str,
+) -> Result<()> {
+    need_two_dims(d, "trajectory")?;
+    let Some(last) = traj.points.last() else {
+        return Err(Error::param("trajectory", "the sampler recorded no steps"));
+    };
+    let rows = (last.x.len() / d).min(6);
+    let total = last.step.max(1) as f64;
+    // at most ~300 points per path, always keeping the first and the last
+    let stride = traj.points.len().div_ceil(300).max(1);
+    let kept: Vec<&TrajectoryPoint> = traj
+        .points
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % stride == 0 || *i + 1 == traj.points.len())
+        .map(|(_, p)| p)
+        .collect();
+    let scaled = |p: &TrajectoryPoint, r: usize, j: usize| {
+        let l = p.level;
+        p.x[r * d + j] / (l.alpha * l.alpha + l.sigma * l.sigma).sqrt()
+    };
+    let mut paths = Vec::new();
+    let mut coord = [Vec::new(), Vec::new()];
+    for r in 0..rows {
+        paths.push(
+            kept.iter()
+                .map(|p| (scaled(p, r, 0), scaled(p, r, 1)))
+                .collect::<Vec<_>>(),
+        );
+        for (j, c) in coord.iter_mut().enumerate() {
+            c.push(
+                kept.iter()
+                    .map(|p| (p.step as f64 / total, scaled(p, r, j)))
+                    .collect::<Vec<_>>(),
+            );
+        }
+    }
+    let dots = data
+        .map(|t| {
+            vec![Dots {
+                label: "data".into(),
+                points: project(t, d, 0, 1),
+                color: None,
+                radius: 1,
+            }]
+        })
+        .unwrap_or_default();
+    let [c0, c1] = coord;
+    let panels = vec![
+        Panel2d {
+            title: format!("paths: {title}"),
+            x_label: "x1 / sqrt(alpha^2 + sigma^2)".into(),
+            y_label: "x2 / sqrt(alpha^2 + sigma^2)".into(),
+            dots,
+            lines: paths,
+            ..Default::default()
+        },
+        Panel2d {
+            title: "x1 over the sampling".into(),
+            x_label: "step / steps".into(),
+            y_label: "x1 (scaled)".into(),
+            lines: c0,
+            ..Default::default()
+        },
+        Panel2d {
+            title: "x2 over the sampling".into(),
+            x_label: "step / steps".into(),
+            y_label: "x2 (scaled)".into(),
+            lines: c1,
+            ..Default::default()
+        },
+    ];
+    draw_panels(path, &panels, 1650, 550)
+}
+
+/// A number for a title: fixed-point in [0.01, 1e4), scientific otherwise.
+fn short(v: f64) -> String {
+    if (0.01..1e4).contains(&v.abs()) {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.2e}")
+    }
+}
+
+/// The score of a 2-D denoiser as arrows on a `grid x grid` lattice over `range`, one panel per
+/// `(label, level)`; arrows are scaled so that the longest in a panel spans 0.9 cells, and the
+/// data (when given) are drawn underneath.
+pub fn score_field_figure(
+    path: &Path,
+    den: &dyn Denoiser,
+    levels: &[(String, NoiseLevel)],
+    range: ((f64, f64), (f64, f64)),
+    grid: usize,
+    data: Option<&[f64]>,
+) -> Result<()> {
+    let ((x0, x1), (y0, y1)) = range;
+    let g = grid.max(2);
+    let mut pts = Vec::with_capacity(g * g * 2);
+    for i in 0..g {
+        for j in 0..g {
+            pts.push(x0 + (x1 - x0) * (i as f64 + 0.5) / g as f64);
+            pts.push(y0 + (y1 - y0) * (j as f64 + 0.5) / g as f64);
+        }
+    }
+    let xt = Tensor::from_vec(pts.clone(), (g * g, 2), &Device::Cpu)?;
+    let cell = ((x1 - x0) / g as f64).min((y1 - y0) / g as f64);
+    let mut panels = Vec::new();
+    for (label, level) in levels {
+        let score = den
+            .score(&xt, &vec![*level; g * g])?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        let max = score
+            .chunks(2)
+            .map(|s| s[0].hypot(s[1]))
+            .fold(0.0, f64::max)
+            .max(1e-300);
+        let k = 0.9 * cell / max;
+        let arrows = pts
+            .chunks(2)
+            .zip(score.chunks(2))
+            .map(|(p, s)| ((p[0], p[1]), (p[0] + k * s[0], p[1] + k * s[1])))
+            .collect();
+        panels.push(Panel2d {
+            title: format!(
+                "score at {label} (alpha {}, sigma {}), max |s| {}",
+                short(level.alpha),
+                short(level.sigma),
+                short(max)
+            ),
+            x_label: "x1".into(),
+            y_label: "x2".into(),
+            dots: data
+                .map(|t| {
+                    vec![Dots {
+                        label: String::new(),
+                        points: project(t, 2, 0, 1),
+                        color: None,
+                        radius: 1,
+                    }]
+                })
+                .unwrap_or_default(),
+            arrows,
+            range: Some(range),
+            ..Default::default()
+        });
+    }
+    draw_panels(path, &panels, 560 * panels.len() as u32, 580)
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use diffuse::eval::report::{report_markdown, sampler_report, ReportConfig};
 use diffuse::gmm::{Covariance, Gmm};
 use diffuse::ode_likelihood::{log_likelihood, Divergence, LikelihoodOptions, Probe, ScoreJacobian};
 use diffuse::oracle::Oracle;
-use diffuse::plot2d::{draw_panels, project, Dots, Panel2d};
+use diffuse::plot2d::{project, robust_range, samples_figure, score_field_figure, trajectory_figure};
 use diffuse::process::{ddpm_level, Process};
 use diffuse::samplers::ddpm::Variance;
 use diffuse::samplers::ode::OdeVariable;
@@ -437,7 +437,7 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
         _ => None,
     };
     if let Some(path) = &a.plot {
-        plot_samples(
+        samples_figure(
             path,
             &x,
             truth.as_deref(),
@@ -446,7 +446,7 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
         )?;
     }
     if let Some(path) = &a.trajectory {
-        plot_trajectory(
+        trajectory_figure(
             path,
             &traj,
             truth.as_deref(),
@@ -480,150 +480,6 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
             println!("energy distance to {} fresh data samples: {e:.6}", a.n);
         }
     }
-    Ok(())
-}
-
-fn plot_samples(path: &Path, x: &[f64], truth: Option<&[f64]>, d: usize, title: &str) -> anyhow::Result<()> {
-    if d < 2 {
-        return usage("--plot draws the first two coordinates and needs D >= 2");
-    }
-    let dots = |label: &str, pts: &[f64], color| Dots {
-        label: label.into(),
-        points: project(pts, d, 0, 1),
-        color,
-        radius: 1,
-    };
-    let mut panels = Vec::new();
-    let mut all: Vec<f64> = x.to_vec();
-    if let Some(t) = truth {
-        all.extend_from_slice(t);
-    }
-    let probe = Panel2d {
-        dots: vec![dots("", &all, None)],
-        ..Default::default()
-    };
-    let range = probe_range(&probe);
-    if let Some(t) = truth {
-        panels.push(Panel2d {
-            title: format!("data ({} exact draws)", t.len() / d),
-            x_label: "x1".into(),
-            y_label: "x2".into(),
-            dots: vec![dots("data", t, Some(1))],
-            range: Some(range),
-            ..Default::default()
-        });
-    }
-    panels.push(Panel2d {
-        title: format!("samples: {title}"),
-        x_label: "x1".into(),
-        y_label: "x2".into(),
-        dots: vec![dots("samples", x, Some(0))],
-        range: Some(range),
-        ..Default::default()
-    });
-    draw_panels(path, &panels, 560 * panels.len() as u32, 560)?;
-    Ok(())
-}
-
-/// The range the content of `p` would be fitted to, made square-ish by padding.
-fn probe_range(p: &Panel2d) -> ((f64, f64), (f64, f64)) {
-    let xs = p.dots.iter().flat_map(|d| d.points.iter().map(|q| q.0));
-    let ys = p.dots.iter().flat_map(|d| d.points.iter().map(|q| q.1));
-    let lim = |v: Vec<f64>| {
-        let mut v: Vec<f64> = v.into_iter().filter(|x| x.is_finite()).collect();
-        v.sort_by(f64::total_cmp);
-        if v.is_empty() {
-            return (-1.0, 1.0);
-        }
-        // 0.1% .. 99.9% quantiles, so a few stray samples do not squash the picture
-        let q = |f: f64| v[((v.len() - 1) as f64 * f).round() as usize];
-        let (lo, hi) = (q(0.001), q(0.999));
-        let pad = 0.08 * (hi - lo).max(1e-6);
-        (lo - pad, hi + pad)
-    };
-    (lim(xs.collect()), lim(ys.collect()))
-}
-
-fn plot_trajectory(
-    path: &Path,
-    traj: &Trajectory,
-    truth: Option<&[f64]>,
-    d: usize,
-    title: &str,
-) -> anyhow::Result<()> {
-    if d < 2 {
-        return usage("--trajectory draws the first two coordinates and needs D >= 2");
-    }
-    let Some(last) = traj.points.last() else {
-        return usage("the sampler recorded no steps");
-    };
-    let rows = (last.x.len() / d).min(6);
-    let total = last.step.max(1) as f64;
-    // at most ~300 points per path (always keeping the first and the last)
-    let stride = traj.points.len().div_ceil(300).max(1);
-    let kept: Vec<&diffuse::samplers::TrajectoryPoint> = traj
-        .points
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| i % stride == 0 || *i + 1 == traj.points.len())
-        .map(|(_, p)| p)
-        .collect();
-    // scale each state to the variance-preserving frame so that every process fits one picture
-    let scaled = |p: &diffuse::samplers::TrajectoryPoint, r: usize, j: usize| {
-        let l = p.level;
-        p.x[r * d + j] / (l.alpha * l.alpha + l.sigma * l.sigma).sqrt()
-    };
-    let mut paths = Vec::new();
-    let mut coord = [Vec::new(), Vec::new()];
-    for r in 0..rows {
-        paths.push(
-            kept.iter()
-                .map(|p| (scaled(p, r, 0), scaled(p, r, 1)))
-                .collect::<Vec<_>>(),
-        );
-        for (j, c) in coord.iter_mut().enumerate() {
-            c.push(
-                kept.iter()
-                    .map(|p| (p.step as f64 / total, scaled(p, r, j)))
-                    .collect::<Vec<_>>(),
-            );
-        }
-    }
-    let mut dots = Vec::new();
-    if let Some(t) = truth {
-        dots.push(Dots {
-            label: "data".into(),
-            points: project(t, d, 0, 1),
-            color: None,
-            radius: 1,
-        });
-    }
-    let [c0, c1] = coord;
-    let panels = vec![
-        Panel2d {
-            title: format!("paths: {title}"),
-            x_label: "x1 / sqrt(alpha^2 + sigma^2)".into(),
-            y_label: "x2 / sqrt(alpha^2 + sigma^2)".into(),
-            dots,
-            lines: paths,
-            ..Default::default()
-        },
-        Panel2d {
-            title: "x1 over the sampling".into(),
-            x_label: "step / steps".into(),
-            y_label: "x1 (scaled)".into(),
-            lines: c0,
-            ..Default::default()
-        },
-        Panel2d {
-            title: "x2 over the sampling".into(),
-            x_label: "step / steps".into(),
-            y_label: "x2 (scaled)".into(),
-            lines: c1,
-            ..Default::default()
-        },
-    ];
-    draw_panels(path, &panels, 1650, 550)?;
     Ok(())
 }
 
@@ -752,7 +608,7 @@ fn score_field(a: ScoreFieldArgs) -> anyhow::Result<()> {
         return usage(format!("--grid {}: expected 2..=200 arrows per side", a.grid));
     }
     let truth = model.gmm().map(|g| g.sample(3000, 1));
-    let ((x0, x1), (y0, y1)) = match &a.range {
+    let range = match &a.range {
         Some(r) if r.len() == 4 && r[0] < r[1] && r[2] < r[3] && r.iter().all(|v| v.is_finite()) => {
             ((r[0], r[1]), (r[2], r[3]))
         }
@@ -762,84 +618,28 @@ fn score_field(a: ScoreFieldArgs) -> anyhow::Result<()> {
             ))
         }
         None => match &truth {
-            Some(t) => probe_range(&Panel2d {
-                dots: vec![Dots {
-                    label: String::new(),
-                    points: project(t, 2, 0, 1),
-                    color: None,
-                    radius: 1,
-                }],
-                ..Default::default()
-            }),
+            Some(t) => robust_range(&project(t, 2, 0, 1)),
             None => ((-4.0, 4.0), (-4.0, 4.0)),
         },
     };
-    let g = a.grid;
-    let mut grid = Vec::with_capacity(g * g * 2);
-    for i in 0..g {
-        for j in 0..g {
-            grid.push(x0 + (x1 - x0) * (i as f64 + 0.5) / g as f64);
-            grid.push(y0 + (y1 - y0) * (j as f64 + 0.5) / g as f64);
-        }
-    }
-    let xt = candle_core::Tensor::from_vec(grid.clone(), (g * g, 2), &Device::Cpu)?;
-    let cell = ((x1 - x0) / g as f64).min((y1 - y0) / g as f64);
-    let mut panels = Vec::new();
-    for &t in &a.t {
-        let level: NoiseLevel = match &process {
-            Process::Ddpm(s) => {
-                let n = s.timesteps();
-                ddpm_level(s, ((t * n as f64).round() as usize).clamp(1, n) - 1)
-            }
-            Process::Continuous(sde) => sde.level(t),
-        };
-        let score = model
-            .denoiser()
-            .score(&xt, &vec![level; g * g])?
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1::<f64>()?;
-        let max = score
-            .chunks(2)
-            .map(|s| s[0].hypot(s[1]))
-            .fold(0.0, f64::max)
-            .max(1e-300);
-        let arrows = grid
-            .chunks(2)
-            .zip(score.chunks(2))
-            .map(|(p, s)| {
-                let k = 0.9 * cell / max;
-                ((p[0], p[1]), (p[0] + k * s[0], p[1] + k * s[1]))
+    let levels: Vec<(String, NoiseLevel)> =
+        a.t.iter()
+            .map(|&t| {
+                let level = match &process {
+                    Process::Ddpm(s) => {
+                        let n = s.timesteps();
+                        ddpm_level(s, ((t * n as f64).round() as usize).clamp(1, n) - 1)
+                    }
+                    Process::Continuous(sde) => sde.level(t),
+                };
+                (format!("t = {t}"), level)
             })
             .collect();
-        panels.push(Panel2d {
-            title: format!(
-                "score at t = {t} (alpha {:.3}, sigma {:.3}), max |s| {:.3e}",
-                level.alpha, level.sigma, max
-            ),
-            x_label: "x1".into(),
-            y_label: "x2".into(),
-            dots: truth
-                .as_ref()
-                .map(|t| {
-                    vec![Dots {
-                        label: String::new(),
-                        points: project(t, 2, 0, 1),
-                        color: None,
-                        radius: 1,
-                    }]
-                })
-                .unwrap_or_default(),
-            arrows,
-            range: Some(((x0, x1), (y0, y1))),
-            ..Default::default()
-        });
-    }
-    draw_panels(&a.out, &panels, 560 * panels.len() as u32, 580)?;
+    score_field_figure(&a.out, model.denoiser(), &levels, range, a.grid, truth.as_deref())?;
     println!(
         "wrote {} ({} panels, {} process)",
         a.out.display(),
-        panels.len(),
+        levels.len(),
         process.name()
     );
     Ok(())

@@ -63,6 +63,7 @@ impl Default for ReportConfig {
             (Pc, "vp"),
             (Pc, "ve"),
             (OdeEuler, "vp"),
+            (OdeEuler, "ve"),
             (OdeHeun, "vp"),
             (OdeHeun, "ve"),
             (OdeRk45, "vp"),

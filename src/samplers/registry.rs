@@ -334,6 +334,53 @@ mod tests {
     }
 
     #[test]
+    fn every_sampler_runs_on_image_shaped_f32_batches() {
+        // [B, C, H, W] = [3, 1, 2, 2] in f32, the shape and dtype a U-Net will use; the oracle
+        // is a 4-D isotropic Gaussian mixture seen through the flattened rows.
+        use crate::gmm::{Covariance, Gmm};
+        use crate::oracle::Oracle;
+        use candle_core::{DType, Device};
+        let g = Gmm::new(
+            vec![0.5, 0.5],
+            vec![vec![1.0, 0.0, -1.0, 0.5], vec![-1.0, 0.5, 0.0, 0.0]],
+            vec![Covariance::Isotropic(0.1), Covariance::Isotropic(0.2)],
+        )
+        .unwrap();
+        let o = Oracle::new(g);
+        for kind in SamplerKind::ALL {
+            let p = process(kind.processes()[0]);
+            let steps = if kind == SamplerKind::OdeRk45 {
+                None
+            } else {
+                Some(8)
+            };
+            let s = build_sampler(
+                kind,
+                &p,
+                &SamplerOptions {
+                    steps,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let out = crate::samplers::sample_batched(
+                s.as_ref(),
+                &o,
+                3,
+                &[1, 2, 2],
+                0,
+                3,
+                DType::F32,
+                &Device::Cpu,
+                &mut crate::samplers::NoObserver,
+            )
+            .unwrap();
+            assert_eq!(out.x.dims(), &[3, 1, 2, 2], "{}", kind.name());
+            assert_eq!(out.x.dtype(), DType::F32, "{}", kind.name());
+        }
+    }
+
+    #[test]
     fn bad_options_are_errors() {
         let ddpm = process("ddpm");
         let opts = |f: fn(&mut SamplerOptions)| {
