@@ -9,6 +9,7 @@ mod common;
 mod forward;
 mod schedule;
 mod toy_train;
+mod toy;
 
 /// Denoising diffusion models: schedules, samplers, training, likelihoods.
 #[derive(Parser, Debug)]
@@ -26,6 +27,8 @@ enum Command {
     Forward(forward::ForwardArgs),
     /// Train the MLP denoiser on 2-D toy data or points from a file (to become `toy train`).
     ToyTrain(toy_train::ToyTrainArgs),
+    /// Low-dimensional diffusion with the exact Gaussian-mixture oracle: sample, nll, score-field, report.
+    Toy(toy::ToyArgs),
 }
 
 /// An error in how the tool was called (a flag combination that makes no sense): exit code 2.
@@ -50,6 +53,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Schedule(args) => schedule::run(args),
         Command::Forward(args) => forward::run(args),
         Command::ToyTrain(args) => toy_train::run(args),
+        Command::Toy(args) => toy::run(args),
     }
 }
 
