@@ -8,8 +8,9 @@ use clap::{Parser, Subcommand};
 mod common;
 mod forward;
 mod schedule;
-mod toy_train;
 mod toy;
+mod toy_train;
+mod train;
 
 /// Denoising diffusion models: schedules, samplers, training, likelihoods.
 #[derive(Parser, Debug)]
@@ -29,6 +30,8 @@ enum Command {
     ToyTrain(toy_train::ToyTrainArgs),
     /// Low-dimensional diffusion with the exact Gaussian-mixture oracle: sample, nll, score-field, report.
     Toy(toy::ToyArgs),
+    /// Train the U-Net on images (bundled MNIST by default) with the simple loss.
+    Train(train::TrainArgs),
 }
 
 /// An error in how the tool was called (a flag combination that makes no sense): exit code 2.
@@ -54,7 +57,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Forward(args) => forward::run(args),
         Command::ToyTrain(args) => toy_train::run(args),
         Command::Toy(args) => toy::run(args),
+        Command::Train(args) => train::run(args),
     }
+}
+
+/// Sets the number of worker threads (rayon's global pool, which candle's CPU ops and the
+/// fast kernels use). `None` keeps the default: all cores, or `RAYON_NUM_THREADS`.
+pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            return usage("--threads: got 0, expected at least 1");
+        }
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        // Fails only if the pool was already built (then the env var above was in effect).
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+    Ok(())
+}
+
+/// The device to compute on: the first CUDA GPU when built with `--features cuda` and one is
+/// present, else the CPU.
+pub fn device() -> anyhow::Result<candle_core::Device> {
+    #[cfg(feature = "cuda")]
+    {
+        if let Ok(d) = candle_core::Device::new_cuda(0) {
+            return Ok(d);
+        }
+    }
+    Ok(candle_core::Device::Cpu)
 }
 
 /// Exit code for an error: 2 when the user's input is at fault, else 1.

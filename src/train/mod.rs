@@ -24,6 +24,7 @@
 
 pub mod checkpoint;
 pub mod ema;
+pub mod image;
 pub mod init;
 pub mod interrupt;
 pub mod metrics;
