@@ -196,7 +196,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         },
         ema: EmaConfig {
             decay: pick(&args.ema_decay, so.map(|t| t.ema.decay), 0.995),
-            warmup: so.map_or(true, |t| t.ema.warmup),
+            warmup: so.is_none_or(|t| t.ema.warmup),
         },
     };
     let budget = Budget {
