@@ -27,6 +27,7 @@
 //! - [`nets`]: the U-Net (diffusers' `UNet2DModel` layout), the toy MLP, diffusers interop.
 //! - [`ops`]: network building blocks (conv, GroupNorm, attention) with fast CPU kernels.
 //! - [`data`]: image datasets (IDX, CIFAR-10, folders, bundled `mnist5k`), 2-D toy data, training order.
+//! - [`pipeline`]: a trained image model (our checkpoint or a diffusers folder) ready to sample or measure.
 //! - [`train`]: the training loop, AdamW, EMA, checkpoints and exact resume; toy and image tasks.
 //! - [`rng`]: the seeded generator, the only source of randomness.
 //! - [`io`]: atomic file output and `.npy`.
@@ -45,6 +46,7 @@ pub mod nets;
 pub mod ode_likelihood;
 pub mod ops;
 pub mod oracle;
+pub mod pipeline;
 pub mod plot;
 pub mod plot2d;
 pub mod posterior;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod common;
+mod eval;
 mod forward;
 mod schedule;
 mod toy;
@@ -32,6 +33,8 @@ enum Command {
     Toy(toy::ToyArgs),
     /// Train the U-Net on images (bundled MNIST by default) with the simple loss.
     Train(train::TrainArgs),
+    /// Measure a trained image model (`eval nll`: the variational bound in bits/dim).
+    Eval(eval::EvalArgs),
 }
 
 /// An error in how the tool was called (a flag combination that makes no sense): exit code 2.
@@ -58,6 +61,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ToyTrain(args) => toy_train::run(args),
         Command::Toy(args) => toy::run(args),
         Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }
 
