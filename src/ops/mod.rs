@@ -14,7 +14,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Result, Tensor};
 
+pub mod attention;
+pub mod conv;
+pub(crate) mod cpu;
+pub mod elementwise;
+pub mod norm;
 pub mod reference;
+pub mod resample;
 
 static FAST_KERNELS: AtomicBool = AtomicBool::new(true);
 
@@ -29,22 +35,40 @@ pub fn fast_kernels() -> bool {
     FAST_KERNELS.load(Ordering::Relaxed)
 }
 
+/// Whether an op on these tensors takes the fast path: fast kernels on, every tensor an f32
+/// tensor on the CPU.
+fn use_fast(tensors: &[&Tensor]) -> bool {
+    fast_kernels() && tensors.iter().all(|t| cpu::is_cpu_f32(t))
+}
+
 /// 2-D convolution, `y = conv(x, w) + b`: x `[N, C_in, H, W]`, w `[C_out, C_in, K, K]`,
 /// b `[C_out]`, zero padding `padding` on every side, stride `stride`.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
-    reference::conv2d(x, w, b, stride, padding)
+    if use_fast(&[x, w]) && b.is_none_or(cpu::is_cpu_f32) {
+        conv::conv2d(x, w, b, stride, padding)
+    } else {
+        reference::conv2d(x, w, b, stride, padding)
+    }
 }
 
 /// Group normalisation (Wu & He 2018) with per-channel affine `gamma`, `beta` (`[C]`):
 /// `y = (x - mean_g) / sqrt(var_g + eps) * gamma + beta`, statistics over each group of
 /// `C / groups` channels and all pixels. `C % groups != 0` is an error.
 pub fn group_norm(x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    reference::group_norm(x, groups, gamma, beta, eps)
+    if use_fast(&[x, gamma, beta]) {
+        norm::group_norm(x, groups, gamma, beta, eps)
+    } else {
+        reference::group_norm(x, groups, gamma, beta, eps)
+    }
 }
 
 /// `silu(group_norm(x))`, the ResBlock's first stage, fused.
 pub fn group_norm_silu(x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    reference::group_norm_silu(x, groups, gamma, beta, eps)
+    if use_fast(&[x, gamma, beta]) {
+        norm::group_norm_silu(x, groups, gamma, beta, eps)
+    } else {
+        reference::group_norm_silu(x, groups, gamma, beta, eps)
+    }
 }
 
 /// `silu(group_norm(x) * (1 + scale) + shift)` with per-sample, per-channel `scale`, `shift`
@@ -58,32 +82,56 @@ pub fn group_norm_scale_shift_silu(
     shift: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    reference::group_norm_scale_shift_silu(x, groups, gamma, beta, scale, shift, eps)
+    if use_fast(&[x, gamma, beta, scale, shift]) {
+        norm::group_norm_scale_shift_silu(x, groups, gamma, beta, scale, shift, eps)
+    } else {
+        reference::group_norm_scale_shift_silu(x, groups, gamma, beta, scale, shift, eps)
+    }
 }
 
 /// `silu(x) = x * sigmoid(x)`.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    reference::silu(x)
+    if use_fast(&[x]) {
+        elementwise::silu(x)
+    } else {
+        reference::silu(x)
+    }
 }
 
 /// `x + bias[:, :, None, None]`: adds a per-sample, per-channel vector (`[N, C]`) to a feature map.
 pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    reference::add_channel_bias(x, bias)
+    if use_fast(&[x, bias]) {
+        elementwise::add_channel_bias(x, bias)
+    } else {
+        reference::add_channel_bias(x, bias)
+    }
 }
 
 /// Nearest-neighbour 2x upsampling of `[N, C, H, W]` to `[N, C, 2H, 2W]`.
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
-    reference::upsample_nearest2x(x)
+    if use_fast(&[x]) {
+        resample::upsample_nearest2x(x)
+    } else {
+        reference::upsample_nearest2x(x)
+    }
 }
 
-/// 2x2 average pooling, stride 2 (`H`, `W` even).
+/// 2x2 average pooling, stride 2; `H` and `W` must be even (an error otherwise).
 pub fn avg_pool2x(x: &Tensor) -> Result<Tensor> {
-    reference::avg_pool2x(x)
+    if use_fast(&[x]) {
+        resample::avg_pool2x(x)
+    } else {
+        reference::avg_pool2x(x)
+    }
 }
 
 /// Scaled dot-product attention `softmax(q k^T * scale) v` over `[B, L, D]` tensors.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    reference::attention(q, k, v, scale)
+    if use_fast(&[q, k, v]) {
+        attention::attention(q, k, v, scale)
+    } else {
+        reference::attention(q, k, v, scale)
+    }
 }
 
 /// `y = x w^T + b` for x `[N, I]`, w `[O, I]`, b `[O]`.

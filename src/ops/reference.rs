@@ -73,13 +73,20 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
 
 /// See [`crate::ops::avg_pool2x`].
 pub fn avg_pool2x(x: &Tensor) -> Result<Tensor> {
+    // candle's avg_pool2d floors odd sizes but its backward then upsamples the gradient to the
+    // odd size, sending it to the wrong pixels: odd sizes are rejected instead.
+    super::resample::check_even(x.dims(), "avg_pool2x")?;
     x.avg_pool2d(2)
 }
 
 /// See [`crate::ops::attention`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let att = (q.matmul(&k.t()?)? * scale)?;
-    let att = candle_nn::ops::softmax_last_dim(&att)?;
+    // Not `candle_nn::ops::softmax_last_dim`: that op has no backward, so q and k would get
+    // no gradient. Subtracting the (detached) row maximum leaves softmax unchanged.
+    let max = att.max_keepdim(D::Minus1)?.detach();
+    let num = att.broadcast_sub(&max)?.exp()?;
+    let att = num.broadcast_div(&num.sum_keepdim(D::Minus1)?)?;
     att.matmul(v)
 }
 
