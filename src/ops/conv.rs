@@ -66,17 +66,17 @@ impl Geometry {
     }
 
     /// Rows of the im2col matrix: `C_in * kh * kw`.
-    fn k(&self) -> usize {
+    pub(crate) fn k(&self) -> usize {
         self.c_in * self.kh * self.kw
     }
 
     /// Output pixels per channel: `H_out * W_out`.
-    fn p(&self) -> usize {
+    pub(crate) fn p(&self) -> usize {
         self.h_out * self.w_out
     }
 
     /// A 1x1, stride 1, unpadded convolution: the input already is the im2col matrix.
-    fn pointwise(&self) -> bool {
+    pub(crate) fn pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
     }
 
@@ -109,7 +109,7 @@ impl Geometry {
 /// Writes image `x_n` `[C_in, H, W]` as the patch matrix `col [K, P]`: row
 /// `(ci * kh + ky) * kw + kx`, column `oy * W_out + ox` holds
 /// `x_n[ci, oy * stride + ky - padding, ox * stride + kx - padding]`, or 0 outside the image.
-fn im2col(g: &Geometry, x_n: &[f32], col: &mut [f32]) {
+pub(crate) fn im2col(g: &Geometry, x_n: &[f32], col: &mut [f32]) {
     let (p, wo) = (g.p(), g.w_out);
     for ci in 0..g.c_in {
         let plane = &x_n[ci * g.h * g.w..(ci + 1) * g.h * g.w];
@@ -143,7 +143,7 @@ fn im2col(g: &Geometry, x_n: &[f32], col: &mut [f32]) {
 
 /// The adjoint of [`im2col`]: adds every entry of `col [K, P]` to the input pixel it was read
 /// from (entries that came from the zero padding are dropped). `dx_n` must start at zero.
-fn col2im(g: &Geometry, col: &[f32], dx_n: &mut [f32]) {
+pub(crate) fn col2im(g: &Geometry, col: &[f32], dx_n: &mut [f32]) {
     let (p, wo) = (g.p(), g.w_out);
     for ci in 0..g.c_in {
         let plane = &mut dx_n[ci * g.h * g.w..(ci + 1) * g.h * g.w];

@@ -190,6 +190,75 @@ cpu::simd_fn! {
     }
 }
 
+/// Forward of one group (`cg` channels of `s` pixels): `y = act(a_c * xhat + b_c)`, with
+/// `a_g`, `b_g` the group's `cg` coefficients.
+pub(crate) fn group_forward(
+    xg: &[f32],
+    yg: &mut [f32],
+    s: usize,
+    a_g: &[f32],
+    b_g: &[f32],
+    eps: f64,
+    silu: bool,
+) {
+    let (mean, rstd) = group_stats(xg, eps);
+    for (c, (&a, &b)) in a_g.iter().zip(b_g).enumerate() {
+        let coef = a * rstd;
+        let offset = b - mean * coef;
+        let range = c * s..(c + 1) * s;
+        affine_act(&xg[range.clone()], &mut yg[range], coef, offset, silu);
+    }
+}
+
+/// The slices one group's backward pass reads and writes: `x`, `dy`, `dx` (`cg * s` values)
+/// and the group's `cg` entries of `da`, `db`.
+pub(crate) struct GroupIo<'a> {
+    pub x: &'a [f32],
+    pub dy: &'a [f32],
+    pub dx: &'a mut [f32],
+    pub da: &'a mut [f32],
+    pub db: &'a mut [f32],
+}
+
+/// Backward of one group (see the module docs): writes `dx`, and `da[c] = sum dz * xhat`,
+/// `db[c] = sum dz` for the group's channels.
+pub(crate) fn group_backward(io: GroupIo<'_>, s: usize, a_g: &[f32], b_g: &[f32], eps: f64, silu: bool) {
+    let GroupIo { x, dy, dx, da, db } = io;
+    let m = x.len().max(1) as f64;
+    let (mean, rstd) = group_stats(x, eps);
+    // Pass 1: dz (into dx), per-channel sums; group sums of dxhat and dxhat * xhat.
+    let (mut sum_dxhat, mut sum_dxhat_xhat) = (0f64, 0f64);
+    for c in 0..a_g.len() {
+        let coef = a_g[c] * rstd;
+        let offset = b_g[c] - mean * coef;
+        let r = c * s..(c + 1) * s;
+        let (s_dz, s_dzx) = channel_dz(
+            &x[r.clone()],
+            &dy[r.clone()],
+            &mut dx[r],
+            coef,
+            offset,
+            mean,
+            rstd,
+            silu,
+        );
+        db[c] = s_dz as f32;
+        da[c] = s_dzx as f32;
+        sum_dxhat += a_g[c] as f64 * s_dz;
+        sum_dxhat_xhat += a_g[c] as f64 * s_dzx;
+    }
+    // Pass 2: dx = rstd * (a dz - m1 - xhat m2) = p dz + q x + r, with
+    // p = rstd a, q = -rstd^2 m2, r = rstd (rstd m2 mean - m1).
+    let (m1, m2) = (sum_dxhat / m, sum_dxhat_xhat / m);
+    let rs = rstd as f64;
+    let q = -rs * rs * m2;
+    let r = rs * (rs * m2 * mean as f64 - m1);
+    for (c, &a) in a_g.iter().enumerate() {
+        let range = c * s..(c + 1) * s;
+        channel_dx(&x[range.clone()], &mut dx[range], rstd * a, q as f32, r as f32);
+    }
+}
+
 /// The fused op `y = act(a * group_norm(x) + b)`.
 struct GroupNormAffine {
     groups: usize,
@@ -224,15 +293,8 @@ impl CustomOp3 for GroupNormAffine {
                 .enumerate()
                 .for_each(|(i, (yg, xg))| {
                     let (n, grp) = (i / g.groups, i % g.groups);
-                    let (mean, rstd) = group_stats(xg, self.eps);
-                    for c in 0..cg {
-                        let ch = grp * cg + c;
-                        let j = g.ab_index(n, ch);
-                        let coef = a[j] * rstd;
-                        let offset = b[j] - mean * coef;
-                        let range = c * s..(c + 1) * s;
-                        affine_act(&xg[range.clone()], &mut yg[range], coef, offset, self.silu);
-                    }
+                    let ch = g.ab_index(n, grp * cg)..g.ab_index(n, grp * cg) + cg;
+                    group_forward(xg, yg, s, &a[ch.clone()], &b[ch], self.eps, self.silu);
                 });
         }
         Ok((CpuStorage::F32(y), xl.shape().clone()))
@@ -300,49 +362,27 @@ impl GroupNormAffine {
         if group_len == 0 || cg == 0 {
             return (dx, da, db);
         }
-        let m = group_len as f64;
         dx.par_chunks_mut(group_len)
             .zip(da.par_chunks_mut(cg).zip(db.par_chunks_mut(cg)))
             .enumerate()
             .for_each(|(i, (dxg, (dag, dbg)))| {
                 let (n, grp) = (i / g.groups, i % g.groups);
                 let base = i * group_len;
-                let xg = &x[base..base + group_len];
-                let dyg = &dy[base..base + group_len];
-                let (mean, rstd) = group_stats(xg, self.eps);
-                // Pass 1: dz (into dx), per-channel sums; group sums of dxhat and dxhat * xhat.
-                let (mut sum_dxhat, mut sum_dxhat_xhat) = (0f64, 0f64);
-                for c in 0..cg {
-                    let j = g.ab_index(n, grp * cg + c);
-                    let coef = a[j] * rstd;
-                    let offset = b[j] - mean * coef;
-                    let r = c * s..(c + 1) * s;
-                    let (s_dz, s_dzx) = channel_dz(
-                        &xg[r.clone()],
-                        &dyg[r.clone()],
-                        &mut dxg[r],
-                        coef,
-                        offset,
-                        mean,
-                        rstd,
-                        self.silu,
-                    );
-                    dbg[c] = s_dz as f32;
-                    dag[c] = s_dzx as f32;
-                    sum_dxhat += a[j] as f64 * s_dz;
-                    sum_dxhat_xhat += a[j] as f64 * s_dzx;
-                }
-                // Pass 2: dx = rstd * (a dz - m1 - xhat m2) = p dz + q x + r, with
-                // p = rstd a, q = -rstd^2 m2, r = rstd (rstd m2 mean - m1).
-                let (m1, m2) = (sum_dxhat / m, sum_dxhat_xhat / m);
-                let rs = rstd as f64;
-                let q = -rs * rs * m2;
-                let r = rs * (rs * m2 * mean as f64 - m1);
-                for c in 0..cg {
-                    let j = g.ab_index(n, grp * cg + c);
-                    let range = c * s..(c + 1) * s;
-                    channel_dx(&xg[range.clone()], &mut dxg[range], rstd * a[j], q as f32, r as f32);
-                }
+                let ch = g.ab_index(n, grp * cg)..g.ab_index(n, grp * cg) + cg;
+                group_backward(
+                    GroupIo {
+                        x: &x[base..base + group_len],
+                        dy: &dy[base..base + group_len],
+                        dx: dxg,
+                        da: dag,
+                        db: dbg,
+                    },
+                    s,
+                    &a[ch.clone()],
+                    &b[ch],
+                    self.eps,
+                    self.silu,
+                );
             });
         (dx, da, db)
     }
