@@ -51,9 +51,10 @@ def workloads(n):
         return t[0] + h
 
     for c, hw in [(64, 28), (128, 14)]:
-        w.append((f"resblock {c} @{hw}",
-                  [(n, c, hw, hw), (c,), (c,), (c, c, 3, 3), (c,), (n, c), (c,), (c,), (c, c, 3, 3), (c,)],
-                  resblock))
+        for name in [f"resblock {c} @{hw}", f"resblock fused {c} @{hw}"]:
+            w.append((name,
+                      [(n, c, hw, hw), (c,), (c,), (c, c, 3, 3), (c,), (n, c), (c,), (c,), (c, c, 3, 3), (c,)],
+                      resblock))
     for l, d in [(49, 128), (196, 128)]:
         scale = 1.0 / d ** 0.5
         w.append((f"attention L{l} D{d}", [(n, l, d)] * 3,

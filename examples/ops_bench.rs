@@ -216,6 +216,61 @@ fn workloads(n: usize) -> Vec<Workload> {
             }),
         );
     }
+    // The same ResBlock as two fused ops (ops::group_norm_silu_conv2d).
+    for (c, hw) in [(64, 28), (128, 14)] {
+        add(
+            format!("resblock fused {c} @{hw}"),
+            vec![
+                vec![n, c, hw, hw],
+                vec![c],
+                vec![c],
+                vec![c, c, 3, 3],
+                vec![c],
+                vec![n, c],
+                vec![c],
+                vec![c],
+                vec![c, c, 3, 3],
+                vec![c],
+            ],
+            Box::new(|imp, t| {
+                let stage = |x: &Tensor, g: &Tensor, b: &Tensor, w: &Tensor, wb: &Tensor, add: ops::ConvAdd| {
+                    let norm = ops::GroupNormSilu {
+                        groups: 8,
+                        gamma: g,
+                        beta: b,
+                        eps: 1e-5,
+                        scale_shift: None,
+                    };
+                    match imp {
+                        Imp::Fast => ops::block::conv_block(x, Some(&norm), w, Some(wb), 1, 1, &add),
+                        Imp::Reference => reference::group_norm_silu_conv2d(x, &norm, w, Some(wb), 1, 1, &add),
+                    }
+                };
+                let h = stage(
+                    &t[0],
+                    &t[1],
+                    &t[2],
+                    &t[3],
+                    &t[4],
+                    ops::ConvAdd {
+                        channel_bias: Some(&t[5]),
+                        residual: None,
+                    },
+                )?;
+                stage(
+                    &h,
+                    &t[6],
+                    &t[7],
+                    &t[8],
+                    &t[9],
+                    ops::ConvAdd {
+                        channel_bias: None,
+                        residual: Some(&t[0]),
+                    },
+                )
+            }),
+        );
+    }
     for (l, d) in [(49, 128), (196, 128)] {
         let scale = 1.0 / (d as f64).sqrt();
         add(

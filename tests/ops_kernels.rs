@@ -16,7 +16,8 @@
 //! parallel cannot disturb each other.
 
 use candle_core::{Device, Tensor, Var};
-use diffuse::ops::{attention, conv, elementwise, norm, reference, resample};
+use diffuse::ops::{attention, block, conv, elementwise, norm, reference, resample};
+use diffuse::ops::{ConvAdd, GroupNormSilu};
 use diffuse::rng::Rng;
 
 const TOL: f64 = 1e-4;
@@ -445,4 +446,141 @@ fn dispatch_uses_the_fast_path_on_the_cpu_and_agrees_with_it() {
     let a = flat(&diffuse::ops::group_norm_silu(&x, 2, &g, &be, 1e-5).unwrap());
     let b = flat(&norm::group_norm_silu(&x, 2, &g, &be, 1e-5).unwrap());
     assert_eq!(a, b);
+}
+
+/// Runs the fused block (`fast`) or its reference composition on `t`, whose layout is
+/// `[x, w, b, gamma, beta, scale, shift, channel_bias, residual]` minus the absent ones.
+#[allow(clippy::too_many_arguments)]
+fn block_op(
+    fast: bool,
+    t: &[Tensor],
+    norm: Option<(usize, bool)>,
+    bias: bool,
+    channel_bias: bool,
+    residual: bool,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    let mut it = t.iter();
+    let (x, w) = (it.next().unwrap(), it.next().unwrap());
+    let b = if bias { it.next() } else { None };
+    let nm = norm.map(|(groups, ss)| {
+        let (gamma, beta) = (it.next().unwrap(), it.next().unwrap());
+        let scale_shift = if ss {
+            Some((it.next().unwrap(), it.next().unwrap()))
+        } else {
+            None
+        };
+        GroupNormSilu {
+            groups,
+            gamma,
+            beta,
+            eps: 1e-5,
+            scale_shift,
+        }
+    });
+    let add = ConvAdd {
+        channel_bias: if channel_bias { it.next() } else { None },
+        residual: if residual { it.next() } else { None },
+    };
+    match (&nm, fast) {
+        (Some(nm), true) => block::conv_block(x, Some(nm), w, b, stride, padding, &add),
+        (None, true) => block::conv_block(x, None, w, b, stride, padding, &add),
+        (Some(nm), false) => reference::group_norm_silu_conv2d(x, nm, w, b, stride, padding, &add),
+        (None, false) => reference::conv2d_add(x, w, b, stride, padding, &add),
+    }
+}
+
+#[test]
+fn fused_conv_block_matches_reference() {
+    let mut rng = Rng::new(13);
+    // (n, c_in, hw, c_out, k, stride, padding, norm (groups, scale-shift), bias, channel bias, residual)
+    let cases = [
+        (3, 4, 6, 5, 3, 1, 1, Some((2, false)), true, true, true),
+        (1, 4, 5, 4, 3, 1, 1, Some((4, true)), true, false, true),
+        (2, 6, 7, 3, 3, 2, 1, Some((3, true)), false, true, false),
+        (3, 8, 4, 6, 1, 1, 0, Some((2, false)), true, false, false),
+        (2, 4, 5, 4, 1, 1, 0, None, true, true, true),
+        (1, 3, 6, 2, 3, 2, 1, None, false, false, false),
+        (5, 16, 5, 16, 3, 1, 1, Some((8, true)), true, true, true),
+    ];
+    for (n, ci, hw, co, k, stride, padding, norm, bias, cb, res) in cases {
+        let ho = (hw + 2 * padding - k) / stride + 1;
+        let mut shapes = vec![vec![n, ci, hw, hw], vec![co, ci, k, k]];
+        if bias {
+            shapes.push(vec![co]);
+        }
+        if let Some((_, ss)) = norm {
+            shapes.extend([vec![ci], vec![ci]]);
+            if ss {
+                shapes.extend([vec![n, ci], vec![n, ci]]);
+            }
+        }
+        if cb {
+            shapes.push(vec![n, co]);
+        }
+        if res {
+            shapes.push(vec![n, co, ho, ho]);
+        }
+        let inputs: Vec<Var> = shapes.iter().map(|s| var(&mut rng, s)).collect();
+        let what = format!(
+            "conv block n{n} {ci}->{co} {hw}x{hw} k{k} s{stride} p{padding} norm {norm:?} bias {bias} cb {cb} res {res}"
+        );
+        check_op(
+            &what,
+            &mut rng,
+            &inputs,
+            |t| block_op(true, t, norm, bias, cb, res, stride, padding),
+            |t| block_op(false, t, norm, bias, cb, res, stride, padding),
+        );
+    }
+}
+
+#[test]
+fn fused_conv_block_with_data_input_gives_parameter_gradients() {
+    // x is data (no gradient): the parameters' gradients still need dh = col2im(W^T dy) for
+    // the group-norm part, computed into scratch.
+    let mut rng = Rng::new(14);
+    let x = randn(&mut rng, &[2, 4, 5, 5]);
+    let params: Vec<Var> = [vec![3, 4, 3, 3], vec![3], vec![4], vec![4]]
+        .iter()
+        .map(|s| var(&mut rng, s))
+        .collect();
+    let r = randn(&mut rng, &[2, 3, 5, 5]);
+    let run = |fast: bool| {
+        let t: Vec<Tensor> = std::iter::once(x.clone())
+            .chain(params.iter().map(|v| v.as_tensor().clone()))
+            .collect();
+        let y = block_op(fast, &t, Some((2, false)), true, false, false, 1, 1).unwrap();
+        (&y * &r).unwrap().sum_all().unwrap().backward().unwrap()
+    };
+    let (gf, gr) = (run(true), run(false));
+    assert!(gf.get(&x).is_none());
+    for (i, p) in params.iter().enumerate() {
+        assert_close(&format!("param {i}"), gf.get(p).unwrap(), gr.get(p).unwrap());
+    }
+}
+
+#[test]
+fn fused_conv_block_rejects_bad_shapes() {
+    let mut rng = Rng::new(15);
+    let x = randn(&mut rng, &[2, 6, 4, 4]);
+    let w = randn(&mut rng, &[3, 6, 3, 3]);
+    let (g, b) = (randn(&mut rng, &[6]), randn(&mut rng, &[6]));
+    let nm = GroupNormSilu {
+        groups: 4,
+        gamma: &g,
+        beta: &b,
+        eps: 1e-5,
+        scale_shift: None,
+    };
+    let e = block::conv_block(&x, Some(&nm), &w, None, 1, 1, &ConvAdd::default()).unwrap_err();
+    assert!(e.to_string().contains("6 channels cannot be split into 4 groups evenly"), "{e}");
+    let wrong = randn(&mut rng, &[2, 3, 3, 3]);
+    let add = ConvAdd {
+        channel_bias: None,
+        residual: Some(&wrong),
+    };
+    let e = block::conv_block(&x, None, &w, None, 1, 1, &add).unwrap_err();
+    assert!(e.to_string().contains("residual has shape [2, 3, 3, 3], expected [2, 3, 4, 4]"), "{e}");
 }

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{Result, Tensor};
 
 pub mod attention;
+pub mod block;
 pub mod conv;
 pub(crate) mod cpu;
 pub mod elementwise;
@@ -48,6 +49,79 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding
         conv::conv2d(x, w, b, stride, padding)
     } else {
         reference::conv2d(x, w, b, stride, padding)
+    }
+}
+
+/// The normalisation + activation in front of a fused convolution
+/// ([`group_norm_silu_conv2d`]): `silu(group_norm(x) * (1 + scale) + shift)`, or
+/// `silu(group_norm(x))` without `scale_shift`.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupNormSilu<'a> {
+    /// Number of groups; must divide the channel count.
+    pub groups: usize,
+    /// Per-channel scale `[C]`.
+    pub gamma: &'a Tensor,
+    /// Per-channel shift `[C]`.
+    pub beta: &'a Tensor,
+    /// Added to the variance.
+    pub eps: f64,
+    /// Per-sample, per-channel `(scale, shift)`, each `[N, C]` (Improved DDPM's time conditioning).
+    pub scale_shift: Option<(&'a Tensor, &'a Tensor)>,
+}
+
+/// What a fused convolution adds to its output ([`conv2d_add`], [`group_norm_silu_conv2d`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConvAdd<'a> {
+    /// A per-sample, per-channel vector `[N, C_out]` broadcast over the pixels (the time embedding).
+    pub channel_bias: Option<&'a Tensor>,
+    /// A tensor of the output's shape (the ResBlock's skip connection).
+    pub residual: Option<&'a Tensor>,
+}
+
+/// `conv(x, w) + b + channel_bias[:, :, None, None] + residual`, one fused op on the CPU
+/// (see [`conv2d`] for the convolution's shapes; the adds are optional).
+pub fn conv2d_add(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    add: &ConvAdd<'_>,
+) -> Result<Tensor> {
+    let mut all = vec![x, w];
+    all.extend(b);
+    all.extend(add.channel_bias);
+    all.extend(add.residual);
+    if use_fast(&all) {
+        block::conv_block(x, None, w, b, stride, padding, add)
+    } else {
+        reference::conv2d_add(x, w, b, stride, padding, add)
+    }
+}
+
+/// `conv(silu(group_norm(x) [* (1 + scale) + shift]), w) + b + channel_bias + residual`: a
+/// ResBlock stage as one op. On the CPU the normalised activation is never stored (it is
+/// recomputed per image in the backward pass), which saves memory and candle graph nodes.
+pub fn group_norm_silu_conv2d(
+    x: &Tensor,
+    norm: &GroupNormSilu<'_>,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    add: &ConvAdd<'_>,
+) -> Result<Tensor> {
+    let mut all = vec![x, w, norm.gamma, norm.beta];
+    all.extend(b);
+    if let Some((scale, shift)) = norm.scale_shift {
+        all.extend([scale, shift]);
+    }
+    all.extend(add.channel_bias);
+    all.extend(add.residual);
+    if use_fast(&all) {
+        block::conv_block(x, Some(norm), w, b, stride, padding, add)
+    } else {
+        reference::group_norm_silu_conv2d(x, norm, w, b, stride, padding, add)
     }
 }
 
