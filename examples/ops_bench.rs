@@ -103,7 +103,10 @@ fn workloads(n: usize) -> Vec<Workload> {
         (128, 64, 28, 1, 1, 0),
     ] {
         add(
-            format!("conv{k}x{k}{} {c_in}->{c_out} @{hw}", if s == 2 { " s2" } else { "" }),
+            format!(
+                "conv{k}x{k}{} {c_in}->{c_out} @{hw}",
+                if s == 2 { " s2" } else { "" }
+            ),
             vec![vec![n, c_in, hw, hw], vec![c_out, c_in, k, k], vec![c_out]],
             Box::new(move |imp, t| match imp {
                 Imp::Fast => ops::conv::conv2d(&t[0], &t[1], Some(&t[2]), s, p),
@@ -133,7 +136,9 @@ fn workloads(n: usize) -> Vec<Workload> {
             format!("gn_scale_shift_silu(8) {c} @{hw}"),
             vec![x.clone(), vec![c], vec![c], vec![n, c], vec![n, c]],
             Box::new(|imp, t| match imp {
-                Imp::Fast => ops::norm::group_norm_scale_shift_silu(&t[0], 8, &t[1], &t[2], &t[3], &t[4], 1e-5),
+                Imp::Fast => {
+                    ops::norm::group_norm_scale_shift_silu(&t[0], 8, &t[1], &t[2], &t[3], &t[4], 1e-5)
+                }
                 Imp::Reference => {
                     reference::group_norm_scale_shift_silu(&t[0], 8, &t[1], &t[2], &t[3], &t[4], 1e-5)
                 }
@@ -233,19 +238,22 @@ fn workloads(n: usize) -> Vec<Workload> {
                 vec![c],
             ],
             Box::new(|imp, t| {
-                let stage = |x: &Tensor, g: &Tensor, b: &Tensor, w: &Tensor, wb: &Tensor, add: ops::ConvAdd| {
-                    let norm = ops::GroupNormSilu {
-                        groups: 8,
-                        gamma: g,
-                        beta: b,
-                        eps: 1e-5,
-                        scale_shift: None,
+                let stage =
+                    |x: &Tensor, g: &Tensor, b: &Tensor, w: &Tensor, wb: &Tensor, add: ops::ConvAdd| {
+                        let norm = ops::GroupNormSilu {
+                            groups: 8,
+                            gamma: g,
+                            beta: b,
+                            eps: 1e-5,
+                            scale_shift: None,
+                        };
+                        match imp {
+                            Imp::Fast => ops::block::conv_block(x, Some(&norm), w, Some(wb), 1, 1, &add),
+                            Imp::Reference => {
+                                reference::group_norm_silu_conv2d(x, &norm, w, Some(wb), 1, 1, &add)
+                            }
+                        }
                     };
-                    match imp {
-                        Imp::Fast => ops::block::conv_block(x, Some(&norm), w, Some(wb), 1, 1, &add),
-                        Imp::Reference => reference::group_norm_silu_conv2d(x, &norm, w, Some(wb), 1, 1, &add),
-                    }
-                };
                 let h = stage(
                     &t[0],
                     &t[1],
@@ -386,7 +394,9 @@ fn torch_times(a: &Args) -> Result<serde_json::Value> {
     if let Some(o) = &a.only {
         cmd.args(["--only", o]);
     }
-    let out = cmd.output().with_context(|| format!("running {} {script}", a.python))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {} {script}", a.python))?;
     if !out.status.success() {
         bail!("{script} failed: {}", String::from_utf8_lossy(&out.stderr));
     }

@@ -211,8 +211,7 @@ fn group_norm_family_matches_reference() {
     for (n, c, h, w, groups) in cases {
         let what = format!("n{n} c{c} {h}x{w} g{groups}");
         // x with a non-zero mean and a scale far from 1, so the normalisation matters.
-        let x = Var::from_tensor(&((randn(&mut rng, &[n, c, h, w]) * 3.0).unwrap() + 2.0).unwrap())
-            .unwrap();
+        let x = Var::from_tensor(&((randn(&mut rng, &[n, c, h, w]) * 3.0).unwrap() + 2.0).unwrap()).unwrap();
         let gamma = Var::from_tensor(&(randn(&mut rng, &[c]) + 1.0).unwrap()).unwrap();
         let beta = var(&mut rng, &[c]);
         let inputs = [x.clone(), gamma.clone(), beta.clone()];
@@ -275,8 +274,7 @@ fn uneven_groups_are_rejected_clearly() {
         let errors = [
             norm::group_norm(&x, groups, &gamma, &beta, 1e-5).unwrap_err(),
             norm::group_norm_silu(&x, groups, &gamma, &beta, 1e-5).unwrap_err(),
-            norm::group_norm_scale_shift_silu(&x, groups, &gamma, &beta, &scale, &shift, 1e-5)
-                .unwrap_err(),
+            norm::group_norm_scale_shift_silu(&x, groups, &gamma, &beta, &scale, &shift, 1e-5).unwrap_err(),
             diffuse::ops::group_norm(&x, groups, &gamma, &beta, 1e-5).unwrap_err(),
         ];
         for e in errors {
@@ -294,9 +292,21 @@ fn silu_matches_reference_over_a_wide_range() {
     let mut rng = Rng::new(6);
     // Scaled by 30 so the inputs reach |x| ~ 100, where exp over- and underflows; plus odd length.
     let x = Var::from_tensor(&(randn(&mut rng, &[3, 5, 7, 11]) * 30.0).unwrap()).unwrap();
-    check_op("silu", &mut rng, &[x], |t| elementwise::silu(&t[0]), |t| reference::silu(&t[0]));
+    check_op(
+        "silu",
+        &mut rng,
+        &[x],
+        |t| elementwise::silu(&t[0]),
+        |t| reference::silu(&t[0]),
+    );
     let x = var(&mut rng, &[1, 1, 1, 1]);
-    check_op("silu 1", &mut rng, &[x], |t| elementwise::silu(&t[0]), |t| reference::silu(&t[0]));
+    check_op(
+        "silu 1",
+        &mut rng,
+        &[x],
+        |t| elementwise::silu(&t[0]),
+        |t| reference::silu(&t[0]),
+    );
 }
 
 #[test]
@@ -359,7 +369,10 @@ fn avg_pool_of_odd_sizes_is_rejected() {
         resample::avg_pool2x(&x).unwrap_err(),
         reference::avg_pool2x(&x).unwrap_err(),
     ] {
-        assert!(e.to_string().contains("height 7 and width 6 must both be even"), "{e}");
+        assert!(
+            e.to_string().contains("height 7 and width 6 must both be even"),
+            "{e}"
+        );
     }
 }
 
@@ -575,12 +588,20 @@ fn fused_conv_block_rejects_bad_shapes() {
         scale_shift: None,
     };
     let e = block::conv_block(&x, Some(&nm), &w, None, 1, 1, &ConvAdd::default()).unwrap_err();
-    assert!(e.to_string().contains("6 channels cannot be split into 4 groups evenly"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("6 channels cannot be split into 4 groups evenly"),
+        "{e}"
+    );
     let wrong = randn(&mut rng, &[2, 3, 3, 3]);
     let add = ConvAdd {
         channel_bias: None,
         residual: Some(&wrong),
     };
     let e = block::conv_block(&x, None, &w, None, 1, 1, &add).unwrap_err();
-    assert!(e.to_string().contains("residual has shape [2, 3, 3, 3], expected [2, 3, 4, 4]"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("residual has shape [2, 3, 3, 3], expected [2, 3, 4, 4]"),
+        "{e}"
+    );
 }

@@ -14,7 +14,6 @@
 //! pass (one GEMM) rather than stored, so the op keeps nothing beyond its inputs.
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::cpu::{self, Read, SyncPtr};
 
@@ -119,9 +118,19 @@ impl CustomOp3 for Attention {
             // SAFETY: item i owns o[i * Lq * Dv ..][.. Lq * Dv]; items are disjoint.
             let oi = unsafe { out.slice(i * g.lq * g.dv, g.lq * g.dv) };
             // O [Lq, Dv] = P [Lq, Lk] V [Lk, Dv]
-            cpu::gemm((g.lq, g.dv, g.lk), oi, false, p, (g.lk, 1), vi, (g.dv, 1), 1.0, par);
+            cpu::gemm(
+                (g.lq, g.dv, g.lk),
+                oi,
+                false,
+                p,
+                (g.lk, 1),
+                vi,
+                (g.dv, 1),
+                1.0,
+                par,
+            );
         };
-        run_items(&g, |items, par| {
+        cpu::for_batch(g.b, |items, par| {
             let mut p = vec![0f32; g.lq * g.lk];
             for i in items {
                 item(i, &mut p, par);
@@ -151,8 +160,11 @@ impl CustomOp3 for Attention {
                 Read::new(&d_o, "attention")?,
             );
             let (q, k, v, d_o) = (qr.as_slice(), kr.as_slice(), vr.as_slice(), dor.as_slice());
-            let (dq_out, dk_out, dv_out) =
-                (SyncPtr::new(&mut dq), SyncPtr::new(&mut dk), SyncPtr::new(&mut dv));
+            let (dq_out, dk_out, dv_out) = (
+                SyncPtr::new(&mut dq),
+                SyncPtr::new(&mut dk),
+                SyncPtr::new(&mut dv),
+            );
             let scale = self.scale;
             let item = |i: usize, p: &mut [f32], dp: &mut [f32], par: bool| {
                 let qi = &q[i * g.lq * g.d..(i + 1) * g.lq * g.d];
@@ -169,18 +181,58 @@ impl CustomOp3 for Attention {
                 };
                 probabilities(&g, qi, ki, scale, p, par);
                 // dV [Lk, Dv] = P^T [Lk, Lq] dO [Lq, Dv]
-                cpu::gemm((g.lk, g.dv, g.lq), dvi, false, p, (1, g.lk), doi, (g.dv, 1), 1.0, par);
+                cpu::gemm(
+                    (g.lk, g.dv, g.lq),
+                    dvi,
+                    false,
+                    p,
+                    (1, g.lk),
+                    doi,
+                    (g.dv, 1),
+                    1.0,
+                    par,
+                );
                 // dP [Lq, Lk] = dO [Lq, Dv] V^T [Dv, Lk]
-                cpu::gemm((g.lq, g.lk, g.dv), dp, false, doi, (g.dv, 1), vi, (1, g.dv), 1.0, par);
+                cpu::gemm(
+                    (g.lq, g.lk, g.dv),
+                    dp,
+                    false,
+                    doi,
+                    (g.dv, 1),
+                    vi,
+                    (1, g.dv),
+                    1.0,
+                    par,
+                );
                 if g.lk > 0 {
                     softmax_grad_rows(p, dp, g.lk);
                 }
                 // dQ [Lq, D] = scale * dS [Lq, Lk] K [Lk, D]
-                cpu::gemm((g.lq, g.d, g.lk), dqi, false, dp, (g.lk, 1), ki, (g.d, 1), scale, par);
+                cpu::gemm(
+                    (g.lq, g.d, g.lk),
+                    dqi,
+                    false,
+                    dp,
+                    (g.lk, 1),
+                    ki,
+                    (g.d, 1),
+                    scale,
+                    par,
+                );
                 // dK [Lk, D] = scale * dS^T [Lk, Lq] Q [Lq, D]
-                cpu::gemm((g.lk, g.d, g.lq), dki, false, dp, (1, g.lk), qi, (g.d, 1), scale, par);
+                cpu::gemm(
+                    (g.lk, g.d, g.lq),
+                    dki,
+                    false,
+                    dp,
+                    (1, g.lk),
+                    qi,
+                    (g.d, 1),
+                    scale,
+                    par,
+                );
             };
-            run_items(&g, |items, par| {
+            cpu::for_batch(g.b, |items, par| {
                 let mut p = vec![0f32; g.lq * g.lk];
                 let mut dp = vec![0f32; g.lq * g.lk];
                 for i in items {
@@ -195,24 +247,11 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// Runs `f(range of batch items, parallel GEMMs?)` over the batch: one range per thread when
-/// the batch has at least two items, else one range whose GEMMs use the whole pool.
-fn run_items(g: &Geometry, f: impl Fn(std::ops::Range<usize>, bool) + Sync) {
-    let parts = cpu::ranges(g.b, cpu::threads());
-    if parts.len() > 1 {
-        parts.into_par_iter().for_each(|r| f(r, false));
-    } else if g.b > 0 {
-        f(0..g.b, true);
-    }
-}
-
 /// Fast `attention` (see [`crate::ops::attention`]).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     q.contiguous()?.apply_op3(
         &k.contiguous()?,
         &v.contiguous()?,
-        Attention {
-            scale: scale as f32,
-        },
+        Attention { scale: scale as f32 },
     )
 }

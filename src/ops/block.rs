@@ -22,7 +22,6 @@
 //! custom ops take at most three tensors); `Tensor::cat` routes their gradients back.
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::conv::{col2im, im2col, Geometry};
 use super::cpu::{self, Read, SyncPtr};
@@ -44,15 +43,27 @@ impl Pack {
         self.w + self.b + 2 * self.a + self.cb
     }
 
-    /// `(w, b, a, b', cb)` slices of `p`.
-    fn split<'a>(&self, p: &'a [f32]) -> (&'a [f32], &'a [f32], &'a [f32], &'a [f32], &'a [f32]) {
+    /// The pieces of `p`.
+    fn split<'a>(&self, p: &'a [f32]) -> Parts<'a> {
         let (w, rest) = p.split_at(self.w);
         let (b, rest) = rest.split_at(self.b);
         let (a, rest) = rest.split_at(self.a);
         let (bb, cb) = rest.split_at(self.a);
-        (w, b, a, bb, cb)
+        Parts { w, b, a, bb, cb }
     }
 }
+
+/// The packed small inputs, unpacked.
+struct Parts<'a> {
+    w: &'a [f32],
+    b: &'a [f32],
+    a: &'a [f32],
+    bb: &'a [f32],
+    cb: &'a [f32],
+}
+
+/// A gradient, when asked for.
+type Grad = Option<Vec<f32>>;
 
 /// The fused op. Applied as `CustomOp2(x, pack)` or `CustomOp3(x, pack, residual)`.
 struct ConvBlock {
@@ -88,7 +99,14 @@ impl ConvBlock {
     }
 
     /// `h_n = silu(a * norm(x_n) + b')` into `h`, or `x_n` itself without normalisation.
-    fn activation<'a>(&self, g: &Geometry, x_n: &'a [f32], a: &[f32], bb: &[f32], h: &'a mut [f32]) -> &'a [f32] {
+    fn activation<'a>(
+        &self,
+        g: &Geometry,
+        x_n: &'a [f32],
+        a: &[f32],
+        bb: &[f32],
+        h: &'a mut [f32],
+    ) -> &'a [f32] {
         let Some((groups, eps)) = self.norm else {
             return x_n;
         };
@@ -102,19 +120,33 @@ impl ConvBlock {
         h
     }
 
-    fn forward(&self, x: &[f32], x_dims: &[usize], pack: &[f32], residual: Option<&[f32]>) -> Result<(Vec<f32>, Shape)> {
+    fn forward(
+        &self,
+        x: &[f32],
+        x_dims: &[usize],
+        pack: &[f32],
+        residual: Option<&[f32]>,
+    ) -> Result<(Vec<f32>, Shape)> {
         let g = self.geometry(x_dims)?;
         if pack.len() != self.pack.len() {
-            bail!("conv block: packed parameters have {} values, expected {}", pack.len(), self.pack.len());
+            bail!(
+                "conv block: packed parameters have {} values, expected {}",
+                pack.len(),
+                self.pack.len()
+            );
         }
         let (k, p) = (g.k(), g.p());
         let (x_len, y_len) = (g.c_in * g.h * g.w, g.c_out * p);
         if let Some(r) = residual {
             if r.len() != g.n * y_len {
-                bail!("conv block: residual has {} values, expected {}", r.len(), g.n * y_len);
+                bail!(
+                    "conv block: residual has {} values, expected {}",
+                    r.len(),
+                    g.n * y_len
+                );
             }
         }
-        let (w, b, a, bb, cb) = self.pack.split(pack);
+        let Parts { w, b, a, bb, cb } = self.pack.split(pack);
         let mut y = vec![0f32; g.n * y_len];
         let out = SyncPtr::new(&mut y);
         let h_len = if self.norm.is_some() { x_len } else { 0 };
@@ -123,7 +155,13 @@ impl ConvBlock {
             let (mut h, mut col) = (vec![0f32; h_len], vec![0f32; col_len]);
             for n in images {
                 let x_n = &x[n * x_len..(n + 1) * x_len];
-                let h_n = self.activation(&g, x_n, self.affine_row(a, n, g.c_in), self.affine_row(bb, n, g.c_in), &mut h);
+                let h_n = self.activation(
+                    &g,
+                    x_n,
+                    self.affine_row(a, n, g.c_in),
+                    self.affine_row(bb, n, g.c_in),
+                    &mut h,
+                );
                 let col: &[f32] = if g.pointwise() {
                     h_n
                 } else {
@@ -145,16 +183,23 @@ impl ConvBlock {
                 cpu::gemm((g.c_out, p, k), y_n, true, w, (k, 1), col, (p, 1), 1.0, parallel);
             }
         };
-        run_images(g.n, run);
+        cpu::for_batch(g.n, run);
         Ok((y, Shape::from((g.n, g.c_out, g.h_out, g.w_out))))
     }
 
     /// `(dx, dpack)`, each only if asked for.
-    fn backward(&self, x: &[f32], x_dims: &[usize], pack: &[f32], dy: &[f32], want: Want) -> Result<(Option<Vec<f32>>, Option<Vec<f32>>)> {
+    fn backward(
+        &self,
+        x: &[f32],
+        x_dims: &[usize],
+        pack: &[f32],
+        dy: &[f32],
+        want: Want,
+    ) -> Result<(Grad, Grad)> {
         let g = self.geometry(x_dims)?;
         let (k, p) = (g.k(), g.p());
         let (x_len, y_len) = (g.c_in * g.h * g.w, g.c_out * p);
-        let (w, _, a, bb, _) = self.pack.split(pack);
+        let Parts { w, a, bb, .. } = self.pack.split(pack);
         let norm = self.norm.is_some();
         let need_dw = want.pack;
         let need_dh = want.x || (norm && want.pack);
@@ -162,9 +207,20 @@ impl ConvBlock {
         // Per-sample gradients of a, b' ([N, C_in]) and of the channel bias ([N, C_out]).
         let affine_len = if norm && want.pack { g.n * g.c_in } else { 0 };
         let (mut da, mut dbb) = (vec![0f32; affine_len], vec![0f32; affine_len]);
-        let mut dcb = vec![0f32; if want.pack && self.pack.cb > 0 { g.n * g.c_out } else { 0 }];
-        let (dx_out, da_out, dbb_out, dcb_out) =
-            (SyncPtr::new(&mut dx), SyncPtr::new(&mut da), SyncPtr::new(&mut dbb), SyncPtr::new(&mut dcb));
+        let mut dcb = vec![
+            0f32;
+            if want.pack && self.pack.cb > 0 {
+                g.n * g.c_out
+            } else {
+                0
+            }
+        ];
+        let (dx_out, da_out, dbb_out, dcb_out) = (
+            SyncPtr::new(&mut dx),
+            SyncPtr::new(&mut da),
+            SyncPtr::new(&mut dbb),
+            SyncPtr::new(&mut dcb),
+        );
         let scratch_hw = if norm { x_len } else { 0 };
         let scratch_kp = if g.pointwise() { 0 } else { k * p };
         let s = g.h * g.w;
@@ -190,7 +246,17 @@ impl ConvBlock {
                         &col
                     };
                     // dW [C_out, K] += dy_n [C_out, P] col_n^T [P, K]
-                    cpu::gemm((g.c_out, k, p), &mut dw, true, dy_n, (p, 1), col, (1, p), 1.0, parallel);
+                    cpu::gemm(
+                        (g.c_out, k, p),
+                        &mut dw,
+                        true,
+                        dy_n,
+                        (p, 1),
+                        col,
+                        (1, p),
+                        1.0,
+                        parallel,
+                    );
                 }
                 if want.pack {
                     for (co, row) in dy_n.chunks_exact(p).enumerate() {
@@ -214,9 +280,29 @@ impl ConvBlock {
                 // dh_n = col2im(W^T dy_n); without normalisation h = x, so straight into dx_n.
                 let target: &mut [f32] = if norm { &mut dh } else { &mut *dx_n };
                 if g.pointwise() {
-                    cpu::gemm((k, p, g.c_out), target, false, w, (1, k), dy_n, (p, 1), 1.0, parallel);
+                    cpu::gemm(
+                        (k, p, g.c_out),
+                        target,
+                        false,
+                        w,
+                        (1, k),
+                        dy_n,
+                        (p, 1),
+                        1.0,
+                        parallel,
+                    );
                 } else {
-                    cpu::gemm((k, p, g.c_out), &mut dcol, false, w, (1, k), dy_n, (p, 1), 1.0, parallel);
+                    cpu::gemm(
+                        (k, p, g.c_out),
+                        &mut dcol,
+                        false,
+                        w,
+                        (1, k),
+                        dy_n,
+                        (p, 1),
+                        1.0,
+                        parallel,
+                    );
                     target.fill(0.0);
                     col2im(&g, &dcol, target);
                 }
@@ -252,12 +338,14 @@ impl ConvBlock {
             }
             (dw, db)
         };
-        let partials = run_images_collect(g.n, run);
+        let partials = cpu::map_batch(g.n, run);
         if !want.pack {
             return Ok((want.x.then_some(dx), None));
         }
         let mut partials = partials.into_iter();
-        let (mut dw, mut db) = partials.next().unwrap_or_else(|| (vec![0f32; g.c_out * k], vec![0f32; g.c_out]));
+        let (mut dw, mut db) = partials
+            .next()
+            .unwrap_or_else(|| (vec![0f32; g.c_out * k], vec![0f32; g.c_out]));
         for (pw, pb) in partials {
             dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
             db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
@@ -281,7 +369,11 @@ impl ConvBlock {
         }
         dpack.extend_from_slice(&dcb);
         if dpack.len() != self.pack.len() {
-            bail!("conv block: internal error, gradient pack {} != {}", dpack.len(), self.pack.len());
+            bail!(
+                "conv block: internal error, gradient pack {} != {}",
+                dpack.len(),
+                self.pack.len()
+            );
         }
         Ok((want.x.then_some(dx), Some(dpack)))
     }
@@ -313,42 +405,31 @@ cpu::simd_fn! {
     }
 }
 
-/// Runs `f(range, parallel GEMMs?)` over the images: one range per thread, or one range with
-/// parallel GEMMs when the batch is smaller than two.
-fn run_images(n: usize, f: impl Fn(std::ops::Range<usize>, bool) + Sync) {
-    let parts = cpu::ranges(n, cpu::threads());
-    if parts.len() > 1 {
-        parts.into_par_iter().for_each(|r| f(r, false));
-    } else if n > 0 {
-        f(0..n, true);
-    }
-}
-
-/// As [`run_images`], collecting each range's result in range order.
-fn run_images_collect<R: Send>(n: usize, f: impl Fn(std::ops::Range<usize>, bool) -> R + Sync) -> Vec<R> {
-    let parts = cpu::ranges(n, cpu::threads());
-    if parts.len() > 1 {
-        parts.into_par_iter().map(|r| f(r, false)).collect()
-    } else if n > 0 {
-        vec![f(0..n, true)]
-    } else {
-        Vec::new()
-    }
-}
-
 impl CustomOp2 for ConvBlock {
     fn name(&self) -> &'static str {
         "fast-conv-block"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ps: &CpuStorage, pl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = cpu::slice(xs, xl, "conv block")?;
         let p = cpu::slice(ps, pl, "conv block")?;
         let (y, shape) = self.forward(x, xl.dims(), p, None)?;
         Ok((CpuStorage::F32(y), shape))
     }
 
-    fn bwd(&self, x: &Tensor, pack: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        pack: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         self.bwd_common(x, pack, dy)
     }
 }
@@ -372,7 +453,11 @@ impl CustomOp3 for ConvBlock {
         let r = cpu::slice(rs, rl, "conv block")?;
         let (y, shape) = self.forward(x, xl.dims(), p, Some(r))?;
         if rl.dims() != shape.dims() {
-            bail!("conv block: residual has shape {:?}, expected {:?}", rl.dims(), shape.dims());
+            bail!(
+                "conv block: residual has shape {:?}, expected {:?}",
+                rl.dims(),
+                shape.dims()
+            );
         }
         Ok((CpuStorage::F32(y), shape))
     }
@@ -417,7 +502,11 @@ pub fn conv_block(
         check_groups(g.c_in, nm.groups)?;
         for (name, t) in [("gamma", nm.gamma), ("beta", nm.beta)] {
             if t.dims() != [g.c_in] {
-                bail!("group_norm: {name} has shape {:?}, expected [{}]", t.dims(), g.c_in);
+                bail!(
+                    "group_norm: {name} has shape {:?}, expected [{}]",
+                    t.dims(),
+                    g.c_in
+                );
             }
         }
         let (a, bb) = match nm.scale_shift {
@@ -447,7 +536,12 @@ pub fn conv_block(
     let mut cb_len = 0;
     if let Some(cb) = add.channel_bias {
         if cb.dims() != [g.n, g.c_out] {
-            bail!("conv2d: channel bias has shape {:?}, expected [{}, {}]", cb.dims(), g.n, g.c_out);
+            bail!(
+                "conv2d: channel bias has shape {:?}, expected [{}, {}]",
+                cb.dims(),
+                g.n,
+                g.c_out
+            );
         }
         cb_len = cb.elem_count();
         parts.push(cb.flatten_all()?);

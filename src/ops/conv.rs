@@ -9,12 +9,11 @@
 //!   `dx_n = col2im(W^T dy_n)` (GEMM, then each patch entry added back to the pixel it came from).
 //!
 //! A 1x1 convolution with stride 1 and no padding skips im2col: `col_n` is `x_n` itself.
-//! Images are split over the threads in contiguous ranges, each with one scratch `col` buffer
+//! Images are split in contiguous ranges ([`super::cpu::for_batch`]), each with one scratch `col` buffer
 //! of `K * P` floats (never the whole batch's); the weight gradient is accumulated per range and
 //! the ranges' sums added in a fixed order, so results do not depend on scheduling.
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::cpu::{self, Read, SyncPtr};
 
@@ -209,10 +208,7 @@ impl CustomOp3 for Conv2d {
         let w = cpu::slice(ws, wl, "conv2d")?;
         let b = cpu::slice(bs, bl, "conv2d")?;
         let y = forward(&g, x, w, b);
-        Ok((
-            CpuStorage::F32(y),
-            Shape::from((g.n, g.c_out, g.h_out, g.w_out)),
-        ))
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.c_out, g.h_out, g.w_out))))
     }
 
     fn bwd(
@@ -245,6 +241,9 @@ impl CustomOp3 for Conv2d {
     }
 }
 
+/// A gradient, when asked for.
+type Grad = Option<Vec<f32>>;
+
 /// Which gradients the backward pass computes.
 #[derive(Clone, Copy)]
 struct Grads {
@@ -272,34 +271,20 @@ fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
         cpu::gemm((g.c_out, p, k), y_n, true, w, (k, 1), col, (p, 1), 1.0, parallel);
     };
     let col_len = if g.pointwise() { 0 } else { k * p };
-    let parts = cpu::ranges(g.n, cpu::threads());
-    if parts.len() > 1 {
-        let out = SyncPtr::new(&mut y);
-        parts.into_par_iter().for_each(|r| {
-            let mut col = vec![0f32; col_len];
-            for n in r {
-                // SAFETY: image n owns y[n * y_len .. (n + 1) * y_len]; ranges are disjoint.
-                let y_n = unsafe { out.slice(n * y_len, y_len) };
-                image(n, y_n, &mut col, false);
-            }
-        });
-    } else {
+    let out = SyncPtr::new(&mut y);
+    cpu::for_batch(g.n, |images, parallel| {
         let mut col = vec![0f32; col_len];
-        for (n, y_n) in y.chunks_exact_mut(y_len).enumerate() {
-            image(n, y_n, &mut col, true);
+        for n in images {
+            // SAFETY: image n owns y[n * y_len .. (n + 1) * y_len]; ranges are disjoint.
+            let y_n = unsafe { out.slice(n * y_len, y_len) };
+            image(n, y_n, &mut col, parallel);
         }
-    }
+    });
     y
 }
 
 /// Gradients of `y = conv(x, w) + b` given `dy`: `(dx, dW, db)`, each only if asked for.
-fn backward(
-    g: &Geometry,
-    x: &[f32],
-    w: &[f32],
-    dy: &[f32],
-    want: Grads,
-) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
+fn backward(g: &Geometry, x: &[f32], w: &[f32], dy: &[f32], want: Grads) -> (Grad, Grad, Grad) {
     let (k, p) = (g.k(), g.p());
     let (x_len, y_len) = (g.c_in * g.h * g.w, g.c_out * p);
     let mut dx = if want.x {
@@ -328,7 +313,17 @@ fn backward(
                     &col
                 };
                 // dW [C_out, K] += dy_n [C_out, P] col_n^T [P, K]
-                cpu::gemm((g.c_out, k, p), &mut dw, true, dy_n, (p, 1), col, (1, p), 1.0, parallel);
+                cpu::gemm(
+                    (g.c_out, k, p),
+                    &mut dw,
+                    true,
+                    dy_n,
+                    (p, 1),
+                    col,
+                    (1, p),
+                    1.0,
+                    parallel,
+                );
             }
             if want.b {
                 for (d, row) in db.iter_mut().zip(dy_n.chunks_exact(p)) {
@@ -340,9 +335,29 @@ fn backward(
                 let dx_n = unsafe { dx_out.slice(n * x_len, x_len) };
                 // dcol [K, P] = W^T [K, C_out] dy_n [C_out, P]
                 if pointwise {
-                    cpu::gemm((k, p, g.c_out), dx_n, false, w, (1, k), dy_n, (p, 1), 1.0, parallel);
+                    cpu::gemm(
+                        (k, p, g.c_out),
+                        dx_n,
+                        false,
+                        w,
+                        (1, k),
+                        dy_n,
+                        (p, 1),
+                        1.0,
+                        parallel,
+                    );
                 } else {
-                    cpu::gemm((k, p, g.c_out), &mut dcol, false, w, (1, k), dy_n, (p, 1), 1.0, parallel);
+                    cpu::gemm(
+                        (k, p, g.c_out),
+                        &mut dcol,
+                        false,
+                        w,
+                        (1, k),
+                        dy_n,
+                        (p, 1),
+                        1.0,
+                        parallel,
+                    );
                     col2im(g, &dcol, dx_n);
                 }
             }
@@ -350,23 +365,14 @@ fn backward(
         (dw, db)
     };
 
-    let parts = cpu::ranges(g.n, cpu::threads());
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = if parts.len() > 1 {
-        parts.into_par_iter().map(|r| range(r, false)).collect()
-    } else {
-        vec![range(0..g.n, true)]
-    };
+    let partials = cpu::map_batch(g.n, range);
     let mut partials = partials.into_iter();
     let (mut dw, mut db) = partials.next().unwrap_or_default();
     for (pw, pb) in partials {
         dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
         db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
     }
-    (
-        want.x.then_some(dx),
-        want.w.then_some(dw),
-        want.b.then_some(db),
-    )
+    (want.x.then_some(dx), want.w.then_some(dw), want.b.then_some(db))
 }
 
 /// `conv(x, w) + b` on the fast path: x `[N, C_in, H, W]`, w `[C_out, C_in, kh, kw]`,
@@ -381,9 +387,6 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding
             &zeros
         }
     };
-    x.contiguous()?.apply_op3(
-        &w.contiguous()?,
-        &b.contiguous()?,
-        Conv2d { stride, padding },
-    )
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Conv2d { stride, padding })
 }

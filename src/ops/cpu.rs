@@ -2,15 +2,13 @@
 //! tensors, runtime SIMD dispatch, a vectorisable `exp`, and the thread split.
 //!
 //! Threading: every kernel runs on rayon's global pool, the same pool candle's own CPU ops and
-//! the `gemm` crate use, so kernels never add threads of their own. Work is split into at most
-//! [`threads`] contiguous ranges; a GEMM inside a parallel range runs single-threaded
+//! the `gemm` crate use, so kernels never add threads of their own. A batch is split into a few
+//! contiguous ranges per thread ([`for_batch`]); a GEMM inside a parallel range runs single-threaded
 //! (`gemm::Parallelism::None`), and a GEMM outside any parallel range (batch smaller than the
 //! thread count) gets the whole pool (`gemm::Parallelism::Rayon`). The thread count is rayon's:
 //! `RAYON_NUM_THREADS`, or one per logical CPU.
 
-use candle_core::{
-    bail, CpuStorage, DType, Device, Layout, Result, Shape, Storage, StorageRef, Tensor,
-};
+use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Storage, StorageRef, Tensor};
 
 /// True when `t` can take the fast path: an f32 tensor on the CPU.
 pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
@@ -82,6 +80,31 @@ pub(crate) fn ranges(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
         .filter(|r| !r.is_empty())
         .collect()
 }
+
+/// Runs `f(range of batch items, parallel GEMMs?)` over `0..n`: in parallel over
+/// [`BATCH_SPLIT`] ranges per thread (several per thread so that a thread slowed down by other
+/// work on the machine does not hold up the rest), or, for a single item, one range whose GEMMs
+/// use the whole pool.
+pub(crate) fn for_batch(n: usize, f: impl Fn(std::ops::Range<usize>, bool) + Sync) {
+    map_batch(n, f);
+}
+
+/// As [`for_batch`], collecting each range's result in range order (a fixed order for a given
+/// batch size and thread count, so reductions over the ranges are reproducible).
+pub(crate) fn map_batch<R: Send>(n: usize, f: impl Fn(std::ops::Range<usize>, bool) -> R + Sync) -> Vec<R> {
+    use rayon::prelude::*;
+    let parts = ranges(n, threads() * BATCH_SPLIT);
+    if parts.len() > 1 {
+        parts.into_par_iter().map(|r| f(r, false)).collect()
+    } else if n > 0 {
+        vec![f(0..n, true)]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Ranges of the batch per thread in [`for_batch`].
+pub(crate) const BATCH_SPLIT: usize = 4;
 
 /// A raw pointer to an output buffer that parallel tasks write in disjoint pieces.
 #[derive(Clone, Copy)]
@@ -245,7 +268,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    // Cephes' 5.0000001201e-1 rounds to 0.5 in f32.
+    let p = p * r + 0.5;
     let er = p * (r * r) + r + 1.0;
     // 2^n with n in [-126, 127]: the exponent field is n + 127.
     let two_n = f32::from_bits(((ni + 127) as u32) << 23);

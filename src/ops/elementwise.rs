@@ -104,8 +104,8 @@ impl CustomOp2 for AddChannelBias {
         let x = cpu::slice(xs, xl, "add_channel_bias")?;
         let bias = cpu::slice(bs, bl, "add_channel_bias")?;
         let mut y = vec![0f32; x.len()];
-        if s > 0 {
-            let planes = (BLOCK / s).max(1);
+        if let Some(planes) = BLOCK.checked_div(s) {
+            let planes = planes.max(1);
             y.par_chunks_mut(planes * s)
                 .zip(x.par_chunks(planes * s))
                 .enumerate()
@@ -154,6 +154,5 @@ cpu::simd_fn! {
 
 /// Fast `add_channel_bias` (see [`crate::ops::add_channel_bias`]).
 pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op2(&bias.contiguous()?, AddChannelBias)
+    x.contiguous()?.apply_op2(&bias.contiguous()?, AddChannelBias)
 }
