@@ -4,10 +4,14 @@
 //!
 //! ```text
 //! cargo run --release --example ops_bench -- [--threads 2] [--reps 10] [--batch 64]
-//!     [--only conv3x3] [--compare-torch] [--fast-only] [--min] [--python python3] [--json]
+//!     [--only conv3x3] [--compare-torch] [--fast-only] [--min] [--cpu] [--default-alloc] [--python python3] [--json]
 //! ```
 //!
 //! `--min` reports the fastest run instead of the median (steadier on a busy machine).
+//! `--cpu` times the process's CPU time (user + system, all threads) instead of wall time:
+//! steadier under contention for comparing two versions of our code, not for comparing with
+//! PyTorch (OpenMP threads spin while waiting, which counts as CPU time).
+//! The allocator is tuned with `diffuse::ops::tune_allocator` unless `--default-alloc`.
 //!
 //! Each workload is timed `reps` times after one warm-up; the median is printed (ms).
 //! "fwd+bwd" is `y = op(inputs)` and the backward pass to every input (inputs are `Var`s) with
@@ -32,6 +36,8 @@ struct Args {
     compare_torch: bool,
     fast_only: bool,
     min: bool,
+    cpu: bool,
+    default_alloc: bool,
     python: String,
     json: bool,
 }
@@ -45,6 +51,8 @@ fn parse_args() -> Result<Args> {
         compare_torch: false,
         fast_only: false,
         min: false,
+        cpu: false,
+        default_alloc: false,
         python: "python3".into(),
         json: false,
     };
@@ -60,10 +68,12 @@ fn parse_args() -> Result<Args> {
             "--compare-torch" => a.compare_torch = true,
             "--fast-only" => a.fast_only = true,
             "--min" => a.min = true,
+            "--cpu" => a.cpu = true,
+            "--default-alloc" => a.default_alloc = true,
             "--json" => a.json = true,
             "-h" | "--help" => {
                 println!(
-                    "ops_bench [--threads N] [--reps N] [--batch N] [--only SUBSTRING] [--compare-torch] [--fast-only] [--min] [--python PATH] [--json]"
+                    "ops_bench [--threads N] [--reps N] [--batch N] [--only SUBSTRING] [--compare-torch] [--fast-only] [--min] [--cpu] [--default-alloc] [--python PATH] [--json]"
                 );
                 std::process::exit(0);
             }
@@ -293,6 +303,23 @@ fn workloads(n: usize) -> Vec<Workload> {
     w
 }
 
+static USE_CPU: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Milliseconds on the chosen clock: wall time, or the process's CPU time with `--cpu`.
+fn now_ms() -> f64 {
+    if USE_CPU.load(std::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: getrusage writes into the zeroed struct we pass.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        let tv = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 * 1e-3;
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    } else {
+        use std::sync::OnceLock;
+        static START: OnceLock<Instant> = OnceLock::new();
+        START.get_or_init(Instant::now).elapsed().as_secs_f64() * 1e3
+    }
+}
+
 static USE_MIN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// `loss = sum(y * r)`; backward: `dy = r * dloss` (dloss is 1 when the loss starts the pass).
@@ -358,18 +385,18 @@ fn time(w: &Workload, imp: Imp, reps: usize, rng: &mut Rng) -> Result<(f64, f64)
     drop(y);
     let (mut fwd, mut both) = (Vec::new(), Vec::new());
     for i in 0..=reps {
-        let t0 = Instant::now();
+        let t0 = now_ms();
         let y = (w.op)(imp, &ts)?;
-        let t1 = t0.elapsed().as_secs_f64() * 1e3;
+        let t1 = now_ms() - t0;
         drop(y);
-        let t0 = Instant::now();
+        let t0 = now_ms();
         let y = (w.op)(imp, &ts)?;
         let loss = WeightedSum {
             r: r.clone(),
             r_data: r_data.clone(),
         };
         let grads = y.contiguous()?.apply_op1(loss)?.backward()?;
-        let t2 = t0.elapsed().as_secs_f64() * 1e3;
+        let t2 = now_ms() - t0;
         drop(grads);
         if i > 0 {
             fwd.push(t1);
@@ -412,6 +439,10 @@ fn main() -> Result<()> {
         .num_threads(a.threads)
         .build_global()
         .context("building the thread pool")?;
+    if !a.default_alloc && !ops::tune_allocator() {
+        eprintln!("ops_bench: could not tune the allocator (not glibc?); timing with its defaults");
+    }
+    USE_CPU.store(a.cpu, std::sync::atomic::Ordering::Relaxed);
     USE_MIN.store(a.min, std::sync::atomic::Ordering::Relaxed);
     let mut rng = Rng::new(0);
     let workloads: Vec<Workload> = workloads(a.batch)
