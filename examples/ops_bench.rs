@@ -343,7 +343,15 @@ impl CustomOp1 for WeightedSum {
         let total: f64 = y
             .par_chunks(1 << 14)
             .zip(r.par_chunks(1 << 14))
-            .map(|(y, r)| y.iter().zip(r).map(|(a, b)| (a * b) as f64).sum::<f64>())
+            .map(|(y, r)| {
+                let mut acc = [0f32; 16];
+                for (yc, rc) in y.chunks(16).zip(r.chunks(16)) {
+                    for (i, (a, b)) in yc.iter().zip(rc).enumerate() {
+                        acc[i] += a * b;
+                    }
+                }
+                acc.iter().map(|&a| a as f64).sum::<f64>()
+            })
             .sum();
         Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
     }

@@ -8,9 +8,12 @@
 //! Tolerance: `|fast - ref| <= 1e-4 * (|ref| + rms(ref))` per element. Both sides are f32 and
 //! sum the same terms in different orders (GEMM blocking, 16-lane reductions, a polynomial
 //! `exp` within 1e-6 of libm), which moves results by a few ulp times sqrt(number of terms),
-//! about 1e-6 relative at these sizes; the rms floor covers entries that cancel to near zero.
+//! about 1e-6 relative at these sizes (the worst entry over all cases below is 1.1e-6, 1% of the
+//! tolerance); the rms floor covers entries that cancel to near zero.
 //! Any formula error (a wrong index, a dropped padding term, a missing Jacobian term) changes
-//! entries by O(rms), 4 orders of magnitude above the tolerance.
+//! entries by O(rms), 4 orders of magnitude above the tolerance. Checked by breaking the code:
+//! scaling one term of the group-norm backward by 0.999, or halving the strided col2im adds,
+//! fails three tests each.
 //!
 //! The functions are called directly, not through the process-wide switch, so tests running in
 //! parallel cannot disturb each other.

@@ -15,7 +15,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::cpu::{self, Read, SyncPtr};
+use super::cpu::{self, Read, Scratch, SyncPtr};
 
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
@@ -108,7 +108,7 @@ impl CustomOp3 for Attention {
             cpu::slice(ks, kl, "attention")?,
             cpu::slice(vs, vl, "attention")?,
         );
-        let mut o = vec![0f32; g.b * g.lq * g.dv];
+        let mut o = cpu::zeros(g.b * g.lq * g.dv);
         let out = SyncPtr::new(&mut o);
         let item = |i: usize, p: &mut [f32], par: bool| {
             let qi = &q[i * g.lq * g.d..(i + 1) * g.lq * g.d];
@@ -131,7 +131,7 @@ impl CustomOp3 for Attention {
             );
         };
         cpu::for_batch(g.b, |items, par| {
-            let mut p = vec![0f32; g.lq * g.lk];
+            let mut p = Scratch::new(g.lq * g.lk);
             for i in items {
                 item(i, &mut p, par);
             }
@@ -149,9 +149,9 @@ impl CustomOp3 for Attention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = Geometry::new(q.dims(), k.dims(), v.dims())?;
         let d_o = d_o.contiguous()?;
-        let mut dq = vec![0f32; g.b * g.lq * g.d];
-        let mut dk = vec![0f32; g.b * g.lk * g.d];
-        let mut dv = vec![0f32; g.b * g.lk * g.dv];
+        let mut dq = cpu::zeros(g.b * g.lq * g.d);
+        let mut dk = cpu::zeros(g.b * g.lk * g.d);
+        let mut dv = cpu::zeros(g.b * g.lk * g.dv);
         {
             let (qr, kr, vr, dor) = (
                 Read::new(q, "attention")?,
@@ -233,8 +233,8 @@ impl CustomOp3 for Attention {
                 );
             };
             cpu::for_batch(g.b, |items, par| {
-                let mut p = vec![0f32; g.lq * g.lk];
-                let mut dp = vec![0f32; g.lq * g.lk];
+                let mut p = Scratch::new(g.lq * g.lk);
+                let mut dp = Scratch::new(g.lq * g.lk);
                 for i in items {
                     item(i, &mut p, &mut dp, par);
                 }

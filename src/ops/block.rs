@@ -24,7 +24,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::conv::{col2im, im2col, Geometry};
-use super::cpu::{self, Read, SyncPtr};
+use super::cpu::{self, Read, Scratch, SyncPtr};
 use super::norm::{check_groups, group_backward, group_forward, GroupIo};
 use super::{ConvAdd, GroupNormSilu};
 
@@ -147,12 +147,12 @@ impl ConvBlock {
             }
         }
         let Parts { w, b, a, bb, cb } = self.pack.split(pack);
-        let mut y = vec![0f32; g.n * y_len];
+        let mut y = cpu::zeros(g.n * y_len);
         let out = SyncPtr::new(&mut y);
         let h_len = if self.norm.is_some() { x_len } else { 0 };
         let col_len = if g.pointwise() { 0 } else { k * p };
         let run = |images: std::ops::Range<usize>, parallel: bool| {
-            let (mut h, mut col) = (vec![0f32; h_len], vec![0f32; col_len]);
+            let (mut h, mut col) = (Scratch::new(h_len), Scratch::new(col_len));
             for n in images {
                 let x_n = &x[n * x_len..(n + 1) * x_len];
                 let h_n = self.activation(
@@ -203,7 +203,7 @@ impl ConvBlock {
         let norm = self.norm.is_some();
         let need_dw = want.pack;
         let need_dh = want.x || (norm && want.pack);
-        let mut dx = vec![0f32; if want.x { g.n * x_len } else { 0 }];
+        let mut dx = cpu::zeros(if want.x { g.n * x_len } else { 0 });
         // Per-sample gradients of a, b' ([N, C_in]) and of the channel bias ([N, C_out]).
         let affine_len = if norm && want.pack { g.n * g.c_in } else { 0 };
         let (mut da, mut dbb) = (vec![0f32; affine_len], vec![0f32; affine_len]);
@@ -228,11 +228,11 @@ impl ConvBlock {
         let run = |images: std::ops::Range<usize>, parallel: bool| -> (Vec<f32>, Vec<f32>) {
             let mut dw = vec![0f32; if need_dw { g.c_out * k } else { 0 }];
             let mut db = vec![0f32; if want.pack { g.c_out } else { 0 }];
-            let mut h = vec![0f32; if need_dw { scratch_hw } else { 0 }];
-            let mut col = vec![0f32; if need_dw { scratch_kp } else { 0 }];
-            let mut dcol = vec![0f32; if need_dh { scratch_kp } else { 0 }];
-            let mut dh = vec![0f32; if need_dh { scratch_hw } else { 0 }];
-            let mut dx_scratch = vec![0f32; if need_dh && norm && !want.x { x_len } else { 0 }];
+            let mut h = Scratch::new(if need_dw { scratch_hw } else { 0 });
+            let mut col = Scratch::new(if need_dw { scratch_kp } else { 0 });
+            let mut dcol = Scratch::new(if need_dh { scratch_kp } else { 0 });
+            let mut dh = Scratch::new(if need_dh { scratch_hw } else { 0 });
+            let mut dx_scratch = Scratch::new(if need_dh && norm && !want.x { x_len } else { 0 });
             for n in images {
                 let x_n = &x[n * x_len..(n + 1) * x_len];
                 let dy_n = &dy[n * y_len..(n + 1) * y_len];

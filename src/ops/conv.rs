@@ -15,7 +15,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::cpu::{self, Read, SyncPtr};
+use super::cpu::{self, Read, Scratch, SyncPtr};
 
 /// Geometry of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -256,8 +256,8 @@ struct Grads {
 fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
     let (x_len, y_len) = (g.c_in * g.h * g.w, g.c_out * p);
-    let mut y = vec![0f32; g.n * y_len];
-    let image = |n: usize, y_n: &mut [f32], col: &mut Vec<f32>, parallel: bool| {
+    let mut y = cpu::zeros(g.n * y_len);
+    let image = |n: usize, y_n: &mut [f32], col: &mut [f32], parallel: bool| {
         let x_n = &x[n * x_len..(n + 1) * x_len];
         let col: &[f32] = if g.pointwise() {
             x_n
@@ -273,7 +273,7 @@ fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     let col_len = if g.pointwise() { 0 } else { k * p };
     let out = SyncPtr::new(&mut y);
     cpu::for_batch(g.n, |images, parallel| {
-        let mut col = vec![0f32; col_len];
+        let mut col = Scratch::new(col_len);
         for n in images {
             // SAFETY: image n owns y[n * y_len .. (n + 1) * y_len]; ranges are disjoint.
             let y_n = unsafe { out.slice(n * y_len, y_len) };
@@ -288,7 +288,7 @@ fn backward(g: &Geometry, x: &[f32], w: &[f32], dy: &[f32], want: Grads) -> (Gra
     let (k, p) = (g.k(), g.p());
     let (x_len, y_len) = (g.c_in * g.h * g.w, g.c_out * p);
     let mut dx = if want.x {
-        vec![0f32; g.n * x_len]
+        cpu::zeros(g.n * x_len)
     } else {
         Vec::new()
     };
@@ -300,8 +300,8 @@ fn backward(g: &Geometry, x: &[f32], w: &[f32], dy: &[f32], want: Grads) -> (Gra
         let mut dw = vec![0f32; if want.w { g.c_out * k } else { 0 }];
         let mut db = vec![0f32; if want.b { g.c_out } else { 0 }];
         let scratch = if pointwise { 0 } else { k * p };
-        let mut col = vec![0f32; if want.w { scratch } else { 0 }];
-        let mut dcol = vec![0f32; if want.x { scratch } else { 0 }];
+        let mut col = Scratch::new(if want.w { scratch } else { 0 });
+        let mut dcol = Scratch::new(if want.x { scratch } else { 0 });
         for n in images {
             let x_n = &x[n * x_len..(n + 1) * x_len];
             let dy_n = &dy[n * y_len..(n + 1) * y_len];

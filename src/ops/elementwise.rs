@@ -51,7 +51,7 @@ impl CustomOp1 for Silu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = cpu::slice(s, l, "silu")?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = cpu::zeros(x.len());
         y.par_chunks_mut(BLOCK)
             .zip(x.par_chunks(BLOCK))
             .for_each(|(y, x)| silu_slice(x, y));
@@ -63,7 +63,7 @@ impl CustomOp1 for Silu {
         let dx = {
             let (xr, dyr) = (Read::new(x, "silu")?, Read::new(&dy, "silu")?);
             let (x, dy) = (xr.as_slice(), dyr.as_slice());
-            let mut dx = vec![0f32; x.len()];
+            let mut dx = cpu::zeros(x.len());
             dx.par_chunks_mut(BLOCK)
                 .zip(x.par_chunks(BLOCK).zip(dy.par_chunks(BLOCK)))
                 .for_each(|(dx, (x, dy))| silu_grad_slice(x, dy, dx));
@@ -103,7 +103,7 @@ impl CustomOp2 for AddChannelBias {
         let (_, _, s) = bias_dims(xl.dims(), bl.dims())?;
         let x = cpu::slice(xs, xl, "add_channel_bias")?;
         let bias = cpu::slice(bs, bl, "add_channel_bias")?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = cpu::zeros(x.len());
         if let Some(planes) = BLOCK.checked_div(s) {
             let planes = planes.max(1);
             y.par_chunks_mut(planes * s)

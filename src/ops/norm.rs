@@ -284,7 +284,7 @@ impl CustomOp3 for GroupNormAffine {
         let x = cpu::slice(xs, xl, "group_norm")?;
         let a = cpu::slice(as_, al, "group_norm")?;
         let b = cpu::slice(bs, bl, "group_norm")?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = cpu::zeros(x.len());
         let (cg, s) = (g.cg(), g.s);
         let group_len = cg * s;
         if group_len > 0 {
@@ -356,7 +356,7 @@ impl GroupNormAffine {
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (cg, s) = (g.cg(), g.s);
         let group_len = cg * s;
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = cpu::zeros(x.len());
         let mut da = vec![0f32; g.n * g.c];
         let mut db = vec![0f32; g.n * g.c];
         if group_len == 0 || cg == 0 {

@@ -118,7 +118,7 @@ impl CustomOp1 for Upsample2x {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (p, h, w) = planes(l.dims(), "upsample_nearest2x")?;
         let x = cpu::slice(s, l, "upsample_nearest2x")?;
-        let mut y = vec![0f32; 4 * p * h * w];
+        let mut y = cpu::zeros(4 * p * h * w);
         per_plane(x, h * w, &mut y, 4 * h * w, |x, y| upsample_plane(x, y, w));
         let d = l.dims();
         Ok((CpuStorage::F32(y), Shape::from((d[0], d[1], 2 * h, 2 * w))))
@@ -127,7 +127,7 @@ impl CustomOp1 for Upsample2x {
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let (p, h, w) = planes(x.dims(), "upsample_nearest2x")?;
         let dy = dy.contiguous()?;
-        let mut dx = vec![0f32; p * h * w];
+        let mut dx = cpu::zeros(p * h * w);
         {
             let dyr = Read::new(&dy, "upsample_nearest2x")?;
             per_plane(dyr.as_slice(), 4 * h * w, &mut dx, h * w, |dy, dx| {
@@ -149,7 +149,7 @@ impl CustomOp1 for AvgPool2x {
         let (p, h, w) = planes(l.dims(), "avg_pool2x")?;
         let x = cpu::slice(s, l, "avg_pool2x")?;
         let (ho, wo) = (h / 2, w / 2);
-        let mut y = vec![0f32; p * ho * wo];
+        let mut y = cpu::zeros(p * ho * wo);
         per_plane(x, h * w, &mut y, ho * wo, |x, y| pool_plane(x, y, h, w));
         let d = l.dims();
         Ok((CpuStorage::F32(y), Shape::from((d[0], d[1], ho, wo))))
@@ -158,7 +158,7 @@ impl CustomOp1 for AvgPool2x {
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let (p, h, w) = planes(x.dims(), "avg_pool2x")?;
         let dy = dy.contiguous()?;
-        let mut dx = vec![0f32; p * h * w];
+        let mut dx = cpu::zeros(p * h * w);
         {
             let dyr = Read::new(&dy, "avg_pool2x")?;
             per_plane(dyr.as_slice(), (h / 2) * (w / 2), &mut dx, h * w, |dy, dx| {
