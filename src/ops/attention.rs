@@ -247,7 +247,7 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// Fast `attention` (see [`crate::ops::attention`]).
+/// Fast `attention` (see [`crate::ops::attention()`]).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     q.contiguous()?.apply_op3(
         &k.contiguous()?,

@@ -9,7 +9,7 @@
 //!   `dx_n = col2im(W^T dy_n)` (GEMM, then each patch entry added back to the pixel it came from).
 //!
 //! A 1x1 convolution with stride 1 and no padding skips im2col: `col_n` is `x_n` itself.
-//! Images are split in contiguous ranges ([`super::cpu::for_batch`]), each with one scratch `col` buffer
+//! Images are split in contiguous ranges (`cpu::for_batch`), each with one scratch `col` buffer
 //! of `K * P` floats (never the whole batch's); the weight gradient is accumulated per range and
 //! the ranges' sums added in a fixed order, so results do not depend on scheduling.
 

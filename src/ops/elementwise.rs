@@ -4,7 +4,7 @@
 //!   `silu'(x) = s * (1 + x * (1 - s))`.
 //! - `y[n, c, ...] = x[n, c, ...] + bias[n, c]`; `dx = dy`, `dbias[n, c] = sum_pixels dy[n, c, ...]`.
 //!
-//! Work is split in blocks over the threads; each block is a SIMD loop ([`super::cpu`]).
+//! Work is split in blocks over the threads; each block is a SIMD loop (`cpu::simd_fn`).
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;

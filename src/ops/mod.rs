@@ -1,14 +1,32 @@
 //! The network building-block operations the U-Net and the MLP call.
 //!
 //! Every function here has one contract (shapes, formula) and two implementations:
-//! - [`reference`]: candle's stock ops composed (runs on every device, differentiable through
+//! - [`reference`](mod@reference): candle's stock ops composed (runs on every device, differentiable through
 //!   candle's autodiff) — the ground truth the fast kernels are tested against;
 //! - fast fused CPU kernels (candle custom ops with their own backward) used when the tensor
 //!   is on the CPU and fast kernels are enabled ([`set_fast_kernels`]).
 //!
-//! CUDA (and any non-CPU device) always uses candle's own ops.
+//! CUDA (and any non-CPU device) always uses candle's own ops. The fast path is taken when fast
+//! kernels are on and every tensor of the call is an f32 CPU tensor; anything else (another
+//! dtype, another device) silently takes the reference path.
 //!
-//! Shapes: images are `[N, C, H, W]`, contiguous, f32.
+//! Shapes: images are `[N, C, H, W]`, f32; non-contiguous inputs are made contiguous first.
+//!
+//! Fast kernels, one module per family:
+//! - [`conv`]: im2col + `gemm` per image, bias fused; backward `dW` and `dx` as GEMMs (+ col2im);
+//! - [`norm`]: group norm fused with the per-channel / per-sample affine map and SiLU;
+//! - [`block`]: a whole ResBlock stage, `conv(silu(gn(x))) + b + channel_bias + residual`, as
+//!   one op ([`group_norm_silu_conv2d`], [`conv2d_add`]): fewer candle graph nodes (each costs a
+//!   zeroed gradient buffer and an add in the backward pass) and no stored activation;
+//! - [`elementwise`]: SiLU, per-sample channel bias; [`resample`]: nearest 2x up, 2x2 average
+//!   down; [`attention`](mod@attention): `softmax(q k^T * scale) v`. `linear` stays on candle's matmul (the
+//!   `gemm` crate already, and small in a U-Net).
+//!
+//! Threads: the kernels run on rayon's global pool (`RAYON_NUM_THREADS`, else one per CPU), the
+//! pool candle's matmul and the `gemm` crate use too; a GEMM inside a parallel loop is
+//! single-threaded, so nothing nests or oversubscribes. (candle 0.11's element-wise ops use a
+//! separate "barrier pool" of `CANDLE_NUM_THREADS - 1` threads that spin briefly after each op;
+//! that is candle's, not ours.) Call [`tune_allocator`] once at start-up on Linux/glibc.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -26,7 +44,7 @@ pub mod resample;
 static FAST_KERNELS: AtomicBool = AtomicBool::new(true);
 
 /// Turns the fast CPU kernels on or off for the whole process (on by default). Off means
-/// every op runs as candle's stock composition ([`reference`]).
+/// every op runs as candle's stock composition ([`reference`](mod@reference)).
 pub fn set_fast_kernels(on: bool) {
     FAST_KERNELS.store(on, Ordering::Relaxed);
 }

@@ -120,7 +120,7 @@ pub fn avg_pool2x(x: &Tensor) -> Result<Tensor> {
     x.avg_pool2d(2)
 }
 
-/// See [`crate::ops::attention`].
+/// See [`crate::ops::attention()`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let att = (q.matmul(&k.t()?)? * scale)?;
     // Not `candle_nn::ops::softmax_last_dim`: that op has no backward, so q and k would get
