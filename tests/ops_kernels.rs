@@ -608,3 +608,134 @@ fn fused_conv_block_rejects_bad_shapes() {
         "{e}"
     );
 }
+
+/// A small network that uses every fast op (conv, fused block with scale-shift, channel bias
+/// and residual, pooling, attention, upsampling, SiLU, group norm), built from the fast kernels
+/// or from the reference composition.
+fn tiny_net(fast: bool, p: &[Var], x: &Tensor) -> candle_core::Result<Tensor> {
+    let t: Vec<&Tensor> = p.iter().map(|v| v.as_tensor()).collect();
+    let n = x.dim(0)?;
+    let conv = |x: &Tensor, w: &Tensor, b: &Tensor| {
+        if fast {
+            conv::conv2d(x, w, Some(b), 1, 1)
+        } else {
+            reference::conv2d(x, w, Some(b), 1, 1)
+        }
+    };
+    let h = conv(x, t[0], t[1])?; // [N, 8, 8, 8]
+    let nm1 = GroupNormSilu {
+        groups: 4,
+        gamma: t[2],
+        beta: t[3],
+        eps: 1e-5,
+        scale_shift: Some((t[4], t[5])),
+    };
+    let add1 = ConvAdd {
+        channel_bias: Some(t[8]),
+        residual: None,
+    };
+    let nm2 = GroupNormSilu {
+        groups: 2,
+        gamma: t[9],
+        beta: t[10],
+        eps: 1e-5,
+        scale_shift: None,
+    };
+    let (h1, h2);
+    if fast {
+        h1 = block::conv_block(&h, Some(&nm1), t[6], Some(t[7]), 1, 1, &add1)?;
+        let add2 = ConvAdd {
+            channel_bias: None,
+            residual: Some(&h),
+        };
+        h2 = block::conv_block(&h1, Some(&nm2), t[11], Some(t[12]), 1, 1, &add2)?;
+    } else {
+        h1 = reference::group_norm_silu_conv2d(&h, &nm1, t[6], Some(t[7]), 1, 1, &add1)?;
+        let add2 = ConvAdd {
+            channel_bias: None,
+            residual: Some(&h),
+        };
+        h2 = reference::group_norm_silu_conv2d(&h1, &nm2, t[11], Some(t[12]), 1, 1, &add2)?;
+    }
+    let pooled = if fast {
+        resample::avg_pool2x(&h2)?
+    } else {
+        reference::avg_pool2x(&h2)?
+    }; // [N, 8, 4, 4]
+    let seq = pooled.reshape((n, 8, 16))?.transpose(1, 2)?.contiguous()?; // [N, 16, 8]
+    let att = if fast {
+        attention::attention(&seq, &seq, &seq, 0.35)?
+    } else {
+        reference::attention(&seq, &seq, &seq, 0.35)?
+    };
+    let back = att.transpose(1, 2)?.reshape((n, 8, 4, 4))?;
+    let up = if fast {
+        elementwise::silu(&resample::upsample_nearest2x(&back)?)?
+    } else {
+        reference::silu(&reference::upsample_nearest2x(&back)?)?
+    };
+    let up = (up + &h2)?;
+    let up = if fast {
+        norm::group_norm(&up, 2, t[13], t[14], 1e-5)?
+    } else {
+        reference::group_norm(&up, 2, t[13], t[14], 1e-5)?
+    };
+    conv(&up, t[15], t[16])
+}
+
+#[test]
+fn sgd_training_follows_the_reference_loss_curve() {
+    // Same initial weights, same data, 15 plain SGD steps with each implementation: the losses
+    // must agree step by step. Rounding differences (~1e-6 relative per step) compound slowly;
+    // 1e-4 relative leaves room for that while a wrong gradient anywhere would send the two
+    // curves apart within a step or two.
+    use candle_nn::Optimizer;
+    let mut rng = Rng::new(16);
+    let n = 3;
+    let shapes: Vec<Vec<usize>> = vec![
+        vec![8, 2, 3, 3],
+        vec![8],
+        vec![8],
+        vec![8],
+        vec![n, 8],
+        vec![n, 8],
+        vec![8, 8, 3, 3],
+        vec![8],
+        vec![n, 8],
+        vec![8],
+        vec![8],
+        vec![8, 8, 3, 3],
+        vec![8],
+        vec![8],
+        vec![8],
+        vec![2, 8, 3, 3],
+        vec![2],
+    ];
+    let init: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| (randn(&mut rng, s) * 0.3).unwrap())
+        .collect();
+    let x = randn(&mut rng, &[n, 2, 8, 8]);
+    let target = randn(&mut rng, &[n, 2, 8, 8]);
+    let mut curves = Vec::new();
+    for fast in [true, false] {
+        let vars: Vec<Var> = init.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let mut opt = candle_nn::SGD::new(vars.clone(), 0.05).unwrap();
+        let mut losses = Vec::new();
+        for _ in 0..15 {
+            let y = tiny_net(fast, &vars, &x).unwrap();
+            let loss = (y - &target).unwrap().sqr().unwrap().mean_all().unwrap();
+            losses.push(loss.to_scalar::<f32>().unwrap());
+            opt.backward_step(&loss).unwrap();
+        }
+        curves.push(losses);
+    }
+    let (fast, refr) = (&curves[0], &curves[1]);
+    assert!(refr[14] < 0.9 * refr[0], "the net should learn: {refr:?}");
+    for (i, (a, b)) in fast.iter().zip(refr).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs(),
+            "step {i}: fast loss {a}, reference loss {b}\nfast {fast:?}\nref  {refr:?}"
+        );
+    }
+}
