@@ -144,6 +144,27 @@ pub fn conv2d_add(
 /// `conv(silu(group_norm(x) [* (1 + scale) + shift]), w) + b + channel_bias + residual`: a
 /// ResBlock stage as one op. On the CPU the normalised activation is never stored (it is
 /// recomputed per image in the backward pass), which saves memory and candle graph nodes.
+///
+/// A DDPM ResBlock (Ho et al. 2020, appendix B) in two calls,
+/// `h = conv1(silu(gn1(x))) + temb`, `out = x + conv2(silu(gn2(h)))`:
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use diffuse::ops::{group_norm_silu_conv2d, ConvAdd, GroupNormSilu};
+///
+/// let dev = Device::Cpu;
+/// let (n, c) = (2, 8);
+/// let x = Tensor::randn(0f32, 1., (n, c, 6, 6), &dev)?;
+/// let temb = Tensor::randn(0f32, 1., (n, c), &dev)?;
+/// let w = Tensor::randn(0f32, 0.1, (c, c, 3, 3), &dev)?;
+/// let (ones, zeros) = (Tensor::ones(c, DType::F32, &dev)?, Tensor::zeros(c, DType::F32, &dev)?);
+/// let gn = GroupNormSilu { groups: 4, gamma: &ones, beta: &zeros, eps: 1e-5, scale_shift: None };
+/// let with_temb = ConvAdd { channel_bias: Some(&temb), residual: None };
+/// let h = group_norm_silu_conv2d(&x, &gn, &w, Some(&zeros), 1, 1, &with_temb)?;
+/// let with_skip = ConvAdd { channel_bias: None, residual: Some(&x) };
+/// let out = group_norm_silu_conv2d(&h, &gn, &w, Some(&zeros), 1, 1, &with_skip)?;
+/// assert_eq!(out.dims(), &[n, c, 6, 6]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub fn group_norm_silu_conv2d(
     x: &Tensor,
     norm: &GroupNormSilu<'_>,
