@@ -4,17 +4,26 @@
     python3 bench/torch_ops.py [--threads 2] [--reps 10] [--batch 64] [--only conv3x3] [--json]
 
 Each workload: one warm-up, then `reps` timed runs; the median is reported in ms. "fwd" is the
-op alone under `torch.no_grad()`; "fwd_bwd" is `y = op(inputs)`, `y.backward(r)` for a fixed
+op alone under `torch.no_grad()`; `--cpu` times process CPU time (all threads) instead of wall
+time, with OpenMP's waiting threads passive; "fwd_bwd" is `y = op(inputs)`, `y.backward(r)` for a fixed
 random output gradient `r`, with every input requiring grad, as the Rust benchmark does.
 Only `pip install torch` is needed. Workload names match the Rust benchmark's.
 """
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
-import torch
-import torch.nn.functional as F
+if "--cpu" in sys.argv:
+    # CPU time must not count OpenMP threads spinning while they wait for work.
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import torch  # noqa: E402  (after the environment is set)
+import torch.nn.functional as F  # noqa: E402
+
+CLOCK = time.perf_counter
 
 
 def workloads(n):
@@ -68,17 +77,17 @@ def time_one(op, shapes, reps, stat):
         r = torch.randn_like(op(inputs))
     fwd, both = [], []
     for i in range(reps + 1):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         with torch.no_grad():
             y = op(inputs)
-        t1 = (time.perf_counter() - t0) * 1e3
+        t1 = (CLOCK() - t0) * 1e3
         del y
         for x in inputs:
             x.grad = None
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         y = op(inputs)
         y.backward(r)
-        t2 = (time.perf_counter() - t0) * 1e3
+        t2 = (CLOCK() - t0) * 1e3
         del y
         if i > 0:
             fwd.append(t1)
@@ -94,7 +103,11 @@ def main():
     ap.add_argument("--only", default=None, help="run only workloads whose name contains this")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--min", action="store_true", help="report the fastest run, not the median")
+    ap.add_argument("--cpu", action="store_true", help="time process CPU time instead of wall time")
     a = ap.parse_args()
+    global CLOCK
+    if a.cpu:
+        CLOCK = time.process_time
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     out = {}

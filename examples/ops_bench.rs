@@ -8,9 +8,9 @@
 //! ```
 //!
 //! `--min` reports the fastest run instead of the median (steadier on a busy machine).
-//! `--cpu` times the process's CPU time (user + system, all threads) instead of wall time:
-//! steadier under contention for comparing two versions of our code, not for comparing with
-//! PyTorch (OpenMP threads spin while waiting, which counts as CPU time).
+//! `--cpu` times the process's CPU time (user + system, all threads) instead of wall time, in
+//! both programs (PyTorch's OpenMP threads are then made to wait passively, since spinning
+//! counts as CPU time): the work done, steadier than wall time when other jobs share the cores.
 //! The allocator is tuned with `diffuse::ops::tune_allocator` unless `--default-alloc`.
 //!
 //! Each workload is timed `reps` times after one warm-up; the median is printed (ms).
@@ -425,6 +425,9 @@ fn torch_times(a: &Args) -> Result<serde_json::Value> {
         .arg("--json");
     if a.min {
         cmd.arg("--min");
+    }
+    if a.cpu {
+        cmd.arg("--cpu");
     }
     if let Some(o) = &a.only {
         cmd.args(["--only", o]);

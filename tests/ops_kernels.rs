@@ -96,6 +96,11 @@ fn conv2d_matches_reference_values_and_gradients() {
         (2, 3, 6, 7, 4, 2, 3, 1, 1),
         (2, 2, 4, 3, 3, 3, 3, 1, 2),
         (5, 16, 6, 6, 16, 3, 3, 1, 1),
+        // Degenerate: a 1x1 image under a 3x3 kernel (whole kernel rows fall in the padding),
+        // a 1-pixel-wide image, and a kernel as large as the padded image.
+        (2, 3, 1, 1, 2, 3, 3, 1, 1),
+        (2, 2, 5, 1, 3, 3, 3, 1, 1),
+        (1, 2, 3, 3, 2, 5, 5, 1, 1),
     ];
     for (n, ci, h, w, co, kh, kw, stride, padding) in cases {
         let what = format!("conv2d n{n} c{ci}->{co} {h}x{w} k{kh}x{kw} s{stride} p{padding}");

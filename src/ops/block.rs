@@ -304,7 +304,7 @@ impl ConvBlock {
                         parallel,
                     );
                     target.fill(0.0);
-                    col2im(&g, &dcol, target);
+                    col2im(&g, &mut dcol, target);
                 }
                 if let Some((groups, eps)) = self.norm {
                     let cg = g.c_in / groups;

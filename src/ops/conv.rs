@@ -79,6 +79,12 @@ impl Geometry {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
     }
 
+    /// Stride 1 and `W_out = W` (e.g. a 3x3 kernel with padding 1): each kernel tap's im2col row
+    /// is one shifted copy of the input plane.
+    fn same_width(&self) -> bool {
+        self.stride == 1 && self.w_out == self.w
+    }
+
     /// For kernel column `kx`, the output columns whose input column `ox * stride + kx - padding`
     /// lies inside `[0, W)`, as a half-open range `lo..hi`.
     fn valid_cols(&self, kx: usize) -> (usize, usize) {
@@ -116,6 +122,10 @@ pub(crate) fn im2col(g: &Geometry, x_n: &[f32], col: &mut [f32]) {
             for kx in 0..g.kw {
                 let r = (ci * g.kh + ky) * g.kw + kx;
                 let row = &mut col[r * p..(r + 1) * p];
+                if g.same_width() {
+                    im2col_shifted(g, plane, row, ky, kx);
+                    continue;
+                }
                 let (lo, hi) = g.valid_cols(kx);
                 for oy in 0..g.h_out {
                     let dst = &mut row[oy * wo..(oy + 1) * wo];
@@ -140,16 +150,68 @@ pub(crate) fn im2col(g: &Geometry, x_n: &[f32], col: &mut [f32]) {
     }
 }
 
+/// The rows of output row block `oy0..oy1` whose input rows lie inside the image, and the
+/// offset (in the input plane, possibly negative) of the block's first element, for kernel
+/// tap `(ky, kx)` of a stride-1 convolution with `W_out = W`: output element `j` of the block
+/// reads plane element `offset + j` (its columns `ox < lo` or `ox >= hi` wrap around to the
+/// neighbouring row and must be treated as padding).
+fn shifted_block(g: &Geometry, ky: usize, kx: usize) -> (usize, usize, isize) {
+    let oy0 = g.padding.saturating_sub(ky).min(g.h_out);
+    let oy1 = (g.h + g.padding).saturating_sub(ky).min(g.h_out).max(oy0);
+    let iy0 = (oy0 + ky) as isize - g.padding as isize;
+    let offset = iy0 * g.w as isize + kx as isize - g.padding as isize;
+    (oy0, oy1, offset)
+}
+
+/// The part `lo..hi` of a block of `len` elements starting at plane offset `offset` that lies
+/// inside a plane of `plane_len` elements.
+fn inside(offset: isize, len: usize, plane_len: usize) -> (usize, usize) {
+    let lo = (-offset).clamp(0, len as isize) as usize;
+    let hi = (plane_len as isize - offset).clamp(lo as isize, len as isize) as usize;
+    (lo, hi)
+}
+
+/// [`im2col`] for one kernel tap of a stride-1 convolution with `W_out = W`: the valid output
+/// rows form one contiguous shifted copy of the plane (one copy instead of one per row), after
+/// which the wrapped-around edge columns are set to the padding value 0.
+fn im2col_shifted(g: &Geometry, plane: &[f32], row: &mut [f32], ky: usize, kx: usize) {
+    let w = g.w;
+    let (oy0, oy1, offset) = shifted_block(g, ky, kx);
+    row[..oy0 * w].fill(0.0);
+    row[oy1 * w..].fill(0.0);
+    let block = &mut row[oy0 * w..oy1 * w];
+    let (lo, hi) = inside(offset, block.len(), plane.len());
+    block[..lo].fill(0.0);
+    block[hi..].fill(0.0);
+    if hi > lo {
+        // offset + lo >= 0 by construction of `inside`.
+        let src = (offset + lo as isize) as usize;
+        block[lo..hi].copy_from_slice(&plane[src..src + (hi - lo)]);
+    }
+    let (c_lo, c_hi) = g.valid_cols(kx);
+    if c_lo > 0 || c_hi < w {
+        for r in block.chunks_exact_mut(w) {
+            r[..c_lo].fill(0.0);
+            r[c_hi..].fill(0.0);
+        }
+    }
+}
+
 /// The adjoint of [`im2col`]: adds every entry of `col [K, P]` to the input pixel it was read
 /// from (entries that came from the zero padding are dropped). `dx_n` must start at zero.
-pub(crate) fn col2im(g: &Geometry, col: &[f32], dx_n: &mut [f32]) {
+/// `col` is scratch: entries that correspond to padding may be overwritten with zeros.
+pub(crate) fn col2im(g: &Geometry, col: &mut [f32], dx_n: &mut [f32]) {
     let (p, wo) = (g.p(), g.w_out);
     for ci in 0..g.c_in {
         let plane = &mut dx_n[ci * g.h * g.w..(ci + 1) * g.h * g.w];
         for ky in 0..g.kh {
             for kx in 0..g.kw {
                 let r = (ci * g.kh + ky) * g.kw + kx;
-                let row = &col[r * p..(r + 1) * p];
+                let row = &mut col[r * p..(r + 1) * p];
+                if g.same_width() {
+                    col2im_shifted(g, row, plane, ky, kx);
+                    continue;
+                }
                 let (lo, hi) = g.valid_cols(kx);
                 for oy in 0..g.h_out {
                     let Some(iy) = g.input_row(oy, ky) else {
@@ -168,6 +230,27 @@ pub(crate) fn col2im(g: &Geometry, col: &[f32], dx_n: &mut [f32]) {
                 }
             }
         }
+    }
+}
+
+/// The adjoint of [`im2col_shifted`]: zero the block's wrapped-around edge columns (they
+/// belong to the padding), then add the block to the plane in one shifted pass.
+fn col2im_shifted(g: &Geometry, row: &mut [f32], plane: &mut [f32], ky: usize, kx: usize) {
+    let w = g.w;
+    let (oy0, oy1, offset) = shifted_block(g, ky, kx);
+    let block = &mut row[oy0 * w..oy1 * w];
+    let (c_lo, c_hi) = g.valid_cols(kx);
+    if c_lo > 0 || c_hi < w {
+        for r in block.chunks_exact_mut(w) {
+            r[..c_lo].fill(0.0);
+            r[c_hi..].fill(0.0);
+        }
+    }
+    let (lo, hi) = inside(offset, block.len(), plane.len());
+    if hi > lo {
+        // offset + lo >= 0 by construction of `inside`.
+        let dst = (offset + lo as isize) as usize;
+        add_assign(&mut plane[dst..dst + (hi - lo)], &block[lo..hi]);
     }
 }
 
@@ -358,7 +441,7 @@ fn backward(g: &Geometry, x: &[f32], w: &[f32], dy: &[f32], want: Grads) -> (Gra
                         1.0,
                         parallel,
                     );
-                    col2im(g, &dcol, dx_n);
+                    col2im(g, &mut dcol, dx_n);
                 }
             }
         }
