@@ -188,11 +188,16 @@ fn im2col_shifted(g: &Geometry, plane: &[f32], row: &mut [f32], ky: usize, kx: u
         let src = (offset + lo as isize) as usize;
         block[lo..hi].copy_from_slice(&plane[src..src + (hi - lo)]);
     }
-    let (c_lo, c_hi) = g.valid_cols(kx);
-    if c_lo > 0 || c_hi < w {
-        for r in block.chunks_exact_mut(w) {
-            r[..c_lo].fill(0.0);
-            r[c_hi..].fill(0.0);
+    zero_edge_columns(block, w, g.valid_cols(kx));
+}
+
+/// Sets columns `ox < lo` and `ox >= hi` of each `w`-wide row of `block` to 0, column by
+/// column (a handful of strided stores, instead of a tiny `memset` call per row).
+fn zero_edge_columns(block: &mut [f32], w: usize, (lo, hi): (usize, usize)) {
+    let rows = block.len() / w.max(1);
+    for c in (0..lo).chain(hi..w) {
+        for r in 0..rows {
+            block[r * w + c] = 0.0;
         }
     }
 }
@@ -239,13 +244,7 @@ fn col2im_shifted(g: &Geometry, row: &mut [f32], plane: &mut [f32], ky: usize, k
     let w = g.w;
     let (oy0, oy1, offset) = shifted_block(g, ky, kx);
     let block = &mut row[oy0 * w..oy1 * w];
-    let (c_lo, c_hi) = g.valid_cols(kx);
-    if c_lo > 0 || c_hi < w {
-        for r in block.chunks_exact_mut(w) {
-            r[..c_lo].fill(0.0);
-            r[c_hi..].fill(0.0);
-        }
-    }
+    zero_edge_columns(block, w, g.valid_cols(kx));
     let (lo, hi) = inside(offset, block.len(), plane.len());
     if hi > lo {
         // offset + lo >= 0 by construction of `inside`.
@@ -335,25 +334,48 @@ struct Grads {
     b: bool,
 }
 
-/// `y [N, C_out, P]`: per image, `y_n = W col_n + b`.
+/// `y [N, C_out, P]`: per image, `y_n = W col_n + b`. With im2col the bias rides in the GEMM
+/// as one more column of `W` against a row of ones under `col_n` (`[W | b] [col_n; 1]`), so the
+/// output is written once; a pointwise convolution (no im2col buffer) starts from the bias.
 fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
     let (x_len, y_len) = (g.c_in * g.h * g.w, g.c_out * p);
     let mut y = cpu::zeros(g.n * y_len);
+    let pointwise = g.pointwise();
+    // [W | b]: C_out rows of K + 1.
+    let w_ext: Vec<f32> = if pointwise {
+        Vec::new()
+    } else {
+        w.chunks_exact(k.max(1))
+            .zip(b)
+            .flat_map(|(row, &bias)| row.iter().copied().chain(std::iter::once(bias)))
+            .collect()
+    };
     let image = |n: usize, y_n: &mut [f32], col: &mut [f32], parallel: bool| {
         let x_n = &x[n * x_len..(n + 1) * x_len];
-        let col: &[f32] = if g.pointwise() {
-            x_n
+        if pointwise {
+            for (row, &bias) in y_n.chunks_exact_mut(p).zip(b) {
+                row.fill(bias);
+            }
+            cpu::gemm((g.c_out, p, k), y_n, true, w, (k, 1), x_n, (p, 1), 1.0, parallel);
         } else {
-            im2col(g, x_n, col);
-            col
-        };
-        for (row, &bias) in y_n.chunks_exact_mut(p).zip(b) {
-            row.fill(bias);
+            let (patches, ones) = col.split_at_mut(k * p);
+            im2col(g, x_n, patches);
+            ones.fill(1.0);
+            cpu::gemm(
+                (g.c_out, p, k + 1),
+                y_n,
+                false,
+                &w_ext,
+                (k + 1, 1),
+                col,
+                (p, 1),
+                1.0,
+                parallel,
+            );
         }
-        cpu::gemm((g.c_out, p, k), y_n, true, w, (k, 1), col, (p, 1), 1.0, parallel);
     };
-    let col_len = if g.pointwise() { 0 } else { k * p };
+    let col_len = if pointwise { 0 } else { (k + 1) * p };
     let out = SyncPtr::new(&mut y);
     cpu::for_batch(g.n, |images, parallel| {
         let mut col = Scratch::new(col_len);
