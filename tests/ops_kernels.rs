@@ -746,3 +746,10 @@ fn sgd_training_follows_the_reference_loss_curve() {
         );
     }
 }
+
+#[test]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn glibc_accepts_the_allocator_settings() {
+    // mallopt returns 1 on success; a threshold above glibc's maximum would return 0.
+    assert!(diffuse::ops::tune_allocator());
+}
