@@ -9,9 +9,9 @@
 //!
 //! integrated from the data (`t_start`, by default the process's t_eps) to the noise (t_max)
 //! with adaptive RK45 on the state `[x, int div]`. The result is the density at `t_start`: the
-//! data blurred by the noise there (sigma about 0.01 at t_eps for every family). A denoiser
-//! whose score is defined at sigma = 0 (the oracle) can start at `t_start = 0` on the VP types
-//! and seed-ve, giving the clean data density; VE's sigma never falls below sigma_min.
+//! data blurred by the noise there (sigma 1e-4 to 1e-2 at t_eps, depending on the family). A denoiser
+//! whose score is defined at sigma = 0 (the oracle) can start at `t_start = 0`, where every
+//! family has no noise, giving the clean data density.
 //!
 //! The prior is the process's N(0, prior_std^2 I); it differs from the true p_{t_max} (VP:
 //! mean scale alpha(1) = 0.0066 instead of 0; VE: the data blurred by sigma_max), by a log-density

@@ -22,13 +22,16 @@
 //! | `vp` | VP, linear beta | `exp(-1/4 t^2 (b1 - b0) - 1/2 t b0)`, `sqrt(1 - alpha^2)` | `-beta(t)/2`, `sqrt(beta(t))` |
 //! | `vp-cosine` | VP, cosine | `cos(u(t)) / cos(u(0))`, `u = (t + s)/(1 + s) pi/2`, `sqrt(1 - alpha^2)` | `-beta(t)/2`, `sqrt(beta(t))`, `beta = pi/(1+s) tan u(t)` |
 //! | `subvp` | sub-VP | as VP, `1 - alpha^2` | `-beta(t)/2`, `sqrt(beta(t) (1 - alpha^4))` |
-//! | `ve` | VE, geometric | `1`, `sigma_min (sigma_max/sigma_min)^t` | `0`, `sigma(t) sqrt(2 ln(sigma_max/sigma_min))` |
+//! | `ve` | VE, geometric | `1`, `sqrt(s(t)^2 - sigma_min^2)`, `s(t) = sigma_min (sigma_max/sigma_min)^t` | `0`, `s(t) sqrt(2 ln(sigma_max/sigma_min))` |
 //! | `seed-ve` | seed 000 | `1`, `sigma_q sqrt(t)` | `0`, `sigma_q` |
 //!
 //! VP and sub-VP: Song et al. 2021, eqs. 11 and 29 (beta_min 0.1, beta_max 20, t_eps 1e-3).
-//! VE: eq. 9 and 30 (sigma_min 0.01, sigma_max 50, t_eps 1e-5); as in Score-SDE the marginal
-//! std is taken to be sigma(t) itself (the SDE started at t = 0 gives sigma(t)^2 - sigma_min^2;
-//! the difference is a blur of sigma_min = 0.01 on the data). Cosine: Nichol & Dhariwal 2021,
+//! VE: eq. 9 and 30 (sigma_min 0.01, sigma_max 50, t_eps 1e-5), with the exact marginal of the
+//! SDE started from the data at t = 0, variance `s(t)^2 - s(0)^2` (Song et al. 2021, eq. 29).
+//! Score-SDE's code takes the std to be `s(t)` itself, which blurs the data by sigma_min = 0.01
+//! even at t = 0 (0.5 nats of log-density at a point far from a 2-D mixture); with the exact
+//! kernel the VE family reaches the clean data at t = 0 and agrees with `s(t)` to 1e-4 relative
+//! for t > 0.5. Cosine: Nichol & Dhariwal 2021,
 //! eq. 17 in continuous time, as in DPM-Solver's `NoiseScheduleVP('cosine')`, stopped at
 //! t_max = 0.9946 where beta(t) is still finite (beta(1) is infinite). Seed 000 (Nakkiran et al.
 //! 2024, "Step-by-Step Diffusion", section 2): `x_{t+dt} = x_t + N(0, sigma_q^2 dt)`, marginal
@@ -48,7 +51,7 @@ use crate::schedule::Schedule;
 /// falls as 1/sigma_q^2, and doubling sigma_q costs ~8% more steps on the log-SNR grid.
 pub const SEED_VE_SIGMA_Q: f64 = 100.0;
 
-/// The noise std at which the VE-type families stop (t_eps): sigma = 0.01, as Score-SDE's VE.
+/// The noise std at which seed-ve stops (t_eps): 0.01, as VP at its t_eps.
 const VE_SIGMA_EPS: f64 = 0.01;
 
 /// DPM-Solver's end time for the continuous cosine schedule (beta(t) is infinite at t = 1).
@@ -213,9 +216,11 @@ impl Sde {
             // sigma^2 = 1 - alpha^2 = -expm1(2 ln alpha): accurate at small t.
             Sde::Vp { .. } | Sde::VpCosine { .. } => NoiseLevel::new(la.exp(), (-(2.0 * la).exp_m1()).sqrt()),
             Sde::SubVp { .. } => NoiseLevel::new(la.exp(), -(2.0 * la).exp_m1()),
-            Sde::Ve { sigma_min, sigma_max } => {
-                NoiseLevel::new(1.0, sigma_min * (sigma_max / sigma_min).powf(t))
-            }
+            // sigma_min^2 ((sigma_max/sigma_min)^(2t) - 1), by expm1 for small t
+            Sde::Ve { sigma_min, sigma_max } => NoiseLevel::new(
+                1.0,
+                sigma_min * (2.0 * t.max(0.0) * (sigma_max / sigma_min).ln()).exp_m1().sqrt(),
+            ),
             Sde::SeedVe { sigma_q } => NoiseLevel::new(1.0, sigma_q * t.max(0.0).sqrt()),
         }
     }
@@ -247,14 +252,15 @@ impl Sde {
                 (self.beta(t) * -(4.0 * self.log_alpha(t)).exp_m1()).sqrt()
             }
             Sde::Ve { sigma_min, sigma_max } => {
-                self.level(t).sigma * (2.0 * (sigma_max / sigma_min).ln()).sqrt()
+                let r = sigma_max / sigma_min;
+                sigma_min * r.powf(t) * (2.0 * r.ln()).sqrt()
             }
             Sde::SeedVe { sigma_q } => sigma_q,
         }
     }
 
-    /// The smallest time samplers integrate to (Score-SDE: 1e-3 for VP and sub-VP, 1e-5 for
-    /// VE; seed-ve: the time where sigma = 0.01, like VE).
+    /// The smallest time samplers integrate to (Score-SDE: 1e-3 for VP and sub-VP, where
+    /// sigma is 0.01 and 1e-4; 1e-5 for VE, where sigma is 1.3e-4; seed-ve: where sigma = 0.01).
     pub fn t_eps(&self) -> f64 {
         match *self {
             Sde::Vp { .. } | Sde::SubVp { .. } | Sde::VpCosine { .. } => 1e-3,
@@ -272,11 +278,11 @@ impl Sde {
     }
 
     /// The std of the prior x_{t_max} ~ N(0, prior_std^2 I): 1 for the VP types (Score-SDE's
-    /// `prior_sampling`), sigma_max for VE, sigma_q for seed-ve.
+    /// `prior_sampling`), sigma(1) for VE (sqrt(sigma_max^2 - sigma_min^2)) and seed-ve (sigma_q).
     pub fn prior_std(&self) -> f64 {
         match *self {
             Sde::Vp { .. } | Sde::VpCosine { .. } | Sde::SubVp { .. } => 1.0,
-            Sde::Ve { sigma_max, .. } => sigma_max,
+            Sde::Ve { sigma_min, sigma_max } => (sigma_max * sigma_max - sigma_min * sigma_min).sqrt(),
             Sde::SeedVe { sigma_q } => sigma_q,
         }
     }
@@ -483,9 +489,12 @@ mod tests {
         // sub-VP: same alpha, sigma = 1 - alpha^2.
         let l = Sde::subvp().level(0.5);
         assert!((l.alpha - a).abs() < 1e-15 && (l.sigma - (1.0 - a * a)).abs() < 1e-15);
-        // VE at t = 0.5: 0.01 * 5000^0.5 = 0.7071...
+        // VE at t = 0.5: 0.01 * sqrt(5000^(2 * 0.5) - 1) = 0.7070...; 0 at t = 0; g(t) = s(t) sqrt(2 ln 5000)
         let l = Sde::ve().level(0.5);
-        assert!((l.sigma - 0.01 * 5000f64.sqrt()).abs() < 1e-13 && l.alpha == 1.0);
+        assert!((l.sigma - 0.01 * 4999f64.sqrt()).abs() < 1e-13 && l.alpha == 1.0);
+        assert_eq!(Sde::ve().level(0.0).sigma, 0.0);
+        let g = Sde::ve().diffusion(0.5);
+        assert!((g - 0.01 * 5000f64.sqrt() * (2.0 * 5000f64.ln()).sqrt()).abs() < 1e-12);
         // seed-ve: sigma_q sqrt(t) = 100 * 0.5.
         let l = Sde::seed_ve().level(0.25);
         assert!((l.sigma - 50.0).abs() < 1e-13);

@@ -1,10 +1,10 @@
 //! The probability-flow ODE likelihood under the exact oracle against the mixture's exact
 //! log-density (Song et al. 2021, appendix D.2).
 //!
-//! What the ODE transports is p_{t_start}: the clean data when the integration starts at t = 0
-//! (possible for the oracle on the VP types and seed-ve, whose noise is 0 there), the data
-//! blurred by sigma_min = 0.01 for VE. The reference is the exact mixture log-density at that
-//! time (`Oracle::log_density_rows`).
+//! What the ODE transports is p_{t_start}: the clean data when the integration starts at t = 0,
+//! which the oracle allows (its score is defined at sigma = 0) and every family reaches (noise 0
+//! at t = 0). The reference is the exact mixture log-density at that time
+//! (`Oracle::log_density_rows`).
 
 use candle_core::{Device, Tensor};
 
@@ -56,8 +56,8 @@ fn exact_divergence_matches_the_exact_log_density() {
         Sde::ve(),
         Sde::seed_ve(),
     ] {
-        // start at t = 0 where the process has no noise there (the clean data density), else at
-        // t_eps; the reference is the exact mixture log-density at that time
+        // start at t = 0 (no noise: the clean data density) where the process allows it, else
+        // at t_eps; the reference is the exact mixture log-density at that time
         let t0 = if sde.level(0.0).sigma == 0.0 {
             0.0
         } else {

@@ -192,8 +192,8 @@ struct NllArgs {
     /// Seed of the Hutchinson probes.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// The time the points live at (default: 0 with --oracle on vp, vp-cosine, subvp and seed-ve,
-    /// i.e. the clean data density; otherwise the process's t_eps).
+    /// The time the points live at (default: 0 with --oracle, i.e. the clean data density;
+    /// the process's t_eps for learned models).
     #[arg(long)]
     t_start: Option<f64>,
     /// Prior at t = 1: exact (the oracle's own marginal; default with --oracle) or gaussian
