@@ -231,7 +231,7 @@ pub fn samples_figure(
     let mut panels = Vec::new();
     if let Some(t) = data {
         panels.push(Panel2d {
-            title: format!("data ({} exact draws)", t.len() / d),
+            title: format!("data ({} points)", t.len() / d),
             x_label: "x1".into(),
             y_label: "x2".into(),
             dots: vec![dots("data", t, Some(1))],

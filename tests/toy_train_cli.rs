@@ -1,4 +1,4 @@
-//! The `toy-train` command end to end: outputs, exit codes, a real SIGTERM mid-run followed by
+//! The `toy train` command end to end: outputs, exit codes, a real SIGTERM mid-run followed by
 //! `--resume`, which must reproduce the uninterrupted run's losses exactly.
 
 use std::path::Path;
@@ -23,7 +23,7 @@ const SMALL: [&str; 10] = [
 
 fn train(out: &Path, extra: &[&str]) -> Output {
     Command::new(BIN)
-        .arg("toy-train")
+        .args(["toy", "train"])
         .args(["--data", "moons", "--out"])
         .arg(out)
         .args(SMALL)
@@ -75,7 +75,7 @@ fn bad_input_exits_2_with_one_line() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let o = Command::new(BIN)
-        .args(["toy-train", "--data", "spiral", "--out"])
+        .args(["toy", "train", "--data", "spiral", "--out"])
         .arg(&out)
         .output()
         .unwrap();
@@ -89,7 +89,7 @@ fn bad_input_exits_2_with_one_line() {
     let csv = tmp.path().join("p.csv");
     std::fs::write(&csv, "x,y\n1,2\n3,oops\n").unwrap();
     let o = Command::new(BIN)
-        .args(["toy-train", "--data"])
+        .args(["toy", "train", "--data"])
         .arg(format!("csv:{}", csv.display()))
         .arg("--out")
         .arg(&out)
@@ -99,7 +99,7 @@ fn bad_input_exits_2_with_one_line() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("line 3, column 2"));
 
     let o = Command::new(BIN)
-        .args(["toy-train", "--n-data", "10", "--data"])
+        .args(["toy", "train", "--n-data", "10", "--data"])
         .arg(format!("csv:{}", csv.display()))
         .arg("--out")
         .arg(&out)
@@ -114,7 +114,7 @@ fn sigterm_checkpoints_and_resume_matches_the_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("killed");
     let child = Command::new(BIN)
-        .arg("toy-train")
+        .args(["toy", "train"])
         .args(["--data", "moons", "--out"])
         .arg(&out)
         .args(SMALL)

@@ -27,8 +27,6 @@ enum Command {
     Schedule(schedule::ScheduleArgs),
     /// Draw the forward process: images noised at evenly spaced t, one block per schedule.
     Forward(forward::ForwardArgs),
-    /// Train the MLP denoiser on 2-D toy data or points from a file (to become `toy train`).
-    ToyTrain(toy_train::ToyTrainArgs),
     /// Low-dimensional diffusion with the exact Gaussian-mixture oracle: sample, nll, score-field, report.
     Toy(toy::ToyArgs),
     /// Train the U-Net on images (bundled MNIST by default) with the simple loss.
@@ -58,7 +56,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Schedule(args) => schedule::run(args),
         Command::Forward(args) => forward::run(args),
-        Command::ToyTrain(args) => toy_train::run(args),
         Command::Toy(args) => toy::run(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),

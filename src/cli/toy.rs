@@ -39,6 +39,8 @@ pub struct ToyArgs {
 
 #[derive(Subcommand, Debug)]
 enum ToyCommand {
+    /// Train the MLP denoiser on 2-D toy data, points from a file, or a Gaussian mixture.
+    Train(super::toy_train::ToyTrainArgs),
     /// Draw samples with any sampler/process pair; writes float32 .npy [N, D].
     Sample(SampleArgs),
     /// Log-likelihood of points by the probability-flow ODE (nats and bits/dim).
@@ -252,6 +254,7 @@ struct ReportArgs {
 
 pub fn run(args: ToyArgs) -> anyhow::Result<()> {
     match *args.command {
+        ToyCommand::Train(a) => super::toy_train::run(a),
         ToyCommand::Sample(a) => sample(a),
         ToyCommand::Nll(a) => nll(a),
         ToyCommand::ScoreField(a) => score_field(a),
@@ -259,13 +262,12 @@ pub fn run(args: ToyArgs) -> anyhow::Result<()> {
     }
 }
 
-/// A learned toy model from `dir`. Not built yet: the MLP denoiser and its checkpoints come
-/// with `diffuse toy train`; until then this is an error.
-pub fn resolve_checkpoint(dir: &Path) -> anyhow::Result<Box<dyn Denoiser>> {
-    usage(format!(
-        "--checkpoint {}: learned toy models are not built yet; use --oracle gmm:FILE.json",
-        dir.display()
-    ))
+/// A learned toy model from `dir` (a `diffuse toy train` run): the MLP with its EMA weights,
+/// and the data dimension.
+pub fn resolve_checkpoint(dir: &Path) -> anyhow::Result<(Box<dyn Denoiser>, usize)> {
+    let net = diffuse::nets::mlp::MlpDenoiser::load(dir, true)?;
+    let dim = net.mlp().config().dim;
+    Ok((Box::new(net), dim))
 }
 
 /// The denoiser a command runs on.
@@ -273,6 +275,8 @@ struct Model {
     oracle: Option<Oracle>,
     net: Option<Box<dyn Denoiser>>,
     dim: usize,
+    /// A learned model's training points (row-major, n x dim), when they can be regenerated.
+    data: Option<Vec<f64>>,
 }
 
 impl Model {
@@ -309,15 +313,20 @@ impl Model {
                 dim: gmm.dim(),
                 oracle: Some(Oracle::new(gmm)),
                 net: None,
+                data: None,
             });
         }
         match &m.checkpoint {
             Some(dir) => {
-                let net = resolve_checkpoint(dir)?;
+                let (net, dim) = resolve_checkpoint(dir)?;
+                let data = diffuse::train::toy::training_points(dir)
+                    .ok()
+                    .map(|p| p.as_slice().to_vec());
                 Ok(Model {
                     oracle: None,
                     net: Some(net),
-                    dim: 2,
+                    dim,
+                    data,
                 })
             }
             None => usage("give --checkpoint DIR or --oracle gmm:FILE.json"),
@@ -430,11 +439,19 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
     let x32: Vec<f32> = x.iter().map(|v| *v as f32).collect();
     diffuse::io::write_npy_f32(&a.out, &[a.n, d], &x32)?;
 
-    // fresh true samples (a seed the sampler does not use for its own streams' purpose)
-    let truth = model.gmm().map(|g| g.sample(a.n, a.seed ^ 0x7275_7468));
+    // fresh true samples for an oracle; a learned model's training points otherwise
+    let truth = model
+        .gmm()
+        .map(|g| g.sample(a.n, a.seed ^ 0x7275_7468))
+        .or_else(|| model.data.as_ref().map(|p| p[..p.len().min(a.n * d)].to_vec()));
     let energy = match &truth {
-        Some(t) if a.n >= 2 && a.n <= 20_000 => Some(energy_distance(&x, t, d)?),
+        Some(t) if a.n >= 2 && a.n <= 20_000 && t.len() >= 2 * d => Some(energy_distance(&x, t, d)?),
         _ => None,
+    };
+    let reference = if model.gmm().is_some() {
+        "fresh data samples"
+    } else {
+        "training points"
     };
     if let Some(path) = &a.plot {
         samples_figure(
@@ -462,7 +479,8 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
         "process": process.name(),
         "nfe": out.nfe,
         "seconds": seconds,
-        "energy_distance_to_fresh_data": energy,
+        "energy_distance_to_fresh_data": if model.gmm().is_some() { energy } else { None },
+        "energy_distance_to_training_data": if model.gmm().is_none() { energy } else { None },
     });
     if a.json {
         println!("{summary}");
@@ -477,7 +495,8 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
             seconds
         );
         if let Some(e) = energy {
-            println!("energy distance to {} fresh data samples: {e:.6}", a.n);
+            let m = truth.as_ref().map_or(0, |t| t.len() / d);
+            println!("energy distance to {m} {reference}: {e:.6}");
         }
     }
     Ok(())
@@ -607,7 +626,12 @@ fn score_field(a: ScoreFieldArgs) -> anyhow::Result<()> {
     if !(2..=200).contains(&a.grid) {
         return usage(format!("--grid {}: expected 2..=200 arrows per side", a.grid));
     }
-    let truth = model.gmm().map(|g| g.sample(3000, 1));
+    let truth = model.gmm().map(|g| g.sample(3000, 1)).or_else(|| {
+        model
+            .data
+            .as_ref()
+            .map(|p| p[..p.len().min(3000 * model.dim)].to_vec())
+    });
     let range = match &a.range {
         Some(r) if r.len() == 4 && r[0] < r[1] && r[2] < r[3] && r.iter().all(|v| v.is_finite()) => {
             ((r[0], r[1]), (r[2], r[3]))

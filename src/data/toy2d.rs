@@ -228,12 +228,7 @@ pub enum DataSpec {
     Npy(PathBuf),
     /// Points from a CSV file.
     Csv(PathBuf),
-    /// A Gaussian mixture given as JSON.
-    ///
-    /// HOOK(gmm): sampling is not wired in yet. The lead connects it to the samplers engineer's
-    /// `crate::gmm` in [`DataSpec::load`], e.g.
-    /// `crate::gmm::GaussianMixture::from_json_file(path)?.sample(n, &mut rng)` converted to
-    /// [`Points`]; parsing `gmm:FILE.json` already works.
+    /// `n` exact draws from a Gaussian mixture given as JSON (see [`crate::gmm::Gmm`]).
     Gmm(PathBuf),
 }
 
@@ -281,7 +276,7 @@ impl DataSpec {
 
     /// Whether the points come from a file (their number is the file's).
     pub fn is_file(&self) -> bool {
-        !matches!(self, DataSpec::Synthetic(_))
+        matches!(self, DataSpec::Npy(_) | DataSpec::Csv(_))
     }
 
     /// The points: `n` draws seeded by `seed` for synthetic sets (and mixtures), the file's
@@ -296,13 +291,13 @@ impl DataSpec {
             }
             DataSpec::Npy(p) => read_npy_points(p),
             DataSpec::Csv(p) => read_csv_points(p),
-            DataSpec::Gmm(p) => Err(Error::param(
-                "data",
-                format!(
-                    "gmm:{} — Gaussian-mixture data is not wired into the toy trainer yet (see DataSpec::Gmm)",
-                    p.display()
-                ),
-            )),
+            DataSpec::Gmm(p) => {
+                if n == 0 {
+                    return Err(Error::param("n-data", "got 0, expected at least 1 point"));
+                }
+                let gmm = crate::gmm::Gmm::from_json_file(p)?;
+                Points::new(gmm.dim(), gmm.sample(n, seed))
+            }
         }
     }
 }

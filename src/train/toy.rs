@@ -344,6 +344,25 @@ pub fn toy_config(
     }
 }
 
+/// The training points of a toy run (regenerated from the run's saved data spec and seed, or
+/// re-read from its file), e.g. to draw them beside samples.
+pub fn training_points(dir: &Path) -> Result<Points> {
+    use crate::train::checkpoint;
+    let ckpt = checkpoint::locate(dir)?;
+    let state = checkpoint::read_state(&ckpt)?;
+    let bad = |m: String| Error::bad_input(ckpt.join(checkpoint::STATE_FILE), m);
+    let task: ToyTrainConfig = serde_json::from_value(state.config["task"].clone())
+        .map_err(|e| bad(format!("not a toy run ({e})")))?;
+    let seed = state.config["trainer"]["seed"]
+        .as_u64()
+        .ok_or_else(|| bad("config.trainer.seed is missing".into()))?;
+    let points = load_data(&DataSpec::parse(&task.data)?, task.n_data, seed)?;
+    if points_checksum(&points) != task.data_checksum {
+        return Err(bad(format!("the data {} changed since training", task.data)));
+    }
+    Ok(points)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
