@@ -11,10 +11,9 @@ use serde_json::json;
 
 use diffuse::data::{self, Split};
 use diffuse::likelihood::{variational_bound, BoundConfig, Decoder};
-use diffuse::pipeline::{self, ImageModel};
 use diffuse::posterior::{ClipX0, ReverseVariance};
 
-use super::common::DataArgs;
+use super::common::{DataArgs, ModelSource};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -26,40 +25,6 @@ pub struct EvalArgs {
 enum EvalCommand {
     /// Negative log-likelihood bound in bits/dim: L_T + sum L_{t-1} + L_0 over all T steps.
     Nll(NllArgs),
-}
-
-/// Which trained model: `--checkpoint DIR` (a `diffuse train` run) or `--diffusers DIR`.
-#[derive(Args, Debug, Clone)]
-#[group(required = true, multiple = false)]
-pub struct ModelSource {
-    /// A `diffuse train` run directory (or its checkpoint/ directory).
-    #[arg(long, value_name = "DIR")]
-    pub checkpoint: Option<PathBuf>,
-    /// A diffusers model folder (`unet/config.json` + `diffusion_pytorch_model.safetensors`,
-    /// and `scheduler/scheduler_config.json`; or a bare model folder).
-    #[arg(long, value_name = "DIR")]
-    pub diffusers: Option<PathBuf>,
-}
-
-impl ModelSource {
-    /// Loads the model (`use_ema` applies to `--checkpoint`).
-    pub fn load(
-        &self,
-        use_ema: bool,
-        scheduler_config: Option<&std::path::Path>,
-    ) -> anyhow::Result<ImageModel> {
-        let device = super::device()?;
-        Ok(match (&self.checkpoint, &self.diffusers) {
-            (Some(dir), _) => {
-                if scheduler_config.is_some() {
-                    return super::usage("--scheduler-config applies to --diffusers models only");
-                }
-                pipeline::load_checkpoint(dir, use_ema, &device)?
-            }
-            (None, Some(dir)) => pipeline::load_diffusers(dir, scheduler_config, &device)?,
-            (None, None) => return super::usage("give --checkpoint DIR or --diffusers DIR"),
-        })
-    }
 }
 
 #[derive(Args, Debug)]

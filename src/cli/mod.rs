@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod common;
 mod eval;
 mod forward;
+mod sample;
 mod schedule;
 mod toy;
 mod toy_train;
@@ -31,6 +32,8 @@ enum Command {
     Toy(toy::ToyArgs),
     /// Train the U-Net on images (bundled MNIST by default) with the simple loss.
     Train(train::TrainArgs),
+    /// Draw images from a trained model (a `diffuse train` run or a diffusers folder).
+    Sample(sample::SampleArgs),
     /// Measure a trained image model (`eval nll`: the variational bound in bits/dim).
     Eval(eval::EvalArgs),
 }
@@ -59,6 +62,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Toy(args) => toy::run(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Sample(args) => sample::run(args),
     }
 }
 

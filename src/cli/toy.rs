@@ -19,13 +19,8 @@ use diffuse::ode_likelihood::{log_likelihood, Divergence, LikelihoodOptions, Pro
 use diffuse::oracle::Oracle;
 use diffuse::plot2d::{project, robust_range, samples_figure, score_field_figure, trajectory_figure};
 use diffuse::process::{ddpm_level, Process};
-use diffuse::samplers::ddpm::Variance;
-use diffuse::samplers::ode::OdeVariable;
-use diffuse::samplers::pc::Predictor;
 use diffuse::samplers::rk45::Rk45Options;
-use diffuse::samplers::{
-    build_sampler, sample_batched, Observer, SamplerKind, SamplerOptions, StepEvent, Trajectory,
-};
+use diffuse::samplers::{build_sampler, sample_batched, Observer, SamplerKind, StepEvent, Trajectory};
 use diffuse::schedule::Schedule;
 
 use super::usage;
@@ -111,45 +106,8 @@ struct SampleArgs {
     /// ode-rk45, edm-heun (on vp, vp-cosine, subvp, ve, seed-ve).
     #[arg(long)]
     sampler: String,
-    /// Number of sampler steps (ddpm: T, or K < T to respace; ddim 100; SDE/PC/ode-euler 1000;
-    /// ode-heun 200; edm-heun 18). ode-rk45 chooses its own steps and ignores this.
-    #[arg(long)]
-    steps: Option<usize>,
-    /// DDIM's eta in [0, 1] (default 0: deterministic).
-    #[arg(long)]
-    eta: Option<f64>,
-    /// Timestep spacing on the ddpm process (linspace [default], leading, trailing, quadratic)
-    /// or time grid on continuous processes (uniform [default], log-snr [default for seed-ve], karras).
-    #[arg(long)]
-    spacing: Option<String>,
-    /// DDPM variance: small (beta~, default) or large (beta).
-    #[arg(long)]
-    variance: Option<String>,
-    /// Clip x_0 predictions to [-C, C] (ddpm, ddim; default off).
-    #[arg(long, value_name = "C")]
-    clip_x0: Option<f64>,
-    /// PC: signal-to-noise ratio of the Langevin corrector (default 0.16).
-    #[arg(long)]
-    snr: Option<f64>,
-    /// PC: Langevin corrector steps per time (default 1).
-    #[arg(long)]
-    corrector_steps: Option<usize>,
-    /// PC: predictor, reverse-diffusion (default) or euler-maruyama.
-    #[arg(long)]
-    predictor: Option<String>,
-    /// ode-rk45: relative tolerance (default 1e-5).
-    #[arg(long)]
-    rtol: Option<f64>,
-    /// ode-rk45: absolute tolerance (default 1e-5).
-    #[arg(long)]
-    atol: Option<f64>,
-    /// edm-heun: stochastic churn S_churn (default 0).
-    #[arg(long)]
-    churn: Option<f64>,
-    /// ode-euler/ode-heun: take the steps in t or in sigma = (noise std)/alpha (default: sigma for
-    /// ve and seed-ve, t otherwise).
-    #[arg(long, value_name = "t|sigma")]
-    ode_variable: Option<String>,
+    #[command(flatten)]
+    opts: super::common::SamplerFlags,
     /// Number of samples.
     #[arg(long)]
     n: usize,
@@ -383,31 +341,7 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
     if a.n == 0 {
         return usage("--n must be at least 1");
     }
-    if kind == SamplerKind::OdeRk45 && a.steps.is_some() {
-        eprintln!("note: ode-rk45 chooses its own steps from --rtol/--atol; --steps is ignored");
-    }
-    let options = SamplerOptions {
-        steps: if kind == SamplerKind::OdeRk45 {
-            None
-        } else {
-            a.steps
-        },
-        eta: a.eta,
-        spacing: a.spacing.clone(),
-        variance: a.variance.as_deref().map(Variance::from_name).transpose()?,
-        clip_x0: a.clip_x0,
-        snr: a.snr,
-        corrector_steps: a.corrector_steps,
-        predictor: a.predictor.as_deref().map(Predictor::from_name).transpose()?,
-        rtol: a.rtol,
-        atol: a.atol,
-        churn: a.churn,
-        ode_variable: a
-            .ode_variable
-            .as_deref()
-            .map(OdeVariable::from_name)
-            .transpose()?,
-    };
+    let options = a.opts.options(kind)?;
     let sampler = build_sampler(kind, &process, &options)?;
     let d = model.dim;
     let bar = ProgressBar::new_spinner();
