@@ -13,7 +13,7 @@ use serde_json::json;
 
 use diffuse::denoiser::{Denoiser, NoiseLevel};
 use diffuse::eval::distance::energy_distance;
-use diffuse::eval::report::{report_markdown, sampler_report, ReportConfig};
+use diffuse::eval::report::{report_markdown, sampler_report_models, ReportConfig};
 use diffuse::gmm::{Covariance, Gmm};
 use diffuse::ode_likelihood::{log_likelihood, Divergence, LikelihoodOptions, Probe, ScoreJacobian};
 use diffuse::oracle::Oracle;
@@ -196,6 +196,13 @@ struct ReportArgs {
     /// Mixture (gmm:FILE.json); default: the 2-D anisotropic 3-component mixture of the tests.
     #[arg(long, value_name = "gmm:FILE.json")]
     oracle: Option<String>,
+    /// Also report a learned model (a `diffuse toy train` run trained on data from the same
+    /// mixture, e.g. `--data gmm:FILE.json`), compared with the same fresh true samples.
+    #[arg(long, value_name = "DIR")]
+    checkpoint: Option<PathBuf>,
+    /// Step counts of the fixed-step samplers (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![10, 20, 50, 100, 1000])]
+    steps: Vec<usize>,
     /// Samples per run.
     #[arg(long, default_value_t = 4000)]
     n: usize,
@@ -614,9 +621,28 @@ fn report(a: ReportArgs) -> anyhow::Result<()> {
     let config = ReportConfig {
         n: a.n,
         seed: a.seed,
+        steps: a.steps.clone(),
         ..Default::default()
     };
-    let report = sampler_report(&gmm, &config, &mut |label| eprintln!("{label}"))?;
+    let learned = match &a.checkpoint {
+        Some(dir) => {
+            let (net, dim) = resolve_checkpoint(dir)?;
+            if dim != gmm.dim() {
+                return usage(format!(
+                    "--checkpoint {} models {dim}-D data, the mixture is {}-D",
+                    dir.display(),
+                    gmm.dim()
+                ));
+            }
+            Some(net)
+        }
+        None => None,
+    };
+    let learned: Vec<(String, &dyn Denoiser)> = learned
+        .as_ref()
+        .map(|n| vec![("learned MLP".to_string(), n.as_ref())])
+        .unwrap_or_default();
+    let report = sampler_report_models(&gmm, &config, &learned, &mut |label| eprintln!("{label}"))?;
     let md = report_markdown(&report);
     if let Some(path) = &a.out {
         diffuse::io::atomic_write(path, md.as_bytes())?;

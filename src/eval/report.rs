@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 
+use crate::denoiser::Denoiser;
 use crate::error::Result;
 use crate::gmm::Gmm;
 use crate::oracle::Oracle;
@@ -17,6 +18,8 @@ use super::distance::{energy_distance, NullBand};
 /// One row of the report.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ReportRow {
+    /// Which denoiser drove the sampler: `oracle` or a learned model's label.
+    pub model: String,
     /// Sampler name.
     pub sampler: String,
     /// Process name.
@@ -93,57 +96,74 @@ pub struct Report {
     pub rows: Vec<ReportRow>,
 }
 
-/// Runs the report for data from `gmm`; `progress` is called before each run with its label.
+/// Runs the report for data from `gmm` with its exact oracle; `progress` is called before each
+/// run with its label.
 pub fn sampler_report(gmm: &Gmm, config: &ReportConfig, progress: &mut dyn FnMut(&str)) -> Result<Report> {
+    sampler_report_models(gmm, config, &[], progress)
+}
+
+/// [`sampler_report`] for the oracle and then each `(label, denoiser)` of `learned` (models trained
+/// on data from `gmm`), all against the same fresh true samples.
+pub fn sampler_report_models(
+    gmm: &Gmm,
+    config: &ReportConfig,
+    learned: &[(String, &dyn Denoiser)],
+    progress: &mut dyn FnMut(&str),
+) -> Result<Report> {
     let d = gmm.dim();
     let null = NullBand::energy(gmm, config.n, config.null_repeats, 1_000_000)?;
     let truth = gmm.sample(config.n, 999_999);
     let oracle = Oracle::new(gmm.clone());
+    let mut models: Vec<(String, &dyn Denoiser, DType)> = vec![("oracle".into(), &oracle, DType::F64)];
+    models.extend(learned.iter().map(|(l, m)| (l.clone(), *m, DType::F32)));
     let mut rows = Vec::new();
-    for (kind, pname) in &config.pairs {
-        let process = Process::from_name(pname, || Schedule::named("linear", 1000))?;
-        let settings: Vec<(Option<usize>, Option<f64>)> = if *kind == SamplerKind::OdeRk45 {
-            config.tolerances.iter().map(|t| (None, Some(*t))).collect()
-        } else {
-            config.steps.iter().map(|s| (Some(*s), None)).collect()
-        };
-        for (steps, tol) in settings {
-            let options = SamplerOptions {
-                steps,
-                rtol: tol,
-                atol: tol,
-                ..Default::default()
+    for (label, den, dtype) in &models {
+        for (kind, pname) in &config.pairs {
+            let process = Process::from_name(pname, || Schedule::named("linear", 1000))?;
+            let settings: Vec<(Option<usize>, Option<f64>)> = if *kind == SamplerKind::OdeRk45 {
+                config.tolerances.iter().map(|t| (None, Some(*t))).collect()
+            } else {
+                config.steps.iter().map(|s| (Some(*s), None)).collect()
             };
-            progress(&format!(
-                "{} on {} ({})",
-                kind.name(),
-                pname,
-                steps.map_or(format!("tol {:e}", tol.unwrap_or(0.0)), |s| format!("{s} steps"))
-            ));
-            let sampler = build_sampler(*kind, &process, &options)?;
-            let start = Instant::now();
-            let out = sample_batched(
-                sampler.as_ref(),
-                &oracle,
-                config.n,
-                &[d],
-                config.seed,
-                config.n,
-                DType::F64,
-                &Device::Cpu,
-                &mut NoObserver,
-            )?;
-            let seconds = start.elapsed().as_secs_f64();
-            let x = out.x.flatten_all()?.to_vec1::<f64>()?;
-            rows.push(ReportRow {
-                sampler: kind.name().into(),
-                process: pname.clone(),
-                steps,
-                tolerance: tol,
-                nfe: out.nfe,
-                energy_distance: energy_distance(&x, &truth, d)?,
-                seconds,
-            });
+            for (steps, tol) in settings {
+                let options = SamplerOptions {
+                    steps,
+                    rtol: tol,
+                    atol: tol,
+                    ..Default::default()
+                };
+                progress(&format!(
+                    "{label}: {} on {} ({})",
+                    kind.name(),
+                    pname,
+                    steps.map_or(format!("tol {:e}", tol.unwrap_or(0.0)), |s| format!("{s} steps"))
+                ));
+                let sampler = build_sampler(*kind, &process, &options)?;
+                let start = Instant::now();
+                let out = sample_batched(
+                    sampler.as_ref(),
+                    *den,
+                    config.n,
+                    &[d],
+                    config.seed,
+                    config.n,
+                    *dtype,
+                    &Device::Cpu,
+                    &mut NoObserver,
+                )?;
+                let seconds = start.elapsed().as_secs_f64();
+                let x = out.x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                rows.push(ReportRow {
+                    model: label.clone(),
+                    sampler: kind.name().into(),
+                    process: pname.clone(),
+                    steps,
+                    tolerance: tol,
+                    nfe: out.nfe,
+                    energy_distance: energy_distance(&x, &truth, d)?,
+                    seconds,
+                });
+            }
         }
     }
     Ok(Report {
@@ -158,7 +178,7 @@ pub fn sampler_report(gmm: &Gmm, config: &ReportConfig, progress: &mut dyn FnMut
 pub fn report_markdown(report: &Report) -> String {
     let mut s = format!(
         "energy distance to {n} fresh true samples (n = {n}); null band 95th percentile: {:.5}\n\n\
-         | sampler | process | steps | NFE | energy distance | / null p95 | seconds |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+         | model | sampler | process | steps | NFE | energy distance | / null p95 | seconds |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
         report.null_p95,
         n = report.n
     );
@@ -169,7 +189,8 @@ pub fn report_markdown(report: &Report) -> String {
             _ => "-".into(),
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {:.5} | {:.2} | {:.2} |\n",
+            "| {} | {} | {} | {} | {} | {:.5} | {:.2} | {:.2} |\n",
+            r.model,
             r.sampler,
             r.process,
             steps,
