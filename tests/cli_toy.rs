@@ -204,7 +204,7 @@ fn bad_input_exits_2_with_one_line() {
     bad(&a, "expected gmm:FILE.json");
     let mut a = base("ddpm", "ddpm");
     a.extend([out.as_str(), "--checkpoint", "some/dir"]);
-    bad(&a, "not built yet");
+    bad(&a, "some/dir: no such directory");
     // a bad mixture file: the error names the file and the problem
     let wrong = dir.path().join("wrong.json");
     std::fs::write(

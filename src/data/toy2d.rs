@@ -513,8 +513,12 @@ mod tests {
             "{e}"
         );
         assert!(DataSpec::parse("npy:").is_err());
-        let e = DataSpec::parse("gmm:m.json").unwrap().load(10, 0).unwrap_err();
-        assert!(e.to_string().contains("not wired"), "{e}");
+        // a missing mixture file is an error naming the file
+        let e = DataSpec::parse("gmm:/nonexistent/m.json")
+            .unwrap()
+            .load(10, 0)
+            .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/m.json"), "{e}");
     }
 
     #[test]

@@ -428,9 +428,10 @@ mod tests {
             .unwrap()
             .to_scalar::<f64>()
             .unwrap();
-        // identical up to f32 rounding of the scaled input and of log-SNR (~1e-7 relative)
-        assert!(diff < 1e-5, "{diff}");
         let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        // identical up to f32 rounding of the scaled input and of log-SNR (~1e-7 relative per
+        // op, accumulated over a few hundred multiply-adds per output: ~1e-5 relative)
+        assert!(diff < 1e-5 * scale.max(1.0), "{diff} (outputs up to {scale})");
         assert!(scale > 0.1, "the outputs are not trivially zero: {scale}");
         // a different log-SNR changes the output (the conditioning reaches the network)
         let c = den

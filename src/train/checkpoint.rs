@@ -214,7 +214,10 @@ pub fn locate(dir: &Path) -> Result<PathBuf> {
         }
     }
     if !dir.exists() {
-        return Err(Error::io(dir, std::io::Error::from(std::io::ErrorKind::NotFound)));
+        return Err(Error::bad_input(
+            dir,
+            "no such directory (expected a training run)",
+        ));
     }
     Err(Error::bad_input(
         dir,
