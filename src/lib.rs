@@ -13,34 +13,49 @@
 //! assert!((s.alpha_bar[999] - 4.04e-5).abs() < 1e-6);
 //! ```
 //!
-//! Module map (one concept per module; see `shared/STYLE.md`):
+//! Module map (one concept per module; see `STYLE.md`):
 //! - [`schedule`]: beta schedules and their derived tables (f64).
 //! - [`forward`]: the forward process q(x_t | x_{t-1}) and q(x_t | x_0) on batches.
 //! - [`posterior`]: q(x_{t-1} | x_t, x_0), x_0 / eps predictions, the reverse step's variance.
 //! - [`likelihood`]: Gaussian KL, the discretized decoder, the variational bound in bits/dim.
+//! - [`process`]: forward processes: the discrete DDPM chain and the continuous SDE families.
+//! - [`denoiser`]: the `Denoiser` trait samplers call; eps / x_0 / v / score conversions.
+//! - [`gmm`], [`oracle`]: Gaussian mixtures and their exact denoiser.
+//! - [`samplers`]: every sampler behind one trait, and the name -> sampler registry.
+//! - [`ode_likelihood`]: log p(x) by the probability-flow ODE.
+//! - [`eval`]: sample-quality distances (energy distance, MMD, null band).
+//! - [`nets`]: the U-Net (diffusers' `UNet2DModel` layout), the toy MLP, diffusers interop.
+//! - [`ops`]: network building blocks (conv, GroupNorm, attention) with fast CPU kernels.
+//! - [`data`]: image datasets (IDX, CIFAR-10, folders, bundled `mnist5k`), 2-D toy data, training order.
+//! - [`pipeline`]: a trained image model (our checkpoint or a diffusers folder) ready to sample or measure.
+//! - [`train`]: the training loop, AdamW, EMA, checkpoints and exact resume; toy and image tasks.
 //! - [`rng`]: the seeded generator, the only source of randomness.
 //! - [`io`]: atomic file output and `.npy`.
-//! - [`plot`]: PNG charts.
-//! - [`denoiser`]: the `Denoiser` trait samplers call; eps / x_0 / v / score conversions.
-//! - [`data`]: image datasets (IDX, CIFAR-10, image folders, bundled `mnist5k`) and the training order.
-//! - [`image_out`]: sample grids, per-image PNGs, trajectory strips and GIFs.
-//! - [`nets`]: the U-Net (diffusers' `UNet2DModel` layout), its presets and diffusers interop.
-//! - [`ops`]: network building blocks (conv, GroupNorm, attention) with fast CPU kernels.
+//! - [`plot`], [`plot2d`], [`image_out`]: PNG charts, 2-D scatter/trajectory/score figures, image grids.
 //! - [`bench`]: timing the U-Net's training and sampling steps, FLOP counts, peak memory.
 
 pub mod bench;
 pub mod data;
 pub mod denoiser;
 pub mod error;
+pub mod eval;
 pub mod forward;
+pub mod gmm;
 pub mod image_out;
 pub mod io;
 pub mod likelihood;
 pub mod nets;
+pub mod ode_likelihood;
 pub mod ops;
+pub mod oracle;
+pub mod pipeline;
 pub mod plot;
+pub mod plot2d;
 pub mod posterior;
+pub mod process;
 pub mod rng;
+pub mod samplers;
 pub mod schedule;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -7,8 +7,13 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod common;
+mod eval;
 mod forward;
+mod sample;
 mod schedule;
+mod toy;
+mod toy_train;
+mod train;
 
 /// Denoising diffusion models: schedules, samplers, training, likelihoods.
 #[derive(Parser, Debug)]
@@ -24,6 +29,14 @@ enum Command {
     Schedule(schedule::ScheduleArgs),
     /// Draw the forward process: images noised at evenly spaced t, one block per schedule.
     Forward(forward::ForwardArgs),
+    /// Low-dimensional diffusion with the exact Gaussian-mixture oracle: sample, nll, score-field, report.
+    Toy(toy::ToyArgs),
+    /// Train the U-Net on images (bundled MNIST by default) with the simple loss.
+    Train(train::TrainArgs),
+    /// Draw images from a trained model (a `diffuse train` run or a diffusers folder).
+    Sample(sample::SampleArgs),
+    /// Measure a trained image model (`eval nll`: the variational bound in bits/dim).
+    Eval(eval::EvalArgs),
     /// Time a U-Net training step and sampling step (ms, images/s, GFLOP/s, peak memory), optionally against PyTorch.
     Bench(bench::BenchArgs),
 }
@@ -41,7 +54,6 @@ impl std::fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 /// Shorthand for returning a [`UsageError`].
-#[allow(dead_code)]
 pub fn usage<T>(msg: impl Into<String>) -> anyhow::Result<T> {
     Err(UsageError(msg.into()).into())
 }
@@ -50,8 +62,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Schedule(args) => schedule::run(args),
         Command::Forward(args) => forward::run(args),
+        Command::Toy(args) => toy::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Sample(args) => sample::run(args),
         Command::Bench(args) => bench::run(args),
     }
+}
+
+/// Sets the number of worker threads (rayon's global pool, which candle's CPU ops and the
+/// fast kernels use). `None` keeps the default: all cores, or `RAYON_NUM_THREADS`.
+pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            return usage("--threads: got 0, expected at least 1");
+        }
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        // Fails only if the pool was already built (then the env var above was in effect).
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+    Ok(())
+}
+
+/// The device to compute on: the first CUDA GPU when built with `--features cuda` and one is
+/// present, else the CPU.
+pub fn device() -> anyhow::Result<candle_core::Device> {
+    #[cfg(feature = "cuda")]
+    {
+        if let Ok(d) = candle_core::Device::new_cuda(0) {
+            return Ok(d);
+        }
+    }
+    Ok(candle_core::Device::Cpu)
 }
 
 /// Exit code for an error: 2 when the user's input is at fault, else 1.

@@ -4,7 +4,7 @@
 //! ([`folder`]) and the bundled MNIST subset `mnist5k` (compiled into the binary). [`load`]
 //! takes a [`DataSpec`] — the word `mnist5k` or a directory whose format is detected — and
 //! returns a whole [`ImageDataset`] or an error naming the file and what was expected; nothing
-//! is ever half-loaded. [`EpochSampler`] gives the seeded, resumable training order.
+//! is ever half-loaded. [`toy2d`] holds the 2-D toy distributions and point files. [`EpochSampler`] gives the seeded, resumable training order.
 //!
 //! Pixel scaling (Ho et al. 2020, sec. 4: "data scaled linearly to [-1, 1]"):
 //!
@@ -27,6 +27,7 @@ pub mod folder;
 pub mod idx;
 pub mod resize;
 pub mod sampler;
+pub mod toy2d;
 
 pub use sampler::{EpochSampler, SamplerState};
 

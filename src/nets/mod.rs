@@ -10,6 +10,7 @@
 //! - [`diffusers`]: diffusers model folders in and out (load, check, export).
 //! - [`scheduler_config`]: diffusers' DDPM/DDIM scheduler configs and the [`crate::schedule::Schedule`] they describe.
 //! - [`adapter`]: [`UNetDenoiser`], the U-Net behind the samplers' `Denoiser` trait.
+//! - [`mlp`]: a residual MLP for low-dimensional (toy) data, usable with every process.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -29,6 +30,7 @@ mod config_json;
 pub mod diffusers;
 pub mod embedding;
 pub mod layers;
+pub mod mlp;
 pub mod scheduler_config;
 pub mod unet;
 

@@ -3,6 +3,8 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+use super::{ConvAdd, GroupNormSilu};
+
 /// See [`crate::ops::conv2d`].
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     let y = x.conv2d(w, padding, stride, 1, 1)?;
@@ -10,6 +12,45 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding
         Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
         None => Ok(y),
     }
+}
+
+/// See [`crate::ops::conv2d_add`].
+pub fn conv2d_add(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    add: &ConvAdd<'_>,
+) -> Result<Tensor> {
+    let y = conv2d(x, w, b, stride, padding)?;
+    let y = match add.channel_bias {
+        Some(cb) => add_channel_bias(&y, cb)?,
+        None => y,
+    };
+    match add.residual {
+        Some(r) => y.add(r),
+        None => Ok(y),
+    }
+}
+
+/// See [`crate::ops::group_norm_silu_conv2d`].
+pub fn group_norm_silu_conv2d(
+    x: &Tensor,
+    norm: &GroupNormSilu<'_>,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    add: &ConvAdd<'_>,
+) -> Result<Tensor> {
+    let h = match norm.scale_shift {
+        None => group_norm_silu(x, norm.groups, norm.gamma, norm.beta, norm.eps)?,
+        Some((scale, shift)) => {
+            group_norm_scale_shift_silu(x, norm.groups, norm.gamma, norm.beta, scale, shift, norm.eps)?
+        }
+    };
+    conv2d_add(&h, w, b, stride, padding, add)
 }
 
 /// See [`crate::ops::group_norm`].
@@ -73,10 +114,13 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
 
 /// See [`crate::ops::avg_pool2x`].
 pub fn avg_pool2x(x: &Tensor) -> Result<Tensor> {
+    // candle's avg_pool2d floors odd sizes but its backward then upsamples the gradient to the
+    // odd size, sending it to the wrong pixels: odd sizes are rejected instead.
+    super::resample::check_even(x.dims(), "avg_pool2x")?;
     x.avg_pool2d(2)
 }
 
-/// See [`crate::ops::attention`].
+/// See [`crate::ops::attention()`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let att = (q.matmul(&k.t()?)? * scale)?;
     // Not `candle_nn::ops::softmax_last_dim`: that op has no backward, so q and k would get

@@ -1,0 +1,292 @@
+//! `diffuse train`: train the U-Net on images with the simple loss; never loses work.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::json;
+
+use diffuse::data::{self, Split};
+use diffuse::denoiser::Prediction;
+use diffuse::nets::{unet, UNetConfig};
+use diffuse::schedule::BetaSchedule;
+use diffuse::train::image::{checksum_f32, GridSampling, ImageRun, ImageTrainConfig};
+use diffuse::train::{
+    checkpoint, AdamWConfig, Budget, EmaConfig, Interrupt, LoopOptions, StopReason, TrainerConfig,
+    LOSS_CURVE_FILE, METRICS_FILE,
+};
+
+use super::common::DataArgs;
+
+/// The wall-clock budget when neither --steps nor --minutes is given: the whole default run,
+/// sample grids and final checkpoint included, stays within 15 minutes.
+pub const DEFAULT_MINUTES: f64 = 14.0;
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Output (run) directory: checkpoint/ (weights, EMA, optimizer, state.json), metrics.jsonl,
+    /// loss.png, samples.png and samples/step_*.png, config.json. Must not hold a checkpoint.
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "resume",
+        conflicts_with = "resume"
+    )]
+    out: Option<PathBuf>,
+    /// Continue the run in DIR from its last checkpoint with its saved settings. Flags that
+    /// define the run (data, model, schedule, optimizer, seed) may be repeated but must match;
+    /// --steps (the run's total), --minutes, --checkpoint-every, --sample-every may change.
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Random horizontal flips of the training images (off by default: digits are not symmetric).
+    #[arg(long)]
+    flip: bool,
+    /// Network preset: demo (about 1 M parameters, minutes on a CPU), mnist (6.5 M), cifar10
+    /// (the DDPM paper's 35.7 M), bench (issue 6's benchmark network).
+    #[arg(long)]
+    preset: Option<String>,
+    /// Noise schedule: linear, scaled_linear, quadratic, cosine, sigmoid.
+    #[arg(long)]
+    schedule: Option<String>,
+    /// Diffusion steps T.
+    #[arg(long)]
+    timesteps: Option<usize>,
+    /// What the network predicts: eps, x0 or v.
+    #[arg(long)]
+    prediction: Option<String>,
+    /// Images per step.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Peak learning rate of AdamW (default 1e-3, measured for short CPU runs; the DDPM paper used 2e-4).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Linear learning-rate warm-up in steps (default 100).
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Decoupled weight decay (default 0).
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Clip the gradient to this global L2 norm (default 1; 0: no clipping).
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    /// Decay of the EMA of the weights (default 0.995, with the warm-up min(decay, (1+k)/(10+k))).
+    #[arg(long)]
+    ema_decay: Option<f64>,
+    /// Seed of everything random: weights, data order, flips, t, noise, dropout (default 0).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Total steps of the run (a resumed run counts the steps before the checkpoint).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Stop after this many minutes of this session (default 14 when --steps is not given).
+    #[arg(long)]
+    minutes: Option<f64>,
+    /// Write a checkpoint every this many steps (also at the end and on Ctrl-C / SIGTERM).
+    #[arg(long, default_value_t = 250)]
+    checkpoint_every: u64,
+    /// Draw a sample grid (EMA weights, DDIM) every this many steps (0: only at the end).
+    #[arg(long, default_value_t = 500)]
+    sample_every: u64,
+    /// Images in the sample grid (0: none).
+    #[arg(long, default_value_t = 36)]
+    grid_size: usize,
+    /// DDIM steps of the sample grid.
+    #[arg(long, default_value_t = 50)]
+    grid_steps: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `Some(flag)` when given, else the saved value on resume, else the default.
+fn pick<T: Clone>(flag: &Option<T>, saved: Option<T>, default: T) -> T {
+    flag.clone().or(saved).unwrap_or(default)
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    super::set_threads(args.threads)?;
+    let run_dir = args.resume.clone().or(args.out.clone()).unwrap_or_default();
+    let resume = args.resume.is_some();
+    // On resume, the saved config supplies every setting not given on the command line.
+    let (saved_task, saved_trainer): (Option<ImageTrainConfig>, Option<TrainerConfig>) = if resume {
+        let ckpt = checkpoint::locate(&run_dir)?;
+        let state = checkpoint::read_state(&ckpt)?;
+        let task = serde_json::from_value(state.config["task"].clone())
+            .map_err(|e| diffuse::Error::bad_input(&ckpt, format!("is not an image training run ({e})")))?;
+        let trainer = serde_json::from_value(state.config["trainer"].clone())
+            .map_err(|e| diffuse::Error::bad_input(&ckpt, format!("unreadable trainer settings ({e})")))?;
+        (Some(task), Some(trainer))
+    } else {
+        (None, None)
+    };
+    let st = saved_task.as_ref();
+    let data_spec = match st {
+        Some(s) if args.data.data == "mnist5k" && args.data.format.is_none() => {
+            // the data flags were not given: use the saved selection
+            if args.data.image_size.is_some() || args.data.channels.is_some() {
+                args.data.spec(Split::Train)
+            } else {
+                s.data.clone()
+            }
+        }
+        _ => args.data.spec(Split::Train),
+    };
+    let ds = data::load(&data_spec)?;
+    let [c, h, w] = ds.shape();
+    if h != w {
+        return super::usage(format!(
+            "images are {h}x{w}; the U-Net presets need square images (use --image-size)"
+        ));
+    }
+    let preset = pick(&args.preset, st.map(|s| s.preset.clone()), "demo".into());
+    let unet_json = match st {
+        Some(s) if args.preset.is_none() || args.preset.as_deref() == Some(s.preset.as_str()) => {
+            s.unet.clone()
+        }
+        _ => UNetConfig::preset(&preset, c, h)?.to_json(),
+    };
+    let schedule_name = pick(
+        &args.schedule,
+        st.map(|s| s.schedule.name().to_string()),
+        "linear".into(),
+    );
+    let schedule = match st {
+        Some(s) if s.schedule.name() == schedule_name => s.schedule.clone(),
+        _ => BetaSchedule::from_name(&schedule_name)?,
+    };
+    let prediction = match &args.prediction {
+        Some(p) => Prediction::from_name(p)?,
+        None => st.map(|s| s.prediction).unwrap_or(Prediction::Eps),
+    };
+    let config = ImageTrainConfig {
+        n_images: ds.len(),
+        data_checksum: checksum_f32(ds.pixels()),
+        data: data_spec.clone(),
+        preset: preset.clone(),
+        unet: unet_json,
+        schedule,
+        timesteps: pick(&args.timesteps, st.map(|s| s.timesteps), 1000),
+        prediction,
+        batch: pick(&args.batch, st.map(|s| s.batch), 64),
+        flip: args.flip || st.is_some_and(|s| s.flip),
+    };
+    let so = saved_trainer.as_ref();
+    let default_opt = AdamWConfig::default();
+    let saved_opt = so.map(|t| t.optimizer.clone());
+    let grad_clip = match args.grad_clip {
+        Some(g) => (g > 0.0).then_some(g),
+        None => saved_opt.as_ref().map_or(default_opt.grad_clip, |o| o.grad_clip),
+    };
+    let trainer_config = TrainerConfig {
+        seed: pick(&args.seed, so.map(|t| t.seed), 0),
+        optimizer: AdamWConfig {
+            lr: pick(&args.lr, saved_opt.as_ref().map(|o| o.lr), 1e-3),
+            warmup_steps: pick(&args.warmup, saved_opt.as_ref().map(|o| o.warmup_steps), 100),
+            weight_decay: pick(
+                &args.weight_decay,
+                saved_opt.as_ref().map(|o| o.weight_decay),
+                0.0,
+            ),
+            grad_clip,
+            ..saved_opt.clone().unwrap_or_default()
+        },
+        ema: EmaConfig {
+            decay: pick(&args.ema_decay, so.map(|t| t.ema.decay), 0.995),
+            warmup: so.is_none_or(|t| t.ema.warmup),
+        },
+    };
+    let budget = Budget {
+        steps: args.steps,
+        minutes: args.minutes.or(if args.steps.is_none() {
+            Some(DEFAULT_MINUTES)
+        } else {
+            None
+        }),
+    };
+    let device = super::device()?;
+    let unet_config = config.unet_config()?;
+    let params = unet::num_parameters(&unet_config)?;
+    if !args.json {
+        println!("data: {} ({} images, {c}x{h}x{w})", ds.source(), ds.len());
+        println!(
+            "model: U-Net preset '{preset}', {params} parameters; {} schedule, T = {}, predicts {}",
+            config.schedule.name(),
+            config.timesteps,
+            config.prediction.name()
+        );
+    }
+    let interrupt = Interrupt::from_signals()?;
+    let grid = GridSampling {
+        n: args.grid_size,
+        steps: args.grid_steps,
+        seed: trainer_config.seed,
+    };
+    let mut run = ImageRun::setup(&run_dir, ds, &config, &trainer_config, grid, resume, &device)?;
+    if resume && !args.json {
+        println!("resuming {} at step {}", run_dir.display(), run.trainer.step());
+    }
+    let options = LoopOptions {
+        checkpoint_every: args.checkpoint_every,
+        hook_every: args.sample_every,
+        progress: !args.json,
+    };
+    let outcome = run.trainer.run(&mut run.task, &budget, &options, &interrupt)?;
+    let losses: Vec<f64> = run.trainer.metrics().iter().map(|r| r.loss).collect();
+    let tail = &losses[losses.len().saturating_sub(100)..];
+    let final_mean = tail.iter().sum::<f64>() / tail.len().max(1) as f64;
+    let rate = outcome.session_steps as f64 / outcome.session_seconds.max(1e-9);
+    let stopped = match outcome.stop {
+        StopReason::Steps => "steps",
+        StopReason::Time => "time",
+        StopReason::Interrupted => "interrupted",
+    };
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "step": outcome.step,
+                "session_steps": outcome.session_steps,
+                "seconds": outcome.session_seconds,
+                "steps_per_second": rate,
+                "final_loss_mean_last_100": final_mean,
+                "stopped": stopped,
+                "parameters": params,
+                "checkpoint": outcome.checkpoint,
+                "metrics": run_dir.join(METRICS_FILE),
+                "loss_curve": run_dir.join(LOSS_CURVE_FILE),
+                "samples": run_dir.join("samples.png"),
+            })
+        );
+    } else {
+        if outcome.stop == StopReason::Interrupted {
+            println!(
+                "interrupted at step {}; checkpoint written; continue with: diffuse train --resume {}",
+                outcome.step,
+                run_dir.display()
+            );
+        }
+        println!(
+            "trained {} steps in {:.0} s ({rate:.2} steps/s), now at step {}; loss {final_mean:.4} (mean of the last {})",
+            outcome.session_steps,
+            outcome.session_seconds,
+            outcome.step,
+            tail.len()
+        );
+        println!(
+            "wrote {}, {}, {}, {}",
+            outcome.checkpoint.display(),
+            run_dir.join(METRICS_FILE).display(),
+            run_dir.join(LOSS_CURVE_FILE).display(),
+            run_dir.join("samples.png").display()
+        );
+        println!(
+            "sample with: diffuse sample --checkpoint {} --n 64 --out DIR",
+            run_dir.display()
+        );
+    }
+    Ok(())
+}

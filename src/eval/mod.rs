@@ -1,0 +1,4 @@
+//! Evaluation: sample-quality distances between sample sets.
+
+pub mod distance;
+pub mod report;

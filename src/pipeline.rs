@@ -1,0 +1,88 @@
+//! A trained image model ready to sample from or to measure: a `diffuse` training run's
+//! checkpoint or a diffusers model folder, both behind [`UNetDenoiser`] (one U-Net code path).
+
+use std::path::Path;
+
+use candle_core::Device;
+
+use crate::error::{Error, Result};
+use crate::nets::diffusers;
+use crate::nets::scheduler_config::SchedulerConfig;
+use crate::nets::UNetDenoiser;
+use crate::schedule::Schedule;
+use crate::train::image::load_trained;
+
+/// An image model with everything sampling and evaluation need.
+pub struct ImageModel {
+    /// The network behind the `Denoiser` trait, with its training schedule and parameterisation.
+    pub denoiser: UNetDenoiser,
+    /// `[C, H, W]` of the images it makes.
+    pub shape: [usize; 3],
+    /// Where it came from (for reports).
+    pub source: String,
+    /// The scheduler config of a diffusers folder (its `clip_sample`, spacing, ... are the
+    /// pipeline's defaults); `None` for our checkpoints.
+    pub scheduler: Option<SchedulerConfig>,
+}
+
+impl ImageModel {
+    /// The schedule the model was trained with.
+    pub fn schedule(&self) -> &Schedule {
+        &self.denoiser.schedule
+    }
+
+    /// The x_0 clip the model's own pipeline applies in DDPM/DDIM steps: diffusers' `clip_sample`
+    /// (`clip_sample_range`), none for our models (off unless asked, STYLE.md).
+    pub fn default_clip_x0(&self) -> Option<f64> {
+        self.scheduler
+            .as_ref()
+            .and_then(|s| s.clip_sample.then_some(s.clip_sample_range))
+    }
+}
+
+/// Loads a `diffuse train` run (or its `checkpoint/` directory): EMA weights when `use_ema`.
+pub fn load_checkpoint(dir: &Path, use_ema: bool, device: &Device) -> Result<ImageModel> {
+    let m = load_trained(dir, use_ema, device)?;
+    let c = m.unet.config().in_channels;
+    let [h, w] =
+        m.unet.config().sample_size.ok_or_else(|| {
+            Error::bad_input(&m.checkpoint, "the model config has no sample_size (image size)")
+        })?;
+    let schedule = m.config.schedule()?;
+    Ok(ImageModel {
+        source: format!(
+            "{} (step {}, {} weights)",
+            dir.display(),
+            m.step,
+            if use_ema { "EMA" } else { "raw" }
+        ),
+        denoiser: UNetDenoiser::new(m.unet, schedule, m.config.prediction),
+        shape: [c, h, w],
+        scheduler: None,
+    })
+}
+
+/// Loads a diffusers model folder (`unet/` + `scheduler/`, or a bare model folder). The
+/// scheduler config comes from `scheduler_config` when given, else from the folder, else
+/// diffusers' `DDPMScheduler` defaults (linear betas 1e-4..0.02, T = 1000, epsilon).
+pub fn load_diffusers(dir: &Path, scheduler_config: Option<&Path>, device: &Device) -> Result<ImageModel> {
+    let model = diffusers::load(dir, device)?;
+    let scheduler = match scheduler_config {
+        Some(p) => SchedulerConfig::from_file(p)?,
+        None => model.scheduler.clone().unwrap_or_default(),
+    };
+    let c = model.config.in_channels;
+    let [h, w] = model.config.sample_size.ok_or_else(|| {
+        Error::bad_input(
+            &model.files.config,
+            "has no sample_size: the image size is unknown",
+        )
+    })?;
+    let schedule = scheduler.schedule()?;
+    Ok(ImageModel {
+        source: format!("{} (diffusers)", dir.display()),
+        denoiser: UNetDenoiser::new(model.unet, schedule, scheduler.prediction_type),
+        shape: [c, h, w],
+        scheduler: Some(scheduler),
+    })
+}

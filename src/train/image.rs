@@ -1,0 +1,397 @@
+//! Training the U-Net ([`crate::nets::unet`]) on images with the simple loss.
+//!
+//! One step (Ho et al. 2020, Algorithm 1):
+//!
+//! ```text
+//! x_0  a batch of images in [-1, 1] (seeded epoch order, optional random horizontal flip)
+//! t    ~ Uniform{1, ..., T} per image
+//! eps  ~ N(0, I)
+//! x_t  = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps                      (eq. 4)
+//! loss = mean || target - net(x_t, t) ||^2                      (L_simple, eq. 14, as a mean)
+//! ```
+//!
+//! where `target` is `eps` (the DDPM paper), `x_0`, or `v = sqrt(alpha_bar_t) eps -
+//! sqrt(1 - alpha_bar_t) x_0` (Salimans & Ho 2022), as configured. The network sees the
+//! diffusers timestep `t - 1` (index convention of [`crate::schedule`]), so a trained model is
+//! a diffusers `UNet2DModel` + `DDPMScheduler` pair.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::data::{EpochSampler, ImageDataset, SamplerState};
+use crate::denoiser::{per_sample, Prediction};
+use crate::error::{Error, Result};
+use crate::forward::q_sample;
+use crate::nets::{unet, UNet, UNetConfig, UNetDenoiser};
+use crate::rng::Rng;
+use crate::schedule::{BetaSchedule, Schedule};
+use crate::train::checkpoint;
+use crate::train::{HookContext, TrainTask, Trainer, TrainerConfig};
+
+/// Everything that defines an image-training run's model and data (saved in checkpoints,
+/// compared on resume).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageTrainConfig {
+    /// Where the images come from (`mnist5k` or a directory) and how they are shaped.
+    pub data: crate::data::DataSpec,
+    /// Number of training images, and FNV-1a of their pixels: a resume on other data is refused.
+    pub n_images: usize,
+    /// Checksum of the training images.
+    pub data_checksum: String,
+    /// The preset the network was built from (informational).
+    pub preset: String,
+    /// The network, as a diffusers `UNet2DModel` config.
+    pub unet: Value,
+    /// The noise schedule.
+    pub schedule: BetaSchedule,
+    /// T.
+    pub timesteps: usize,
+    /// The network's output: eps, x0 or v.
+    pub prediction: Prediction,
+    /// Images per step.
+    pub batch: usize,
+    /// Random horizontal flips.
+    pub flip: bool,
+}
+
+impl ImageTrainConfig {
+    /// The U-Net config.
+    pub fn unet_config(&self) -> Result<UNetConfig> {
+        UNetConfig::from_json(&self.unet)
+    }
+
+    /// The schedule.
+    pub fn schedule(&self) -> Result<Schedule> {
+        Schedule::new(&self.schedule, self.timesteps)
+    }
+}
+
+/// FNV-1a (64-bit) of f32 values' little-endian bytes, as 16 hex digits.
+pub fn checksum_f32(values: &[f32]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in values {
+        for b in v.to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// How the training hook draws its sample grid.
+#[derive(Clone, Debug)]
+pub struct GridSampling {
+    /// Images in the grid (0: no grid).
+    pub n: usize,
+    /// DDIM steps.
+    pub steps: usize,
+    /// Seed of the grid's noise (the same every time, so grids are comparable across steps).
+    pub seed: u64,
+}
+
+/// The [`TrainTask`] of the image trainer.
+pub struct ImageTask {
+    data: ImageDataset,
+    order: EpochSampler,
+    unet: UNet,
+    unet_config: UNetConfig,
+    schedule: Schedule,
+    prediction: Prediction,
+    batch: usize,
+    flip: bool,
+    device: Device,
+    grid: GridSampling,
+}
+
+impl ImageTask {
+    /// A task training `unet` on `data`.
+    pub fn new(
+        data: ImageDataset,
+        unet: UNet,
+        config: &ImageTrainConfig,
+        order_seed: u64,
+        grid: GridSampling,
+        device: &Device,
+    ) -> Result<Self> {
+        if config.batch == 0 {
+            return Err(Error::param("batch", "got 0, expected at least 1"));
+        }
+        let unet_config = config.unet_config()?;
+        let [c, h, w] = data.shape();
+        if unet_config.in_channels != c {
+            return Err(Error::param(
+                "channels",
+                format!(
+                    "the images have {c} channels, the network expects {}",
+                    unet_config.in_channels
+                ),
+            ));
+        }
+        unet_config
+            .check_input_size(h, w)
+            .map_err(|m| Error::param("image-size", m))?;
+        Ok(ImageTask {
+            order: EpochSampler::new(order_seed, data.len())?,
+            data,
+            unet,
+            unet_config,
+            schedule: config.schedule()?,
+            prediction: config.prediction,
+            batch: config.batch,
+            flip: config.flip,
+            device: device.clone(),
+            grid,
+        })
+    }
+
+    /// The simple loss of one batch.
+    fn batch_loss(&mut self, rng: &mut Rng) -> Result<Tensor> {
+        let b = self.batch;
+        let idx = self.order.next_batch(b);
+        let x0 = self
+            .data
+            .batch(&idx, if self.flip { Some(&mut *rng) } else { None })?
+            .to_device(&self.device)?;
+        let t_max = self.schedule.timesteps() as u64;
+        let t_index: Vec<usize> = (0..b).map(|_| rng.below(t_max) as usize).collect();
+        let [c, h, w] = self.data.shape();
+        let eps = rng.randn(&[b, c, h, w], &self.device)?;
+        let x_t = q_sample(&self.schedule, &x0, &t_index, &eps)?;
+        let timesteps: Vec<f32> = t_index.iter().map(|&i| i as f32).collect();
+        let timesteps = Tensor::from_vec(timesteps, b, &self.device)?;
+        let out = self.unet.forward_train(&x_t, &timesteps, rng)?;
+        let target = match self.prediction {
+            Prediction::Eps => eps,
+            Prediction::X0 => x0,
+            Prediction::V => {
+                let a: Vec<f64> = t_index.iter().map(|&i| self.schedule.sqrt_alpha_bar[i]).collect();
+                let s: Vec<f64> = t_index
+                    .iter()
+                    .map(|&i| self.schedule.sqrt_one_minus_alpha_bar[i])
+                    .collect();
+                (eps.broadcast_mul(&per_sample(&a, &x0)?)? - x0.broadcast_mul(&per_sample(&s, &x0)?)?)?
+            }
+        };
+        Ok((out - target)?.sqr()?.mean_all()?)
+    }
+
+    /// Draws the hook's sample grid with the EMA weights into `run_dir/samples/`.
+    fn draw_grid(&self, ctx: &HookContext<'_>) -> Result<()> {
+        if self.grid.n == 0 {
+            return Ok(());
+        }
+        let ema = unet::from_tensors(&self.unet_config, ctx.ema.tensor_map(), &self.device)?;
+        let den = UNetDenoiser::new(ema, self.schedule.clone(), self.prediction);
+        let images = sample_images(
+            &den,
+            &self.schedule,
+            self.data.shape(),
+            self.grid.n,
+            self.grid.steps,
+            self.grid.seed,
+            &self.device,
+        )?;
+        let dir = ctx.run_dir.join("samples");
+        let cols = (self.grid.n as f64).sqrt().ceil() as usize;
+        crate::image_out::save_grid(&dir.join(format!("step_{:07}.png", ctx.step)), &images, cols)?;
+        crate::image_out::save_grid(&ctx.run_dir.join("samples.png"), &images, cols)?;
+        Ok(())
+    }
+}
+
+/// `n` images from `den` by DDIM (eta = 0, trailing spacing) with `steps` steps, seeded.
+pub fn sample_images(
+    den: &UNetDenoiser,
+    schedule: &Schedule,
+    shape: [usize; 3],
+    n: usize,
+    steps: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<Tensor> {
+    use crate::process::Process;
+    use crate::samplers::{build_sampler, sample_batched, NoObserver, SamplerKind, SamplerOptions};
+    let process = Process::Ddpm(schedule.clone());
+    let options = SamplerOptions {
+        steps: Some(steps.min(schedule.timesteps())),
+        spacing: Some("trailing".into()),
+        ..Default::default()
+    };
+    let sampler = build_sampler(SamplerKind::Ddim, &process, &options)?;
+    let out = sample_batched(
+        sampler.as_ref(),
+        den,
+        n,
+        &shape,
+        seed,
+        n,
+        DType::F32,
+        device,
+        &mut NoObserver,
+    )?;
+    Ok(out.x)
+}
+
+impl TrainTask for ImageTask {
+    fn loss(&mut self, _step: u64, rng: &mut Rng) -> Result<Tensor> {
+        self.batch_loss(rng)
+    }
+
+    fn data_state(&self) -> Value {
+        serde_json::to_value(self.order.state()).unwrap_or(Value::Null)
+    }
+
+    fn restore_data_state(&mut self, state: &Value) -> Result<()> {
+        let s: SamplerState = serde_json::from_value(state.clone())
+            .map_err(|e| Error::param("data order", format!("cannot read the saved data order: {e}")))?;
+        self.order = EpochSampler::from_state(s)?;
+        if self.order.len() != self.data.len() {
+            return Err(Error::param(
+                "data order",
+                format!(
+                    "the checkpoint's order covers {} images, the data has {}",
+                    self.order.len(),
+                    self.data.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn hook(&mut self, ctx: &HookContext<'_>) -> Result<()> {
+        self.draw_grid(ctx)
+    }
+}
+
+/// Seeds of an image run's independent streams, all derived from the one `--seed`.
+#[derive(Clone, Copy, Debug)]
+pub struct ImageSeeds {
+    /// Weight initialisation.
+    pub init: u64,
+    /// Data order.
+    pub order: u64,
+    /// Sample grids.
+    pub grid: u64,
+}
+
+impl ImageSeeds {
+    /// Streams 1, 2, 3 of `seed` (the trainer's own generator uses `seed` itself).
+    pub fn from_seed(seed: u64) -> Self {
+        let mut r = Rng::stream(seed, 0x1_1A6E);
+        ImageSeeds {
+            init: r.next_u64(),
+            order: r.next_u64(),
+            grid: r.next_u64(),
+        }
+    }
+}
+
+/// An image run, ready to train.
+pub struct ImageRun {
+    /// The loop driver.
+    pub trainer: Trainer,
+    /// The model and its data.
+    pub task: ImageTask,
+    /// The model's variables.
+    pub varmap: VarMap,
+}
+
+impl ImageRun {
+    /// Builds the U-Net (weights seeded from the trainer's seed) and starts a fresh run in
+    /// `run_dir`, or resumes the run there when `resume` (then the configs must match).
+    pub fn setup(
+        run_dir: &Path,
+        data: ImageDataset,
+        config: &ImageTrainConfig,
+        trainer_config: &TrainerConfig,
+        grid: GridSampling,
+        resume: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let seeds = ImageSeeds::from_seed(trainer_config.seed);
+        let (net, varmap) = unet::init_params(&config.unet_config()?, seeds.init, device)?;
+        let mut task = ImageTask::new(data, net, config, seeds.order, grid, device)?;
+        let task_config = serde_json::to_value(config)
+            .map_err(|e| Error::Numerical(format!("cannot encode the image config: {e}")))?;
+        let trainer = if resume {
+            Trainer::resume(run_dir, &varmap, trainer_config, &task_config, &mut task)?
+        } else {
+            Trainer::new(run_dir, &varmap, trainer_config, &task_config)?
+        };
+        Ok(ImageRun {
+            trainer,
+            task,
+            varmap,
+        })
+    }
+}
+
+/// A trained image model read back from a run directory (or its checkpoint directory).
+pub struct TrainedImageModel {
+    /// The run's model config.
+    pub config: ImageTrainConfig,
+    /// The network with the chosen weights.
+    pub unet: UNet,
+    /// The step of the checkpoint.
+    pub step: u64,
+    /// The checkpoint directory read.
+    pub checkpoint: PathBuf,
+}
+
+/// Loads the model of an image run: the EMA weights when `use_ema`, else the raw weights.
+pub fn load_trained(dir: &Path, use_ema: bool, device: &Device) -> Result<TrainedImageModel> {
+    let ckpt = checkpoint::locate(dir)?;
+    let state = checkpoint::read_state(&ckpt)?;
+    let task = state
+        .config
+        .get("task")
+        .cloned()
+        .ok_or_else(|| Error::bad_input(ckpt.join(checkpoint::STATE_FILE), "has no 'task' config"))?;
+    let config: ImageTrainConfig = serde_json::from_value(task).map_err(|e| {
+        Error::bad_input(
+            ckpt.join(checkpoint::STATE_FILE),
+            format!("is not an image-model checkpoint (its task config does not parse: {e}); a 2-D toy model is sampled with `diffuse toy sample`"),
+        )
+    })?;
+    let file = if use_ema {
+        checkpoint::EMA_FILE
+    } else {
+        checkpoint::MODEL_FILE
+    };
+    let tensors = checkpoint::read_f32_tensors(&ckpt, file, device)?;
+    let unet_config = config.unet_config()?;
+    let unet = unet::from_tensors(&unet_config, tensors, device)?;
+    Ok(TrainedImageModel {
+        config,
+        unet,
+        step: state.step,
+        checkpoint: ckpt,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_detects_changes() {
+        let a = checksum_f32(&[0.0, 1.0, -1.0]);
+        assert_eq!(a, checksum_f32(&[0.0, 1.0, -1.0]));
+        assert_ne!(a, checksum_f32(&[0.0, 1.0, -0.99]));
+        assert_eq!(a.len(), 16);
+    }
+
+    #[test]
+    fn seeds_are_distinct_and_reproducible() {
+        let a = ImageSeeds::from_seed(5);
+        let b = ImageSeeds::from_seed(5);
+        assert_eq!((a.init, a.order, a.grid), (b.init, b.order, b.grid));
+        assert_ne!(a.init, a.order);
+        assert_ne!(a.init, ImageSeeds::from_seed(6).init);
+    }
+}
