@@ -9,7 +9,9 @@
 //! ```
 //!
 //! exactly as `bench/torch_reference.py` measures PyTorch: after the model, its inputs and the
-//! optimizer are built, before the first warm-up step. `peak` therefore includes what was
+//! optimizer are built, before the first warm-up step. (One difference: our AdamW allocates its
+//! zero moments when it is built, PyTorch's at its first step, so `peak - base` counts the two
+//! moments, 8 bytes per parameter, on PyTorch's side only.) `peak` therefore includes what was
 //! resident before the workload (the weights, the inputs, and the runtime itself: for PyTorch
 //! the Python interpreter and libtorch's pages); `peak - base` is what the workload added.
 //! Because memory a workload freed may stay in the allocator (and so resident), one workload per
