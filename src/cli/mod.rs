@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod common;
 mod eval;
+mod export;
 mod forward;
 mod schedule;
 mod toy;
@@ -35,6 +36,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Measure a trained image model (`eval nll`: the variational bound in bits/dim).
     Eval(eval::EvalArgs),
+    /// Write a trained model in another layout (`--format diffusers`: a DDPMPipeline folder).
+    Export(export::ExportArgs),
 }
 
 /// An error in how the tool was called (a flag combination that makes no sense): exit code 2.
@@ -62,6 +65,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Toy(args) => toy::run(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Export(args) => export::run(args),
     }
 }
 
