@@ -80,8 +80,18 @@ struct Case {
     alphas_cumprod: Vec<f64>,
     shape: Vec<usize>,
     model_output: Vec<f64>,
-    /// per step: (timestep, x before, noise, prev_sample, pred_original_sample)
-    steps_rec: Vec<(usize, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>)>,
+    /// diffusers' steps
+    steps_rec: Vec<StepRec>,
+}
+
+/// One recorded `step` call.
+struct StepRec {
+    timestep: usize,
+    /// x before the step
+    sample: Vec<f64>,
+    variance_noise: Vec<f64>,
+    prev_sample: Vec<f64>,
+    pred_original_sample: Vec<f64>,
 }
 
 fn cases() -> Vec<Case> {
@@ -119,14 +129,12 @@ fn cases() -> Vec<Case> {
                     .as_array()
                     .unwrap()
                     .iter()
-                    .map(|s| {
-                        (
-                            s["timestep"].as_u64().unwrap() as usize,
-                            f64s(&s["sample"]),
-                            f64s(&s["variance_noise"]),
-                            f64s(&s["prev_sample"]),
-                            f64s(&s["pred_original_sample"]),
-                        )
+                    .map(|s| StepRec {
+                        timestep: s["timestep"].as_u64().unwrap() as usize,
+                        sample: f64s(&s["sample"]),
+                        variance_noise: f64s(&s["variance_noise"]),
+                        prev_sample: f64s(&s["prev_sample"]),
+                        pred_original_sample: f64s(&s["pred_original_sample"]),
                     })
                     .collect(),
                 cfg,
@@ -157,7 +165,12 @@ fn run_steps(case: &Case, sampler: &dyn Sampler, steps: std::ops::Range<usize>) 
         prediction: case.cfg.prediction_type,
         calls: RefCell::new(Vec::new()),
     };
-    let x_t = Tensor::from_vec(case.steps_rec[steps.start].1.clone(), case.shape.as_slice(), &dev).unwrap();
+    let x_t = Tensor::from_vec(
+        case.steps_rec[steps.start].sample.clone(),
+        case.shape.as_slice(),
+        &dev,
+    )
+    .unwrap();
     assert_eq!(x_t.dtype(), DType::F64);
     // row i of the noise: the recorded variance noise of every step, in order
     let rows = case.shape[0];
@@ -165,7 +178,7 @@ fn run_steps(case: &Case, sampler: &dyn Sampler, steps: std::ops::Range<usize>) 
     let mut rec = vec![Vec::new(); rows];
     for s in &case.steps_rec[steps] {
         for (i, r) in rec.iter_mut().enumerate() {
-            r.extend_from_slice(&s.2[i * per..(i + 1) * per]);
+            r.extend_from_slice(&s.variance_noise[i * per..(i + 1) * per]);
         }
     }
     let mut noise = NoiseStreams::replay(rec);
@@ -219,7 +232,9 @@ fn trajectory_err(case: &Case, r: &Run) -> f64 {
     assert_eq!(r.steps.len(), case.steps_rec.len(), "{}", case.name);
     let mut worst = 0.0f64;
     for ((x, x0), rec) in r.steps.iter().zip(&case.steps_rec) {
-        worst = worst.max(err(x, &rec.3)).max(err(x0, &rec.4));
+        worst = worst
+            .max(err(x, &rec.prev_sample))
+            .max(err(x0, &rec.pred_original_sample));
     }
     worst
 }
@@ -316,18 +331,18 @@ fn samplers_reproduce_every_diffusers_scheduler_step() {
             // the network is evaluated at exactly diffusers' timestep
             assert_eq!(
                 r.calls,
-                vec![ddpm_level(&schedule, rec.0)],
+                vec![ddpm_level(&schedule, rec.timestep)],
                 "{} step {k}",
                 case.name
             );
             let (x, x0) = &r.steps[0];
             let scale = float32_terms(
                 case.cfg.prediction_type,
-                &rec.1,
+                &rec.sample,
                 &case.model_output,
-                case.alphas_cumprod[rec.0],
+                case.alphas_cumprod[rec.timestep],
             );
-            let e = abs_err(x, &rec.3).max(abs_err(x0, &rec.4)) / scale;
+            let e = abs_err(x, &rec.prev_sample).max(abs_err(x0, &rec.pred_original_sample)) / scale;
             worst = worst.max(e);
         }
         println!(
