@@ -56,11 +56,11 @@ def main():
             assert image.shape[0] == args.n, f"x_t has {image.shape[0]} samples, --n is {args.n}"
             sched = pipe.scheduler
             sched.set_timesteps(args.steps)
+            gen = torch.Generator().manual_seed(args.seed)  # used only when eta > 0
             start = time.perf_counter()
             for t in sched.timesteps:
                 model_output = pipe.unet(image, t).sample
-                image = sched.step(model_output, t, image, eta=args.eta,
-                                   generator=torch.Generator().manual_seed(args.seed)).prev_sample
+                image = sched.step(model_output, t, image, eta=args.eta, generator=gen).prev_sample
             seconds = time.perf_counter() - start
             if args.out:
                 save_file({"sample": image.contiguous()}, args.out)
