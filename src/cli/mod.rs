@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod common;
 mod eval;
+mod export;
 mod forward;
 mod sample;
 mod schedule;
@@ -36,6 +37,8 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Measure a trained image model (`eval nll`: the variational bound in bits/dim).
     Eval(eval::EvalArgs),
+    /// Write a trained model in another layout (`--format diffusers`: a DDPMPipeline folder).
+    Export(export::ExportArgs),
 }
 
 /// An error in how the tool was called (a flag combination that makes no sense): exit code 2.
@@ -63,6 +66,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Sample(args) => sample::run(args),
+        Command::Export(args) => export::run(args),
     }
 }
 
