@@ -66,23 +66,64 @@ pub fn load_checkpoint(dir: &Path, use_ema: bool, device: &Device) -> Result<Ima
 /// scheduler config comes from `scheduler_config` when given, else from the folder, else
 /// diffusers' `DDPMScheduler` defaults (linear betas 1e-4..0.02, T = 1000, epsilon).
 pub fn load_diffusers(dir: &Path, scheduler_config: Option<&Path>, device: &Device) -> Result<ImageModel> {
-    let model = diffusers::load(dir, device)?;
-    let scheduler = match scheduler_config {
-        Some(p) => SchedulerConfig::from_file(p)?,
-        None => model.scheduler.clone().unwrap_or_default(),
+    let files = diffusers::locate(dir)?;
+    let (config, unet) = diffusers::load_network(&files, device)?;
+    // A given scheduler config replaces the folder's (which is then not read at all).
+    let scheduler = match (scheduler_config, files.scheduler_config.as_deref()) {
+        (Some(p), _) | (None, Some(p)) => SchedulerConfig::from_file(p)?,
+        (None, None) => SchedulerConfig::default(),
     };
-    let c = model.config.in_channels;
-    let [h, w] = model.config.sample_size.ok_or_else(|| {
-        Error::bad_input(
-            &model.files.config,
-            "has no sample_size: the image size is unknown",
-        )
-    })?;
+    let c = config.in_channels;
+    let [h, w] = config
+        .sample_size
+        .ok_or_else(|| Error::bad_input(&files.config, "has no sample_size: the image size is unknown"))?;
     let schedule = scheduler.schedule()?;
     Ok(ImageModel {
         source: format!("{} (diffusers)", dir.display()),
-        denoiser: UNetDenoiser::new(model.unet, schedule, scheduler.prediction_type),
+        denoiser: UNetDenoiser::new(unet, schedule, scheduler.prediction_type),
         shape: [c, h, w],
         scheduler: Some(scheduler),
+    })
+}
+
+/// What [`export_checkpoint`] wrote.
+#[derive(Clone, Debug)]
+pub struct ExportSummary {
+    /// The checkpoint directory read.
+    pub checkpoint: std::path::PathBuf,
+    /// Its training step.
+    pub step: u64,
+    /// `EMA` or `raw` weights.
+    pub weights: &'static str,
+    /// Number of network parameters.
+    pub parameters: usize,
+    /// The scheduler config written (`scheduler/scheduler_config.json`).
+    pub scheduler: SchedulerConfig,
+}
+
+/// Writes the model of a `diffuse train` run (`dir`: the run or its `checkpoint/`; EMA weights
+/// when `use_ema`) as a diffusers pipeline folder `out`: `unet/` (`config.json` +
+/// `diffusion_pytorch_model.safetensors`), `scheduler/scheduler_config.json` (a
+/// `DDPMScheduler` describing the run's schedule, [`SchedulerConfig::for_training`]) and
+/// `model_index.json`, which `UNet2DModel.from_pretrained(out, subfolder="unet")` and
+/// `DDPMPipeline.from_pretrained(out)` load. Every file is written atomically.
+pub fn export_checkpoint(dir: &Path, use_ema: bool, out: &Path) -> Result<ExportSummary> {
+    let m = load_trained(dir, use_ema, &Device::Cpu)?;
+    let file = if use_ema {
+        crate::train::checkpoint::EMA_FILE
+    } else {
+        crate::train::checkpoint::MODEL_FILE
+    };
+    let tensors = crate::train::checkpoint::read_f32_tensors(&m.checkpoint, file, &Device::Cpu)?;
+    let unet_config = m.config.unet_config()?;
+    let scheduler =
+        SchedulerConfig::for_training(&m.config.schedule, m.config.timesteps, m.config.prediction)?;
+    diffusers::export_pipeline(out, &unet_config, &tensors, &scheduler)?;
+    Ok(ExportSummary {
+        checkpoint: m.checkpoint,
+        step: m.step,
+        weights: if use_ema { "EMA" } else { "raw" },
+        parameters: tensors.values().map(|t| t.elem_count()).sum(),
+        scheduler,
     })
 }

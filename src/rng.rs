@@ -130,9 +130,15 @@ impl Rng {
 
 /// One generator per sample: row `i` of every noise tensor comes from stream `first_index + i`
 /// of the seed, so a sample does not depend on the batch it was drawn in.
+///
+/// [`NoiseStreams::replay`] instead hands out recorded deviates (to drive a sampler with the
+/// noise another implementation used, e.g. diffusers' recorded `variance_noise`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct NoiseStreams {
     streams: Vec<Rng>,
+    /// Recorded deviates per row, handed out in order instead of drawing (replay mode).
+    #[serde(skip)]
+    recorded: Option<Vec<std::collections::VecDeque<f64>>>,
 }
 
 impl NoiseStreams {
@@ -142,6 +148,26 @@ impl NoiseStreams {
             streams: (0..batch as u64)
                 .map(|i| Rng::stream(seed, first_index + i))
                 .collect(),
+            recorded: None,
+        }
+    }
+
+    /// Replay mode: row `i` of every noise tensor drawn through [`NoiseStreams::randn`] or
+    /// [`NoiseStreams::normal_rows`] takes the next values of `rows[i]`, in order. Once a row's
+    /// recording is used up it yields NaN, which the samplers' finiteness check reports (never
+    /// silently different noise). [`NoiseStreams::row`] still returns seeded generators (seed 0).
+    pub fn replay(rows: Vec<Vec<f64>>) -> Self {
+        NoiseStreams {
+            streams: (0..rows.len() as u64).map(|i| Rng::stream(0, i)).collect(),
+            recorded: Some(rows.into_iter().map(Into::into).collect()),
+        }
+    }
+
+    /// The next deviate of row `i`: recorded (replay mode) or drawn.
+    fn next_normal(&mut self, i: usize) -> f64 {
+        match &mut self.recorded {
+            Some(rows) => rows.get_mut(i).and_then(|r| r.pop_front()).unwrap_or(f64::NAN),
+            None => self.streams[i].normal(),
         }
     }
 
@@ -159,8 +185,8 @@ impl NoiseStreams {
     pub fn randn(&mut self, sample_shape: &[usize], device: &Device) -> Result<Tensor> {
         let per: usize = sample_shape.iter().product();
         let mut data = Vec::with_capacity(per * self.streams.len());
-        for rng in &mut self.streams {
-            data.extend((0..per).map(|_| rng.normal() as f32));
+        for i in 0..self.streams.len() {
+            data.extend((0..per).map(|_| self.next_normal(i) as f32));
         }
         let mut shape = vec![self.streams.len()];
         shape.extend_from_slice(sample_shape);
@@ -170,8 +196,8 @@ impl NoiseStreams {
     /// Standard normal noise as f64 rows: `batch * per_sample` values, row-major.
     pub fn normal_rows(&mut self, per_sample: usize) -> Vec<f64> {
         let mut data = Vec::with_capacity(per_sample * self.streams.len());
-        for rng in &mut self.streams {
-            data.extend((0..per_sample).map(|_| rng.normal()));
+        for i in 0..self.streams.len() {
+            data.extend((0..per_sample).map(|_| self.next_normal(i)));
         }
         data
     }
@@ -234,6 +260,16 @@ mod tests {
         assert_eq!(a[4], b[0]);
         assert_eq!(a[5], b[1]);
         assert_ne!(a[0], a[1]);
+    }
+
+    #[test]
+    fn replay_hands_out_the_recording_row_by_row_then_nan() {
+        let mut r = NoiseStreams::replay(vec![vec![1.0, 2.0, 3.0], vec![-1.0, -2.0, -3.0]]);
+        assert_eq!(r.batch(), 2);
+        assert_eq!(r.normal_rows(2), vec![1.0, 2.0, -1.0, -2.0]);
+        let t = r.randn(&[1], &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(t, vec![vec![3.0], vec![-3.0]]);
+        assert!(r.normal_rows(1).iter().all(|v| v.is_nan()));
     }
 
     #[test]

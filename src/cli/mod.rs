@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod common;
 mod eval;
+mod export;
 mod forward;
 mod sample;
 mod schedule;
@@ -37,6 +38,8 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Measure a trained image model (`eval nll`: the variational bound in bits/dim).
     Eval(eval::EvalArgs),
+    /// Write a trained model in another layout (`--format diffusers`: a DDPMPipeline folder).
+    Export(export::ExportArgs),
     /// Time a U-Net training step and sampling step (ms, images/s, GFLOP/s, peak memory), optionally against PyTorch.
     Bench(bench::BenchArgs),
 }
@@ -66,6 +69,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Sample(args) => sample::run(args),
+        Command::Export(args) => export::run(args),
         Command::Bench(args) => bench::run(args),
     }
 }

@@ -126,16 +126,31 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
     if kind == SamplerKind::Ddim && opts.steps.is_none() {
         opts.steps = Some(DEFAULT_STEPS);
     }
-    if matches!(kind, SamplerKind::Ddim | SamplerKind::Ddpm) && opts.spacing.is_none() {
-        // trailing reaches t = T (field notes, bug 1)
-        opts.spacing = Some("trailing".into());
-    }
-    if matches!(kind, SamplerKind::Ddim | SamplerKind::Ddpm) && opts.clip_x0.is_none() {
-        // a diffusers pipeline clips x_0 by its scheduler's clip_sample; ours do not
-        opts.clip_x0 = model.default_clip_x0();
-    }
-    let options = opts.options(kind)?;
-    let sampler = diffuse::samplers::build_sampler(kind, &process, &options)?;
+    let discrete = matches!(kind, SamplerKind::Ddim | SamplerKind::Ddpm) && a.process == "ddpm";
+    // A diffusers model's DDPM/DDIM run follows its scheduler config exactly (spacing,
+    // steps_offset, set_alpha_to_one, clip_sample, variance_type), as its pipeline would,
+    // unless the user overrides one of those choices.
+    let follow_scheduler = discrete
+        && opts.spacing.is_none()
+        && opts.clip_x0.is_none()
+        && opts.variance.is_none()
+        && model.scheduler.is_some();
+    let (sampler, steps): (Box<dyn diffuse::samplers::Sampler>, Option<usize>) = if follow_scheduler {
+        let cfg = model.scheduler.clone().unwrap_or_default();
+        let steps = opts.steps.unwrap_or(cfg.num_train_timesteps);
+        let s = diffuse::samplers::diffusers::from_scheduler_config(&cfg, &schedule, kind, steps, opts.eta)?;
+        (Box::new(s), Some(steps))
+    } else {
+        if discrete && opts.spacing.is_none() {
+            // trailing reaches t = T (field notes, bug 1)
+            opts.spacing = Some("trailing".into());
+        }
+        let options = opts.options(kind)?;
+        (
+            diffuse::samplers::build_sampler(kind, &process, &options)?,
+            options.steps,
+        )
+    };
     let device = super::device()?;
     let [c, h, w] = model.shape;
 
@@ -221,7 +236,7 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
         "shape": [c, h, w],
         "sampler": kind.name(),
         "process": process.name(),
-        "steps": options.steps,
+        "steps": steps,
         "nfe": nfe,
         "seconds": seconds,
         "images_per_second": a.n as f64 / seconds.max(1e-9),

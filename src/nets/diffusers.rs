@@ -171,12 +171,7 @@ pub struct DiffusersModel {
 /// is one) onto `device`. Missing, unexpected and mis-shaped tensors are reported by name.
 pub fn load(dir: &Path, device: &Device) -> Result<DiffusersModel> {
     let files = locate(dir)?;
-    let (config, tensors) = load_tensors(&files)?;
-    let tensors = tensors
-        .into_iter()
-        .map(|(k, v)| Ok((k, v.to_device(device)?)))
-        .collect::<Result<HashMap<_, _>>>()?;
-    let unet = unet::from_tensors(&config, tensors, device)?;
+    let (config, unet) = load_network(&files, device)?;
     let scheduler = match &files.scheduler_config {
         Some(p) => Some(SchedulerConfig::from_file(p)?),
         None => None,
@@ -187,6 +182,17 @@ pub fn load(dir: &Path, device: &Device) -> Result<DiffusersModel> {
         scheduler,
         files,
     })
+}
+
+/// The config and network of a located folder (not its scheduler config), on `device`.
+pub fn load_network(files: &ModelFolder, device: &Device) -> Result<(UNetConfig, UNet)> {
+    let (config, tensors) = load_tensors(files)?;
+    let tensors = tensors
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_device(device)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    let unet = unet::from_tensors(&config, tensors, device)?;
+    Ok((config, unet))
 }
 
 /// The config and the checked f32 CPU tensors of a located folder (for training from a

@@ -218,6 +218,60 @@ impl SchedulerConfig {
     pub fn schedule(&self) -> Result<Schedule> {
         Schedule::from_betas(self.betas()?)
     }
+
+    /// The `DDPMScheduler` config of a `diffuse` training schedule (for exporting a run):
+    ///
+    /// | ours | diffusers |
+    /// | --- | --- |
+    /// | `linear`, `scaled_linear` | the same name with `beta_start`, `beta_end` |
+    /// | `cosine` with s = 0.008, max_beta = 0.999 | `squaredcos_cap_v2` (Nichol & Dhariwal, the same formula) |
+    /// | `quadratic`, Jabri `sigmoid`, cosine with other parameters | `trained_betas` (our f64 betas; diffusers has no name for them, and its `sigmoid` is GeoDiff's) |
+    ///
+    /// Sampling choices follow `diffuse`'s defaults rather than diffusers': `clip_sample`
+    /// false (clipping is off unless asked), `timestep_spacing` `trailing` (starts at T - 1, and
+    /// `DDIMScheduler`'s previous-timestep formula agrees with the look-up whenever K divides
+    /// T), `variance_type` `fixed_small`.
+    pub fn for_training(schedule: &BetaSchedule, timesteps: usize, prediction: Prediction) -> Result<Self> {
+        let base = SchedulerConfig {
+            num_train_timesteps: timesteps,
+            prediction_type: prediction,
+            clip_sample: false,
+            timestep_spacing: TimestepSpacing::Trailing,
+            ..SchedulerConfig::default()
+        };
+        let cosine_default = BetaSchedule::from_name("cosine")?;
+        let cfg = match schedule {
+            BetaSchedule::Linear { beta_start, beta_end } => SchedulerConfig {
+                beta_schedule: DiffusersBetaSchedule::Linear,
+                beta_start: *beta_start,
+                beta_end: *beta_end,
+                ..base
+            },
+            BetaSchedule::ScaledLinear { beta_start, beta_end } => SchedulerConfig {
+                beta_schedule: DiffusersBetaSchedule::ScaledLinear,
+                beta_start: *beta_start,
+                beta_end: *beta_end,
+                ..base
+            },
+            s if *s == cosine_default => SchedulerConfig {
+                beta_schedule: DiffusersBetaSchedule::SquaredcosCapV2,
+                ..base
+            },
+            other => SchedulerConfig {
+                trained_betas: Some(other.betas(timesteps)?),
+                ..base
+            },
+        };
+        // the config must describe the very same betas
+        let ours = schedule.betas(timesteps)?;
+        if cfg.betas()? != ours {
+            return Err(Error::Numerical(format!(
+                "the diffusers scheduler config for the {} schedule does not reproduce its betas",
+                schedule.name()
+            )));
+        }
+        Ok(cfg)
+    }
 }
 
 type Parse<T> = std::result::Result<T, String>;

@@ -40,15 +40,30 @@ pub fn ddim_step(
     }
 }
 
+/// Which eps the DDIM update uses once the x_0 prediction has been clipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EpsAfterClip {
+    /// `eps = (x_t - alpha_t clip(x_0)) / sigma_t`, consistent with the clipped x_0 (GLIDE;
+    /// diffusers' `use_clipped_model_output=True`). The default.
+    Recompute,
+    /// The network's own eps, as if nothing had been clipped: diffusers' `DDIMScheduler.step`
+    /// default (`use_clipped_model_output=False`), which `DDIMPipeline` uses.
+    Unclipped,
+}
+
 /// DDIM sampling on a chain (normally a timestep subsequence of the DDPM chain).
 #[derive(Clone, Debug)]
 pub struct Ddim {
-    /// The chain (its levels; DDIM uses only the levels and the posterior variance).
+    /// The chain (its levels; DDIM uses only the levels and the posterior variance). Each step
+    /// is taken on its own `level -> prev`, so a chain whose `prev` is not the next step's
+    /// `level` (diffusers' DDIM, [`super::diffusers`]) is walked as written.
     pub chain: ReverseChain,
     /// eta in [0, 1].
     pub eta: f64,
-    /// Clip x_0 predictions to [-c, c] (then eps is recomputed from the clipped x_0, as diffusers).
+    /// Clip x_0 predictions to [-c, c] (off by default).
     pub clip_x0: Option<f64>,
+    /// The eps used after clipping (only matters with `clip_x0`).
+    pub eps_after_clip: EpsAfterClip,
     /// The prior std.
     pub prior_std: f64,
     /// Multiplies the noise std c (1 = correct; see [`super::ddpm::Ddpm::noise_scale`]).
@@ -63,6 +78,7 @@ impl Ddim {
             chain,
             eta,
             clip_x0: None,
+            eps_after_clip: EpsAfterClip::Recompute,
             prior_std,
             noise_scale: 1.0,
         })
@@ -96,12 +112,16 @@ impl Sampler for Ddim {
         }
         for (k, step) in self.chain.steps.iter().enumerate() {
             let levels = same_level(step.level, &x)?;
-            let (x0, eps) = match self.clip_x0 {
-                None => den.predict_x0_eps(&x, &levels)?,
-                Some(_) => {
+            let (x0, eps) = match (self.clip_x0, self.eps_after_clip) {
+                (None, _) => den.predict_x0_eps(&x, &levels)?,
+                (Some(_), EpsAfterClip::Recompute) => {
                     let x0 = maybe_clip(den.predict_x0(&x, &levels)?, self.clip_x0)?;
                     let eps = eps_from_x0(&x, &x0, &levels)?;
                     (x0, eps)
+                }
+                (Some(_), EpsAfterClip::Unclipped) => {
+                    let (x0, eps) = den.predict_x0_eps(&x, &levels)?;
+                    (maybe_clip(x0, self.clip_x0)?, eps)
                 }
             };
             let c = self.eta * step.posterior_variance.max(0.0).sqrt();

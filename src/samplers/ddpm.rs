@@ -45,6 +45,18 @@ impl Variance {
     }
 }
 
+/// Whether the last step of the chain (to x_0) adds noise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LastStepNoise {
+    /// Never: the last step returns the posterior mean (Ho et al. 2020, Alg. 2: z = 0 at
+    /// t = 1). The default.
+    Never,
+    /// When the step starts above the first training step (index > 0): diffusers'
+    /// `DDPMScheduler.step` rule "noise if t > 0", which with `trailing` spacing (last
+    /// timestep > 0) adds `sqrt(var) z` to the final sample.
+    IfIndexPositive,
+}
+
 /// `mean = coef_x0 * x0 + coef_xt * x_t`: the posterior mean of one chain step.
 pub fn posterior_mean(step: &ChainStep, x_t: &Tensor, x0: &Tensor) -> Result<Tensor> {
     lin(step.coef_x0, x0, step.coef_xt, x_t)
@@ -59,6 +71,8 @@ pub struct Ddpm {
     pub variance: Variance,
     /// Clip x_0 predictions to [-c, c] (Ho et al.'s images in [-1, 1]; off by default).
     pub clip_x0: Option<f64>,
+    /// Whether the last step adds noise.
+    pub last_step_noise: LastStepNoise,
     /// The prior std (1 for DDPM, sigma_q for seed-ve).
     pub prior_std: f64,
     /// Test knob: multiplies every step's noise std (1 = correct). Exists so that the oracle
@@ -73,6 +87,7 @@ impl Ddpm {
             chain,
             variance,
             clip_x0: None,
+            last_step_noise: LastStepNoise::Never,
             prior_std,
             noise_scale: 1.0,
         }
@@ -112,7 +127,10 @@ impl Sampler for Ddpm {
                 Variance::FixedSmall => step.posterior_variance,
                 Variance::FixedLarge => step.beta,
             };
-            x = if k + 1 < n && var > 0.0 {
+            let noisy = k + 1 < n
+                || (self.last_step_noise == LastStepNoise::IfIndexPositive
+                    && step.index.is_some_and(|i| i > 0));
+            x = if noisy && var > 0.0 {
                 let z = noise_like(noise, &mean)?;
                 lin(1.0, &mean, self.noise_scale * var.sqrt(), &z)?
             } else {

@@ -16,7 +16,9 @@
 //! | `edm.rs` | Karras et al. 2022, Alg. 2 (Heun, rho = 7, optional churn) | continuous |
 //!
 //! Shared pieces: `timesteps.rs` (DDIM timestep subsequences), `chain.rs` (the reverse Markov
-//! chain and the Gaussian posterior of one step), `registry.rs` (names -> samplers).
+//! chain and the Gaussian posterior of one step), `registry.rs` (names -> samplers),
+//! `diffusers.rs` (DDPM / DDIM with the choices of a diffusers scheduler config, to reproduce
+//! `DDPMPipeline` / `DDIMPipeline`).
 //!
 //! The continuous samplers stop at t_eps and finish with one denoising step `x <- E[x_0 | x_t]`
 //! (Score-SDE's `denoise=True`, here as Tweedie's posterior mean); it counts in the NFE.
@@ -24,6 +26,7 @@
 pub mod chain;
 pub mod ddim;
 pub mod ddpm;
+pub mod diffusers;
 pub mod edm;
 pub mod euler_maruyama;
 pub mod ode;
