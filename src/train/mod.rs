@@ -29,7 +29,6 @@ pub mod init;
 pub mod interrupt;
 pub mod metrics;
 pub mod optim;
-pub mod order;
 pub mod toy;
 
 use std::path::{Path, PathBuf};

@@ -38,7 +38,7 @@ use crate::error::{check_range, Error, Result};
 use crate::nets::mlp::{Mlp, MlpConfig};
 use crate::rng::Rng;
 use crate::train::init::seeded_var_builder;
-use crate::train::order::{EpochOrder, OrderState};
+use crate::data::{EpochSampler, SamplerState};
 use crate::train::{Budget, Interrupt, LoopOptions, TrainOutcome, TrainTask, Trainer, TrainerConfig};
 
 /// How training draws the log-SNR of each example.
@@ -185,7 +185,7 @@ pub fn load_data(spec: &DataSpec, n_data: usize, seed: u64) -> Result<Points> {
 /// The [`TrainTask`] of the toy trainer.
 pub struct ToyTask {
     points: Tensor,
-    order: EpochOrder,
+    order: EpochSampler,
     mlp: Mlp,
     batch: usize,
     log_snr: LogSnrSampling,
@@ -217,7 +217,7 @@ impl ToyTask {
         }
         Ok(ToyTask {
             points: points.to_tensor(device)?,
-            order: EpochOrder::new(points.len(), order_seed)?,
+            order: EpochSampler::new(order_seed, points.len())?,
             mlp,
             batch: config.batch,
             log_snr: config.log_snr,
@@ -259,19 +259,20 @@ impl TrainTask for ToyTask {
     }
 
     fn restore_data_state(&mut self, state: &Value) -> Result<()> {
-        let s: OrderState = serde_json::from_value(state.clone())
+        let s: SamplerState = serde_json::from_value(state.clone())
             .map_err(|e| Error::param("data order", format!("cannot read the saved data order: {e}")))?;
-        if s.n != self.order.state().n {
+        let order = EpochSampler::from_state(s)?;
+        if order.len() != self.order.len() {
             return Err(Error::param(
                 "data order",
                 format!(
                     "the checkpoint's order covers {} points, the data has {}",
-                    s.n,
-                    self.order.state().n
+                    order.len(),
+                    self.order.len()
                 ),
             ));
         }
-        self.order = EpochOrder::from_state(s)?;
+        self.order = order;
         Ok(())
     }
 }
