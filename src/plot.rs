@@ -69,8 +69,6 @@ pub struct Panel {
     pub y_label: String,
     /// Series drawn in the panel (non-finite points are skipped).
     pub series: Vec<Series>,
-    /// Log scale on the y axis (values must be positive).
-    pub log_y: bool,
 }
 
 fn finite_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
@@ -100,89 +98,44 @@ pub fn line_chart(path: &Path, panels: &[Panel], width: u32, height: u32) -> Res
         for (panel, area) in panels.iter().zip(areas.iter()) {
             let xs = panel.series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
             let (x0, x1) = finite_range(xs);
-            if panel.log_y {
-                let ys = panel
-                    .series
+            let ys = panel.series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
+            let (y0, y1) = finite_range(ys);
+            let mut chart = ChartBuilder::on(area)
+                .caption(&panel.title, ("sans-serif", 22))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(60)
+                .build_cartesian_2d(x0..x1, y0..y1)
+                .map_err(plot_err)?;
+            chart
+                .configure_mesh()
+                .x_desc(&panel.x_label)
+                .y_desc(&panel.y_label)
+                .label_style(("sans-serif", 14))
+                .draw()
+                .map_err(plot_err)?;
+            for (k, s) in panel.series.iter().enumerate() {
+                let c = PALETTE[k % PALETTE.len()];
+                let pts: Vec<(f64, f64)> = s
+                    .points
                     .iter()
-                    .flat_map(|s| s.points.iter().map(|p| p.1))
-                    .filter(|&y| y > 0.0);
-                let (lo, hi) = finite_range(ys.map(f64::ln));
-                let mut chart = ChartBuilder::on(area)
-                    .caption(&panel.title, ("sans-serif", 22))
-                    .margin(12)
-                    .x_label_area_size(40)
-                    .y_label_area_size(70)
-                    .build_cartesian_2d(x0..x1, (lo.exp()..hi.exp()).log_scale())
-                    .map_err(plot_err)?;
+                    .copied()
+                    .filter(|p| p.0.is_finite() && p.1.is_finite())
+                    .collect();
                 chart
-                    .configure_mesh()
-                    .x_desc(&panel.x_label)
-                    .y_desc(&panel.y_label)
-                    .label_style(("sans-serif", 14))
-                    .draw()
-                    .map_err(plot_err)?;
-                for (k, s) in panel.series.iter().enumerate() {
-                    let c = PALETTE[k % PALETTE.len()];
-                    let pts: Vec<(f64, f64)> = s
-                        .points
-                        .iter()
-                        .copied()
-                        .filter(|p| p.0.is_finite() && p.1.is_finite() && p.1 > 0.0)
-                        .collect();
-                    chart
-                        .draw_series(LineSeries::new(pts, c.stroke_width(2)))
-                        .map_err(plot_err)?
-                        .label(s.label.clone())
-                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-                }
-                chart
-                    .configure_series_labels()
-                    .position(SeriesLabelPosition::UpperRight)
-                    .background_style(WHITE.mix(0.8))
-                    .border_style(BLACK)
-                    .label_font(("sans-serif", 14))
-                    .draw()
-                    .map_err(plot_err)?;
-            } else {
-                let ys = panel.series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
-                let (y0, y1) = finite_range(ys);
-                let mut chart = ChartBuilder::on(area)
-                    .caption(&panel.title, ("sans-serif", 22))
-                    .margin(12)
-                    .x_label_area_size(40)
-                    .y_label_area_size(60)
-                    .build_cartesian_2d(x0..x1, y0..y1)
-                    .map_err(plot_err)?;
-                chart
-                    .configure_mesh()
-                    .x_desc(&panel.x_label)
-                    .y_desc(&panel.y_label)
-                    .label_style(("sans-serif", 14))
-                    .draw()
-                    .map_err(plot_err)?;
-                for (k, s) in panel.series.iter().enumerate() {
-                    let c = PALETTE[k % PALETTE.len()];
-                    let pts: Vec<(f64, f64)> = s
-                        .points
-                        .iter()
-                        .copied()
-                        .filter(|p| p.0.is_finite() && p.1.is_finite())
-                        .collect();
-                    chart
-                        .draw_series(LineSeries::new(pts, c.stroke_width(2)))
-                        .map_err(plot_err)?
-                        .label(s.label.clone())
-                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-                }
-                chart
-                    .configure_series_labels()
-                    .position(SeriesLabelPosition::UpperRight)
-                    .background_style(WHITE.mix(0.8))
-                    .border_style(BLACK)
-                    .label_font(("sans-serif", 14))
-                    .draw()
-                    .map_err(plot_err)?;
+                    .draw_series(LineSeries::new(pts, c.stroke_width(2)))
+                    .map_err(plot_err)?
+                    .label(s.label.clone())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
             }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 14))
+                .draw()
+                .map_err(plot_err)?;
         }
         root.present().map_err(plot_err)?;
     }
@@ -218,14 +171,12 @@ pub fn schedule_figure(path: &Path, timesteps: usize) -> Result<()> {
                 x_label: "t / T".into(),
                 y_label: "alpha_bar_t".into(),
                 series: ab,
-                log_y: false,
             },
             Panel {
                 title: format!("log SNR(t) (T = {timesteps})"),
                 x_label: "t / T".into(),
                 y_label: "ln(alpha_bar / (1 - alpha_bar))".into(),
                 series: lsnr,
-                log_y: false,
             },
         ],
         1400,

@@ -34,11 +34,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::data::toy2d::{DataSpec, Points};
+use crate::data::{EpochSampler, SamplerState};
 use crate::error::{check_range, Error, Result};
 use crate::nets::mlp::{Mlp, MlpConfig};
 use crate::rng::Rng;
 use crate::train::init::seeded_var_builder;
-use crate::data::{EpochSampler, SamplerState};
 use crate::train::{Budget, Interrupt, LoopOptions, TrainOutcome, TrainTask, Trainer, TrainerConfig};
 
 /// How training draws the log-SNR of each example.
