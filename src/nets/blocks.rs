@@ -103,37 +103,62 @@ impl ResnetBlock2D {
 
     /// `x` `[N, c_in, H, W]`, `temb_act = silu(temb)` `[N, temb_channels]` -> `[N, c_out, H', W']`.
     /// `rng` is given in training (dropout on) and `None` in evaluation.
+    ///
+    /// Computed as two fused ops ([`ops::group_norm_silu_conv2d`]), with the shortcut's 1x1
+    /// convolution (when there is one) in between:
+    /// `h = conv1(silu(norm1(x))) + t` (the time projection as a per-channel bias; with
+    /// scale-shift, `t` goes into the second norm instead) and
+    /// `out = conv2(silu(norm2(h))) + shortcut(x)`. With dropout active (training, `p > 0`) the
+    /// second stage is split in three: `silu(norm2(h))`, the dropout mask, `conv2(..) + shortcut`.
+    /// With resampling, `norm1` + SiLU, the resampling of both paths, then `conv1` + `t`.
     pub fn forward(&self, x: &Tensor, temb_act: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
-        let mut h = self.norm1.forward_silu(x)?;
-        let mut skip = x.clone();
-        match self.resample {
-            Some(Resample::Up) => {
-                h = ops::upsample_nearest2x(&h)?;
-                skip = ops::upsample_nearest2x(&skip)?;
-            }
-            Some(Resample::Down) => {
-                h = ops::avg_pool2x(&h)?;
-                skip = ops::avg_pool2x(&skip)?;
-            }
-            None => {}
-        }
-        let h = self.conv1.forward(&h)?;
+        let _prof = ops::profile::scope("unet.resnet");
         let t = self.time_emb_proj.forward(temb_act)?;
-        let h = match self.time_scale_shift {
-            TimeScaleShift::Default => self.norm2.forward_silu(&ops::add_channel_bias(&h, &t)?)?,
-            TimeScaleShift::ScaleShift => {
-                let c = self.out_channels;
-                let scale = t.narrow(1, 0, c)?.contiguous()?;
-                let shift = t.narrow(1, c, c)?.contiguous()?;
-                self.norm2.forward_scale_shift_silu(&h, &scale, &shift)?
+        let c = self.out_channels;
+        let (bias, scale_shift) = match self.time_scale_shift {
+            TimeScaleShift::Default => (Some(&t), None),
+            TimeScaleShift::ScaleShift => (
+                None,
+                Some((t.narrow(1, 0, c)?.contiguous()?, t.narrow(1, c, c)?.contiguous()?)),
+            ),
+        };
+        let with_bias = ops::ConvAdd {
+            channel_bias: bias,
+            residual: None,
+        };
+        let (h, skip) = match self.resample {
+            None => (self.conv1.forward_norm_add(x, &self.norm1, None, &with_bias)?, x.clone()),
+            Some(r) => {
+                let resample = |v: &Tensor| -> Result<Tensor> {
+                    Ok(match r {
+                        Resample::Up => ops::upsample_nearest2x(v)?,
+                        Resample::Down => ops::avg_pool2x(v)?,
+                    })
+                };
+                let h = resample(&self.norm1.forward_silu(x)?)?;
+                (self.conv1.forward_add(&h, &with_bias)?, resample(x)?)
             }
         };
-        let h = self.conv2.forward(&self.dropout.forward(&h, rng)?)?;
-        let skip = match &self.conv_shortcut {
-            Some(c) => c.forward(&skip)?,
+        let residual = match &self.conv_shortcut {
+            Some(sc) => sc.forward(&skip)?,
             None => skip,
         };
-        let out = (skip + h)?;
+        let scale_shift = scale_shift.as_ref().map(|(a, b)| (a, b));
+        let with_residual = ops::ConvAdd {
+            channel_bias: None,
+            residual: Some(&residual),
+        };
+        let out = if self.dropout.active(rng.is_some()) {
+            let h = match scale_shift {
+                None => self.norm2.forward_silu(&h)?,
+                Some((scale, shift)) => self.norm2.forward_scale_shift_silu(&h, scale, shift)?,
+            };
+            self.conv2
+                .forward_add(&self.dropout.forward(&h, rng)?, &with_residual)?
+        } else {
+            self.conv2
+                .forward_norm_add(&h, &self.norm2, scale_shift, &with_residual)?
+        };
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {

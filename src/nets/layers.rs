@@ -91,6 +91,38 @@ impl Conv2d {
             self.padding,
         )?)
     }
+
+    /// `conv(x) + channel_bias + residual` as one fused op (see [`ops::conv2d_add`]).
+    pub fn forward_add(&self, x: &Tensor, add: &ops::ConvAdd<'_>) -> Result<Tensor> {
+        Ok(ops::conv2d_add(
+            x,
+            &self.weight,
+            Some(&self.bias),
+            self.stride,
+            self.padding,
+            add,
+        )?)
+    }
+
+    /// `conv(silu(norm(x) [* (1 + scale) + shift])) + channel_bias + residual` as one fused op
+    /// (see [`ops::group_norm_silu_conv2d`]); `scale_shift` is `([N, C_in], [N, C_in])`.
+    pub fn forward_norm_add(
+        &self,
+        x: &Tensor,
+        norm: &GroupNorm,
+        scale_shift: Option<(&Tensor, &Tensor)>,
+        add: &ops::ConvAdd<'_>,
+    ) -> Result<Tensor> {
+        Ok(ops::group_norm_silu_conv2d(
+            x,
+            &norm.silu_spec(scale_shift),
+            &self.weight,
+            Some(&self.bias),
+            self.stride,
+            self.padding,
+            add,
+        )?)
+    }
 }
 
 /// GroupNorm with affine parameters (Wu & He 2018), `groups` dividing the channel count.
@@ -121,6 +153,18 @@ impl GroupNorm {
             groups,
             eps,
         })
+    }
+
+    /// The normalisation as the first stage of a fused convolution: `silu(norm(x))`, or
+    /// `silu(norm(x) * (1 + scale) + shift)` with `scale_shift`.
+    pub fn silu_spec<'a>(&'a self, scale_shift: Option<(&'a Tensor, &'a Tensor)>) -> ops::GroupNormSilu<'a> {
+        ops::GroupNormSilu {
+            groups: self.groups,
+            gamma: &self.weight,
+            beta: &self.bias,
+            eps: self.eps,
+            scale_shift,
+        }
     }
 
     /// `group_norm(x)`.
@@ -171,6 +215,11 @@ impl Dropout {
     /// Dropout with probability `p` in [0, 1).
     pub fn new(p: f64) -> Self {
         Dropout { p }
+    }
+
+    /// Whether [`Dropout::forward`] changes anything: training mode (`rng` given) and `p > 0`.
+    pub fn active(&self, training: bool) -> bool {
+        training && self.p > 0.0
     }
 
     /// Applies dropout when `rng` is given (training) and `p > 0`; returns `x` otherwise.

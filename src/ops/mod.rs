@@ -35,9 +35,11 @@ use candle_core::{Result, Tensor};
 pub mod attention;
 pub mod block;
 pub mod conv;
+pub(crate) mod direct;
 pub(crate) mod cpu;
 pub mod elementwise;
 pub mod norm;
+pub mod profile;
 pub mod reference;
 pub mod resample;
 
@@ -273,5 +275,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
 
 /// `y = x w^T + b` for x `[N, I]`, w `[O, I]`, b `[O]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let _prof = profile::scope("linear.fwd");
+    if let (Ok((n, i)), Ok(o)) = (x.dims2(), w.dim(0)) {
+        profile::add_flops("linear.fwd", 2.0 * (n * i * o) as f64);
+    }
     reference::linear(x, w, b)
 }

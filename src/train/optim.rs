@@ -190,12 +190,16 @@ impl AdamW {
 
     /// Back-propagates `loss` and applies one update.
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<StepStats> {
-        let grads = loss.backward()?;
+        let grads = {
+            let _prof = crate::ops::profile::scope("backward");
+            loss.backward()?
+        };
         self.apply(&grads)
     }
 
     /// Applies one update from `grads` (missing gradients count as zero).
     pub fn apply(&mut self, grads: &GradStore) -> Result<StepStats> {
+        let _prof = crate::ops::profile::scope("adamw");
         let c = &self.config;
         let grads: Vec<Option<&Tensor>> = self.params.iter().map(|p| grads.get(p.var.as_tensor())).collect();
         // per-parameter sums of squares on the device, one transfer, summed in f64 in name order

@@ -1,0 +1,540 @@
+//! Direct convolution kernels for stride-1 convolutions that keep the image size (`k x k`
+//! kernels with padding `(k - 1) / 2`: the 3x3 and 1x1 convolutions of a U-Net), on CPUs with
+//! AVX-512. No im2col matrix is built: the kernel reads the input planes in place.
+//!
+//! Index a pixel of an `H x W` plane by `q = y W + x` (`P = H W` pixels). Kernel tap
+//! `t = ky * k + kx` reads, for output pixel `q`, the input pixel `q + off_t` with
+//! `off_t = (ky - pad) W + (kx - pad)` when `(y + ky - pad, x + kx - pad)` lies inside the image,
+//! and the zero padding otherwise. With `m_t(q)` that validity (0 or 1):
+//!
+//! ```text
+//! y[co, q]         = init[co] + sum_{t, ci} w[co, ci, t] * m_t(q) * x[ci, q + off_t] (+ r[co, q])
+//! dx[ci, q]        = sum_{t, co} w[co, ci, T - 1 - t] * m_t(q) * dy[co, q + off_t]
+//! dw[co, ci, t]   += sum_q dy[co, q] * m_t(q) * x[ci, q + off_t]
+//! ```
+//!
+//! The input gradient is the same kernel on `dy` with the taps reversed (`off_{T-1-t} = -off_t`
+//! and `m_{T-1-t}(q)` says exactly that output pixel `q - off_t` read input pixel `q`).
+//!
+//! The micro-kernel keeps a tile of 3 vectors of 16 consecutive pixels by 8 output channels in
+//! 24 registers and runs over every (tap, input channel) pair: 3 masked loads (the mask is
+//! `m_t` on the tile's 48 pixels, which also stops reads past the plane), 8 broadcast weights, 24
+//! fused multiply-adds. Masked-off lanes read nothing and count as zero, so neither padded copies
+//! nor boundary cases are needed; the last tile of a plane is masked to the `P` real pixels.
+//! Weights are packed once per call as `[channel tile][t][ci][8]` (zeros past the last channel).
+//! The weight gradient keeps 4 output x 6 input channels of 16-lane partial sums over `q` and
+//! adds their horizontal sums into `dw` once per image and tap.
+
+use super::conv::Geometry;
+
+/// Lanes per vector.
+const L: usize = 16;
+/// Output channels per forward tile.
+const NR: usize = 8;
+/// Vectors (of 16 pixels) per forward tile.
+const MV: usize = 3;
+/// Output-channel vectors per weight-gradient tile.
+const GC: usize = 2;
+/// (input channel, tap) pairs per weight-gradient tile.
+const GK: usize = 9;
+
+/// The taps of one geometry: offsets and per-vector validity masks.
+#[derive(Clone, Debug)]
+pub(crate) struct Direct {
+    /// Plane height and width.
+    h: usize,
+    w: usize,
+    /// Kernel size and padding.
+    k: usize,
+    pad: usize,
+    /// Pixels per plane, `H * W`.
+    p: usize,
+    /// Vectors per plane, `ceil(P / 16)`.
+    nvec: usize,
+    /// `off_t` for each tap.
+    off: Vec<isize>,
+    /// `masks[t * nvec + v]`: bit `l` set when tap `t` reads inside the image for pixel
+    /// `q = 16 v + l` (and `q < P`).
+    masks: Vec<u16>,
+    /// `store[v]`: bit `l` set when `16 v + l < P`.
+    store: Vec<u16>,
+}
+
+impl Direct {
+    /// The kernels for geometry `g`, when they apply: stride 1, square odd kernel with padding
+    /// `(k - 1) / 2` (so the output has the input's size), on a CPU with AVX-512.
+    pub(crate) fn new(g: &Geometry) -> Option<Self> {
+        if !available() || g.stride != 1 || g.kh != g.kw || g.kh != 2 * g.padding + 1 {
+            return None;
+        }
+        let (h, w, k, pad) = (g.h, g.w, g.kh, g.padding as isize);
+        let _ = (h, w);
+        let p = h * w;
+        let nvec = p.div_ceil(L);
+        let mut off = Vec::with_capacity(k * k);
+        let mut masks = vec![0u16; k * k * nvec];
+        for ky in 0..k {
+            for kx in 0..k {
+                let (dy, dx) = (ky as isize - pad, kx as isize - pad);
+                let t = off.len();
+                off.push(dy * w as isize + dx);
+                for q in 0..p {
+                    let (y, x) = ((q / w) as isize + dy, (q % w) as isize + dx);
+                    if y >= 0 && y < h as isize && x >= 0 && x < w as isize {
+                        masks[t * nvec + q / L] |= 1 << (q % L);
+                    }
+                }
+            }
+        }
+        let store = (0..nvec)
+            .map(|v| {
+                let valid = p.saturating_sub(v * L).min(L);
+                if valid == L {
+                    u16::MAX
+                } else {
+                    (1u16 << valid) - 1
+                }
+            })
+            .collect();
+        Some(Self {
+            h,
+            w,
+            k,
+            pad: g.padding,
+            p,
+            nvec,
+            off,
+            masks,
+            store,
+        })
+    }
+
+    fn taps(&self) -> usize {
+        self.off.len()
+    }
+
+    /// Packs `w [c_out, c_in, T]` for [`Direct::conv`] as `[c_out tile][t][ci][8]`.
+    pub(crate) fn pack(&self, w: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
+        let t_n = self.taps();
+        let tiles = c_out.div_ceil(NR);
+        let mut out = vec![0f32; tiles * t_n * c_in * NR];
+        for co in 0..c_out {
+            let (tile, j) = (co / NR, co % NR);
+            for ci in 0..c_in {
+                for t in 0..t_n {
+                    out[((tile * t_n + t) * c_in + ci) * NR + j] = w[(co * c_in + ci) * t_n + t];
+                }
+            }
+        }
+        out
+    }
+
+    /// Packs `w [c_out, c_in, T]` for the input gradient: the kernel of the transposed
+    /// convolution, `w'[ci, co, t] = w[co, ci, T - 1 - t]`, packed as by [`Direct::pack`].
+    pub(crate) fn pack_transposed(&self, w: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
+        let t_n = self.taps();
+        let tiles = c_in.div_ceil(NR);
+        let mut out = vec![0f32; tiles * t_n * c_out * NR];
+        for ci in 0..c_in {
+            let (tile, j) = (ci / NR, ci % NR);
+            for co in 0..c_out {
+                for t in 0..t_n {
+                    out[((tile * t_n + t) * c_out + co) * NR + j] = w[(co * c_in + ci) * t_n + (t_n - 1 - t)];
+                }
+            }
+        }
+        out
+    }
+
+    /// One image: `y [cy, P] = init + conv(x [cx, P]) (+ residual)` with weights packed by
+    /// [`Direct::pack`] (or [`Direct::pack_transposed`] for an input gradient). `init` has
+    /// `cy` entries (bias plus channel bias; zeros for a gradient).
+    pub(crate) fn conv(
+        &self,
+        x: &[f32],
+        cx: usize,
+        wp: &[f32],
+        init: &[f32],
+        residual: Option<&[f32]>,
+        y: &mut [f32],
+        cy: usize,
+    ) {
+        let p = self.p;
+        assert!(x.len() >= cx * p && y.len() >= cy * p && init.len() >= cy, "direct conv: sizes");
+        assert!(wp.len() >= cy.div_ceil(NR) * self.taps() * cx * NR, "direct conv: weights");
+        if let Some(r) = residual {
+            assert!(r.len() >= cy * p, "direct conv: residual");
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `available()` (checked in `new`) guarantees AVX-512F; the asserts above keep
+        // every unmasked access inside the slices (see `tile`).
+        unsafe {
+            conv_image(self, x, cx, wp, init, residual, y, cy)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (x, cx, wp, init, residual, y, cy);
+            unreachable!("direct convolution needs AVX-512")
+        }
+    }
+
+}
+
+/// Whether the CPU runs these kernels (AVX-512F), and they are not switched off with
+/// `DIFFUSE_DIRECT_CONV=0`.
+pub(crate) fn available() -> bool {
+    use std::sync::OnceLock;
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        let cpu = std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let cpu = false;
+        cpu && std::env::var("DIFFUSE_DIRECT_CONV").map_or(true, |v| v != "0")
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// # Safety
+/// AVX-512F; sizes as asserted by [`Direct::conv`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn conv_image(
+    d: &Direct,
+    x: &[f32],
+    cx: usize,
+    wp: &[f32],
+    init: &[f32],
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+    cy: usize,
+) {
+    let (p, t_n) = (d.p, d.taps());
+    let tile_len = t_n * cx * NR;
+    let mut v0 = 0;
+    while v0 < d.nvec {
+        let mv = (d.nvec - v0).min(MV);
+        for tile in 0..cy.div_ceil(NR) {
+            let co0 = tile * NR;
+            let nr = (cy - co0).min(NR);
+            let mut init8 = [0f32; NR];
+            init8[..nr].copy_from_slice(&init[co0..co0 + nr]);
+            let args = TileArgs {
+                cx,
+                plane: p,
+                x: x.as_ptr().add(v0 * L),
+                d,
+                v0,
+                wp: wp.as_ptr().add(tile * tile_len),
+                init: &init8,
+                y: y.as_mut_ptr().add(co0 * p + v0 * L),
+                residual: residual.map_or(std::ptr::null(), |r| r.as_ptr().add(co0 * p + v0 * L)),
+                nr,
+            };
+            match mv {
+                3 => tile_kernel::<3>(&args),
+                2 => tile_kernel::<2>(&args),
+                _ => tile_kernel::<1>(&args),
+            }
+        }
+        v0 += mv;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct TileArgs<'a> {
+    cx: usize,
+    plane: usize,
+    /// Input channel 0 at the tile's first pixel.
+    x: *const f32,
+    d: &'a Direct,
+    v0: usize,
+    /// Packed weights of this channel tile, `[t][ci][8]`.
+    wp: *const f32,
+    init: &'a [f32; NR],
+    /// Output channel `co0` at the tile's first pixel.
+    y: *mut f32,
+    residual: *const f32,
+    nr: usize,
+}
+
+/// One tile: `V` vectors of pixels x 8 output channels.
+///
+/// # Safety
+/// AVX-512F. Every load is masked by `m_t` (pixels inside the image) and every store by the
+/// tile's `q < P` mask, so memory is touched only at `x[ci, q + off_t]` for valid pixels and at
+/// `y[co, q]`, `residual[co, q]` for `q < P`, `co < co0 + nr`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_kernel<const V: usize>(a: &TileArgs<'_>) {
+    let d = a.d;
+    let mut acc = [[_mm512_setzero_ps(); V]; NR];
+    for (j, row) in acc.iter_mut().enumerate() {
+        let b = _mm512_set1_ps(a.init[j]);
+        for v in row.iter_mut() {
+            *v = b;
+        }
+    }
+    for (t, &off) in d.off.iter().enumerate() {
+        let mut m = [0u16; V];
+        for (i, mi) in m.iter_mut().enumerate() {
+            *mi = *d.masks.get_unchecked(t * d.nvec + a.v0 + i);
+        }
+        let xt = a.x.wrapping_offset(off);
+        let mut w = a.wp.add(t * a.cx * NR);
+        let mut xp = xt;
+        for _ in 0..a.cx {
+            let mut xv = [_mm512_setzero_ps(); V];
+            for i in 0..V {
+                xv[i] = _mm512_maskz_loadu_ps(m[i], xp.wrapping_add(i * L));
+            }
+            for j in 0..NR {
+                let b = _mm512_set1_ps(*w.add(j));
+                for i in 0..V {
+                    acc[j][i] = _mm512_fmadd_ps(xv[i], b, acc[j][i]);
+                }
+            }
+            xp = xp.wrapping_add(a.plane);
+            w = w.add(NR);
+        }
+    }
+    let mut sm = [0u16; V];
+    for (i, s) in sm.iter_mut().enumerate() {
+        *s = d.store[a.v0 + i];
+    }
+    for (j, row) in acc.iter().enumerate().take(a.nr) {
+        for i in 0..V {
+            let mut v = row[i];
+            let at = j * a.plane + i * L;
+            if !a.residual.is_null() {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(sm[i], a.residual.add(at)));
+            }
+            _mm512_mask_storeu_ps(a.y.add(at), sm[i], v);
+        }
+    }
+}
+
+
+/// The weight gradient of a [`Direct`] convolution, accumulated image by image on one thread:
+/// `dw[co, ci, t] = sum_images sum_q dy[co, q] m_t(q) x[ci, q + off_t]`.
+///
+/// Per image the input is copied into zero-padded planes of width `Wp = W + 2 pad` and the
+/// output gradient is transposed to `dyT [q', co]` over the padded pixel index
+/// `q' = y Wp + x` (zero in the `2 pad` extra columns and past the last channel), so that every
+/// tap is a plain shifted read: `dw^T[(ci, t), co] += sum_q' x_pad[ci, q' + ky Wp + kx] dyT[q', co]`.
+/// The micro-kernel keeps 9 (input channel, tap) pairs x 32 output channels in 18 registers:
+/// per pixel two vector loads of `dyT`, nine broadcasts of `x_pad`, 18 fused multiply-adds.
+pub(crate) struct WeightGrad<'a> {
+    d: &'a Direct,
+    c_out: usize,
+    c_in: usize,
+    /// `c_out` rounded up to whole vectors.
+    co_pad: usize,
+    /// Padded width, padded plane length.
+    wp: usize,
+    plane: usize,
+    x_pad: super::cpu::Scratch,
+    dyt: super::cpu::Scratch,
+    /// `[ci * T + t][co_pad]`.
+    acc: Vec<f32>,
+}
+
+impl<'a> WeightGrad<'a> {
+    pub(crate) fn new(d: &'a Direct, c_out: usize, c_in: usize) -> Self {
+        let wp = d.w + 2 * d.pad;
+        // rows of padding above and below, and 2 pad more so that the last rows' taps stay inside
+        let plane = (d.h + 2 * d.pad) * wp + 2 * d.pad;
+        let co_pad = c_out.div_ceil(L) * L;
+        let mut x_pad = super::cpu::Scratch::new(c_in * plane);
+        x_pad.fill(0.0);
+        let mut dyt = super::cpu::Scratch::new(d.h * wp * co_pad);
+        dyt.fill(0.0);
+        Self {
+            d,
+            c_out,
+            c_in,
+            co_pad,
+            wp,
+            plane,
+            x_pad,
+            dyt,
+            acc: vec![0f32; c_in * d.taps() * co_pad],
+        }
+    }
+
+    /// Adds one image: `dy [c_out, P]`, `x [c_in, P]`.
+    pub(crate) fn add_image(&mut self, dy: &[f32], x: &[f32]) {
+        let d = self.d;
+        let (h, w, pad, wp, p) = (d.h, d.w, d.pad, self.wp, d.p);
+        assert!(dy.len() >= self.c_out * p && x.len() >= self.c_in * p, "direct conv: sizes");
+        // x_pad[ci, (y + pad) Wp + x + pad] = x[ci, y W + x]; the rest stays zero
+        for ci in 0..self.c_in {
+            let dst = &mut self.x_pad[ci * self.plane..(ci + 1) * self.plane];
+            for y in 0..h {
+                let at = (y + pad) * wp + pad;
+                dst[at..at + w].copy_from_slice(&x[ci * p + y * w..ci * p + (y + 1) * w]);
+            }
+        }
+        // dyT[y Wp + x, co] = dy[co, y W + x]
+        let ld = self.co_pad;
+        for co in 0..self.c_out {
+            let src = &dy[co * p..(co + 1) * p];
+            for y in 0..h {
+                for (x, &v) in src[y * w..(y + 1) * w].iter().enumerate() {
+                    self.dyt[(y * wp + x) * ld + co] = v;
+                }
+            }
+        }
+        let nq = h * wp;
+        let t_n = d.taps();
+        let k_all = self.c_in * t_n;
+        // offset of (ci, t) in x_pad: ci * plane + ky * Wp + kx
+        let offset = |kk: usize| -> usize {
+            let (ci, t) = (kk / t_n, kk % t_n);
+            ci * self.plane + (t / d.k) * wp + t % d.k
+        };
+        let mut k0 = 0;
+        while k0 < k_all {
+            let nk = (k_all - k0).min(GK);
+            let mut xs = [std::ptr::null::<f32>(); GK];
+            for (j, x) in xs.iter_mut().enumerate().take(nk) {
+                *x = self.x_pad[offset(k0 + j)..].as_ptr();
+            }
+            let mut c0 = 0;
+            while c0 < self.co_pad {
+                let nc = ((self.co_pad - c0) / L).min(GC);
+                let args = GradArgs {
+                    nq,
+                    dyt: self.dyt[c0..].as_ptr(),
+                    ld,
+                    xs: &xs,
+                    out: self.acc[k0 * ld + c0..].as_mut_ptr(),
+                };
+                // SAFETY: AVX-512F (Direct exists); the kernel reads dyT[q', c0 .. c0 + 16 nc]
+                // for q' < nq (inside dyt), x_pad at offset(k) + q' <= offset(k) + nq - 1 +
+                // 2 pad (Wp + 1) - ... inside the plane by its construction, and writes
+                // acc[(k0 + j) ld + c0 ..][.. 16 nc] for j < nk.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    grad_dispatch(nc, nk, &args)
+                };
+                c0 += nc * L;
+            }
+            k0 += nk;
+        }
+    }
+
+    /// The accumulated `dw [c_out, c_in, T]`.
+    pub(crate) fn finish(self) -> Vec<f32> {
+        let t_n = self.d.taps();
+        let mut dw = vec![0f32; self.c_out * self.c_in * t_n];
+        for co in 0..self.c_out {
+            for kk in 0..self.c_in * t_n {
+                dw[co * self.c_in * t_n + kk] = self.acc[kk * self.co_pad + co];
+            }
+        }
+        dw
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct GradArgs<'a> {
+    nq: usize,
+    /// `dyT` at the tile's first output channel; rows `ld` apart.
+    dyt: *const f32,
+    ld: usize,
+    /// The tile's (input channel, tap) rows of `x_pad`, at pixel 0.
+    xs: &'a [*const f32; GK],
+    /// `acc` at the tile's first (ci, t) row and output channel; rows `ld` apart.
+    out: *mut f32,
+}
+
+/// # Safety
+/// AVX-512F; see [`WeightGrad::add_image`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn grad_dispatch(nc: usize, nk: usize, a: &GradArgs<'_>) {
+    macro_rules! run {
+        ($($nc:literal: $($nk:literal)*);*) => {
+            match (nc, nk) {
+                $($(($nc, $nk) => grad_kernel::<$nc, $nk>(a),)*)*
+                _ => unreachable!("weight-gradient tiles are at most {GC} x {GK}"),
+            }
+        };
+    }
+    run!(2: 9 8 7 6 5 4 3 2 1; 1: 9 8 7 6 5 4 3 2 1);
+}
+
+/// `acc[j, c] += sum_q' x_j[q'] dyT[q', c]` for `K` rows `x_j` and `C` vectors of channels.
+///
+/// # Safety
+/// AVX-512F; see [`WeightGrad::add_image`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn grad_kernel<const C: usize, const K: usize>(a: &GradArgs<'_>) {
+    let mut acc = [[_mm512_setzero_ps(); C]; K];
+    let mut xs = [std::ptr::null::<f32>(); K];
+    xs.copy_from_slice(&a.xs[..K]);
+    let mut dy = a.dyt;
+    for q in 0..a.nq {
+        let mut dv = [_mm512_setzero_ps(); C];
+        for (c, v) in dv.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(dy.add(c * L));
+        }
+        for j in 0..K {
+            let b = _mm512_set1_ps(*xs[j].add(q));
+            for c in 0..C {
+                acc[j][c] = _mm512_fmadd_ps(dv[c], b, acc[j][c]);
+            }
+        }
+        dy = dy.add(a.ld);
+    }
+    for (j, row) in acc.iter().enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            let o = a.out.add(j * a.ld + c * L);
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), *v));
+        }
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn bench_direct_single_thread() {
+        for (c_in, c_out, hw, k) in [(64, 64, 28, 3), (128, 128, 14, 3), (128, 128, 7, 3), (96, 32, 28, 3), (128, 64, 28, 1)] {
+            let g = Geometry::new(&[1, c_in, hw, hw], &[c_out, c_in, k, k], 1, k / 2).unwrap();
+            let d = Direct::new(&g).unwrap();
+            let p = hw * hw;
+            let x: Vec<f32> = (0..c_in * p).map(|i| (i % 7) as f32 * 0.1).collect();
+            let w: Vec<f32> = (0..c_out * c_in * k * k).map(|i| (i % 5) as f32 * 0.1).collect();
+            let wp = d.pack(&w, c_out, c_in);
+            let init = vec![0f32; c_out];
+            let mut y = vec![0f32; c_out * p];
+            let reps = 200;
+            let t0 = super::super::profile::process_cpu_seconds();
+            for _ in 0..reps {
+                d.conv(&x, c_in, &wp, &init, None, &mut y, c_out);
+            }
+            let s = super::super::profile::process_cpu_seconds() - t0;
+            let flops = 2.0 * (c_out * c_in * k * k * p) as f64 * reps as f64;
+            let mut wg = WeightGrad::new(&d, c_out, c_in);
+            let t0 = super::super::profile::process_cpu_seconds();
+            for _ in 0..reps {
+                wg.add_image(&y, &x);
+            }
+            let s2 = super::super::profile::process_cpu_seconds() - t0;
+            let _ = wg.finish();
+            eprintln!(
+                "{k}x{k} {c_in}->{c_out} @{hw}: fwd {:.1} GFLOP/s, dw {:.1} GFLOP/s",
+                flops / s / 1e9,
+                flops / s2 / 1e9
+            );
+        }
+    }
+}
