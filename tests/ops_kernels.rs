@@ -753,3 +753,81 @@ fn glibc_accepts_the_allocator_settings() {
     // mallopt returns 1 on success; a threshold above glibc's maximum would return 0.
     assert!(diffuse::ops::tune_allocator());
 }
+
+/// The whole ResNet block op (`ops::resnet::resnet_block`) against the reference composition,
+/// over every option: a concatenated skip input, a shortcut convolution or the identity, time
+/// conditioning by bias or scale-shift, a dropout mask, an output scale factor, odd sizes.
+#[test]
+fn fused_resnet_block_matches_reference() {
+    use diffuse::ops::{resnet, ResnetBlockParams, TimeCondition};
+    let mut rng = Rng::new(21);
+    // (n, c_x, c_skip, c_out, h, w, groups, scale_shift, dropout, output_scale_factor); at least
+    // two channels per group of norm2, else conv1's bias has an exactly zero gradient (a constant
+    // added to a one-channel group is normalised away) and both sides compare rounding noise
+    let cases = [
+        (2, 8, 4, 4, 5, 7, 2, false, false, 1.0),
+        (19, 4, 0, 4, 6, 6, 2, false, false, 1.0),
+        (1, 6, 0, 4, 4, 9, 2, true, false, 2.0),
+        (2, 4, 4, 8, 3, 3, 4, true, true, 1.0),
+        (4, 8, 0, 8, 7, 7, 4, false, true, 1.0 / 1.5),
+    ];
+    for (n, cx, cs, co, h, w, groups, ss, drop, osf) in cases {
+        let ci = cx + cs;
+        let mut shapes = vec![vec![n, cx, h, w]];
+        if cs > 0 {
+            shapes.push(vec![n, cs, h, w]);
+        }
+        shapes.extend([vec![ci], vec![ci], vec![co, ci, 3, 3], vec![co]]);
+        if ss {
+            shapes.extend([vec![n, co], vec![n, co]]);
+        } else {
+            shapes.push(vec![n, co]);
+        }
+        shapes.extend([vec![co], vec![co], vec![co, co, 3, 3], vec![co]]);
+        if ci != co {
+            shapes.extend([vec![co, ci, 1, 1], vec![co]]);
+        }
+        let inputs: Vec<Var> = shapes.iter().map(|s| var(&mut rng, s)).collect();
+        // keep-or-drop mask with entries 0 or 1 / (1 - 0.3)
+        let mask = drop.then(|| {
+            let u = rng.randn(&[n, co, h, w], &Device::Cpu).unwrap();
+            (u.ge(-0.5).unwrap().to_dtype(candle_core::DType::F32).unwrap() / 0.7).unwrap()
+        });
+        let run = |fast: bool, t: &[Tensor]| {
+            let mut it = t.iter();
+            let x = it.next().unwrap();
+            let skip = if cs > 0 { it.next() } else { None };
+            let (g1, b1, w1, bias1) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+            let time = if ss {
+                TimeCondition::ScaleShift(it.next().unwrap(), it.next().unwrap())
+            } else {
+                TimeCondition::Bias(it.next().unwrap())
+            };
+            let (g2, b2, w2, bias2) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+            let shortcut = if ci != co {
+                Some((it.next().unwrap(), it.next().unwrap()))
+            } else {
+                None
+            };
+            let p = ResnetBlockParams {
+                groups,
+                eps: 1e-5,
+                norm1: (g1, b1),
+                conv1: (w1, bias1),
+                time,
+                norm2: (g2, b2),
+                conv2: (w2, bias2),
+                shortcut,
+                dropout_mask: mask.as_ref(),
+                output_scale_factor: osf,
+            };
+            match (fast, resnet::applies(x, &p)) {
+                (true, true) => resnet::resnet_block(x, skip, &p),
+                (true, false) => diffuse::ops::resnet_block(x, skip, &p),
+                (false, _) => reference::resnet_block(x, skip, &p),
+            }
+        };
+        let what = format!("resnet block n{n} {cx}+{cs}->{co} {h}x{w} g{groups} ss {ss} drop {drop} osf {osf}");
+        check_op(&what, &mut rng, &inputs, |t| run(true, t), |t| run(false, t));
+    }
+}

@@ -112,9 +112,53 @@ impl ResnetBlock2D {
     /// second stage is split in three: `silu(norm2(h))`, the dropout mask, `conv2(..) + shortcut`.
     /// With resampling, `norm1` + SiLU, the resampling of both paths, then `conv1` + `t`.
     pub fn forward(&self, x: &Tensor, temb_act: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        self.forward_cat(x, None, temb_act, rng)
+    }
+
+    /// [`ResnetBlock2D::forward`] on `cat([x, skip], channels)` (an up block's input), without
+    /// materialising the concatenation where the whole block runs as one op
+    /// ([`ops::resnet_block`]: no resampling).
+    pub fn forward_cat(
+        &self,
+        x: &Tensor,
+        skip: Option<&Tensor>,
+        temb_act: &Tensor,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
         let _prof = ops::profile::scope("unet.resnet");
         let t = self.time_emb_proj.forward(temb_act)?;
         let c = self.out_channels;
+        if self.resample.is_none() {
+            let (n, _, h, w) = x.dims4()?;
+            let mask = self.dropout.mask(&[n, c, h, w], x.dtype(), x.device(), rng)?;
+            let (scale, shift);
+            let time = match self.time_scale_shift {
+                TimeScaleShift::Default => ops::TimeCondition::Bias(&t),
+                TimeScaleShift::ScaleShift => {
+                    scale = t.narrow(1, 0, c)?.contiguous()?;
+                    shift = t.narrow(1, c, c)?.contiguous()?;
+                    ops::TimeCondition::ScaleShift(&scale, &shift)
+                }
+            };
+            let (groups, eps) = self.norm1.groups_eps();
+            let p = ops::ResnetBlockParams {
+                groups,
+                eps,
+                norm1: self.norm1.params(),
+                conv1: self.conv1.params(),
+                time,
+                norm2: self.norm2.params(),
+                conv2: self.conv2.params(),
+                shortcut: self.conv_shortcut.as_ref().map(|c| c.params()),
+                dropout_mask: mask.as_ref(),
+                output_scale_factor: self.output_scale_factor,
+            };
+            return Ok(ops::resnet_block(x, skip, &p)?);
+        }
+        let x = &match skip {
+            Some(s) => Tensor::cat(&[x, s], 1)?,
+            None => x.clone(),
+        };
         let (bias, scale_shift) = match self.time_scale_shift {
             TimeScaleShift::Default => (Some(&t), None),
             TimeScaleShift::ScaleShift => (
@@ -508,7 +552,7 @@ impl UpBlock {
             let s = skips
                 .pop()
                 .ok_or_else(|| Error::Numerical("U-Net skip stack exhausted".into()))?;
-            h = r.forward(&Tensor::cat(&[&h, &s], 1)?, temb_act, rng.as_deref_mut())?;
+            h = r.forward_cat(&h, Some(&s), temb_act, rng.as_deref_mut())?;
             if let Some(a) = self.attentions.get(j) {
                 h = a.forward(&h)?;
             }

@@ -92,6 +92,11 @@ impl Conv2d {
         )?)
     }
 
+    /// `(weight, bias)`.
+    pub fn params(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
+    }
+
     /// `conv(x) + channel_bias + residual` as one fused op (see [`ops::conv2d_add`]).
     pub fn forward_add(&self, x: &Tensor, add: &ops::ConvAdd<'_>) -> Result<Tensor> {
         Ok(ops::conv2d_add(
@@ -153,6 +158,16 @@ impl GroupNorm {
             groups,
             eps,
         })
+    }
+
+    /// `(gamma, beta)`.
+    pub fn params(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
+    }
+
+    /// The number of groups and epsilon.
+    pub fn groups_eps(&self) -> (usize, f64) {
+        (self.groups, self.eps)
     }
 
     /// The normalisation as the first stage of a fused convolution: `silu(norm(x))`, or
@@ -222,18 +237,34 @@ impl Dropout {
         training && self.p > 0.0
     }
 
-    /// Applies dropout when `rng` is given (training) and `p > 0`; returns `x` otherwise.
-    pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
-        let Some(rng) = rng else { return Ok(x.clone()) };
+    /// The mask [`Dropout::forward`] multiplies by, for a tensor of `shape`: entries 0 (with
+    /// probability `p`) or `1 / (1 - p)`, one uniform per element in row-major order; `None`
+    /// when dropout is inactive (no `rng`, or `p = 0`).
+    pub fn mask(
+        &self,
+        shape: &[usize],
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+        rng: Option<&mut Rng>,
+    ) -> Result<Option<Tensor>> {
+        let Some(rng) = rng else { return Ok(None) };
         if self.p <= 0.0 {
-            return Ok(x.clone());
+            return Ok(None);
         }
         let keep = (1.0 / (1.0 - self.p)) as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
+        let n: usize = shape.iter().product();
+        let mask: Vec<f32> = (0..n)
             .map(|_| if rng.uniform() < self.p { 0.0 } else { keep })
             .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        Ok((x * mask)?)
+        Ok(Some(Tensor::from_vec(mask, shape, device)?.to_dtype(dtype)?))
+    }
+
+    /// Applies dropout when `rng` is given (training) and `p > 0`; returns `x` otherwise.
+    pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        match self.mask(x.dims(), x.dtype(), x.device(), rng)? {
+            Some(mask) => Ok((x * mask)?),
+            None => Ok(x.clone()),
+        }
     }
 }
 

@@ -42,6 +42,7 @@ pub mod norm;
 pub mod profile;
 pub mod reference;
 pub mod resample;
+pub mod resnet;
 
 static FAST_KERNELS: AtomicBool = AtomicBool::new(true);
 
@@ -187,6 +188,125 @@ pub fn group_norm_silu_conv2d(
         block::conv_block(x, Some(norm), w, b, stride, padding, add)
     } else {
         reference::group_norm_silu_conv2d(x, norm, w, b, stride, padding, add)
+    }
+}
+
+/// How the time embedding enters a ResNet block ([`resnet_block`]).
+#[derive(Clone, Copy, Debug)]
+pub enum TimeCondition<'a> {
+    /// Added as a per-sample, per-channel bias `[N, C_out]` to the first convolution's output.
+    Bias(&'a Tensor),
+    /// `(scale, shift)`, each `[N, C_out]`: `silu(norm2(h) * (1 + scale) + shift)`.
+    ScaleShift(&'a Tensor, &'a Tensor),
+}
+
+/// The parameters of a ResNet block ([`resnet_block`]); weights `[C_out, C_in, 3, 3]` for
+/// `conv1`, `[C_out, C_out, 3, 3]` for `conv2`, `[C_out, C_in, 1, 1]` for the shortcut,
+/// biases `[C_out]`, norm scales and shifts `[C_in]` (norm1) and `[C_out]` (norm2).
+#[derive(Clone, Copy, Debug)]
+pub struct ResnetBlockParams<'a> {
+    /// GroupNorm groups (dividing `C_in` and `C_out`) and epsilon of both norms.
+    pub groups: usize,
+    /// Added to the variance.
+    pub eps: f64,
+    /// `(gamma, beta)` of the first norm.
+    pub norm1: (&'a Tensor, &'a Tensor),
+    /// `(weight, bias)` of the first 3x3 convolution.
+    pub conv1: (&'a Tensor, &'a Tensor),
+    /// The time embedding's projection.
+    pub time: TimeCondition<'a>,
+    /// `(gamma, beta)` of the second norm.
+    pub norm2: (&'a Tensor, &'a Tensor),
+    /// `(weight, bias)` of the second 3x3 convolution.
+    pub conv2: (&'a Tensor, &'a Tensor),
+    /// `(weight, bias)` of the 1x1 shortcut convolution (`None`: identity, `C_in = C_out`).
+    pub shortcut: Option<(&'a Tensor, &'a Tensor)>,
+    /// The dropout mask between the second activation and `conv2`, `[N, C_out, H, W]`, entries
+    /// 0 or `1 / (1 - p)` (no gradient), or `None`.
+    pub dropout_mask: Option<&'a Tensor>,
+    /// The divisor of the residual sum.
+    pub output_scale_factor: f64,
+}
+
+/// A whole ResNet block (diffusers' `ResnetBlock2D` without resampling; Ho et al. 2020,
+/// appendix B; Nichol & Dhariwal 2021 for scale-shift) on `x_in = cat([x, skip], channels)`
+/// (or `x` alone):
+///
+/// ```text
+/// h   = conv1(silu(norm1(x_in))) + b1 [+ t]                  (TimeCondition::Bias(t))
+/// g   = silu(norm2(h))  or  silu(norm2(h) * (1 + scale) + shift)
+/// out = (conv2(g * mask) + b2 + shortcut(x_in)) / output_scale_factor
+/// ```
+///
+/// On the CPU with AVX-512 this is one op with its own backward (the concatenation, both
+/// stages and the shortcut inside, `h` kept for the backward pass), so candle's autodiff sees
+/// one node per block; elsewhere the stages run as separate ops.
+pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>) -> Result<Tensor> {
+    let mut all = vec![x, p.norm1.0, p.norm1.1, p.conv1.0, p.conv1.1, p.norm2.0, p.norm2.1, p.conv2.0, p.conv2.1];
+    all.extend(skip);
+    match p.time {
+        TimeCondition::Bias(t) => all.push(t),
+        TimeCondition::ScaleShift(a, b) => all.extend([a, b]),
+    }
+    if let Some((w, b)) = p.shortcut {
+        all.extend([w, b]);
+    }
+    all.extend(p.dropout_mask);
+    if use_fast(&all) && resnet::applies(x, p) {
+        return resnet::resnet_block(x, skip, p);
+    }
+    let _prof = profile::scope("resnet.staged");
+    let x_in = match skip {
+        Some(s) => Tensor::cat(&[x, s], 1)?,
+        None => x.clone(),
+    };
+    let norm1 = GroupNormSilu {
+        groups: p.groups,
+        gamma: p.norm1.0,
+        beta: p.norm1.1,
+        eps: p.eps,
+        scale_shift: None,
+    };
+    let (cb, ss) = match p.time {
+        TimeCondition::Bias(t) => (Some(t), None),
+        TimeCondition::ScaleShift(a, b) => (None, Some((a, b))),
+    };
+    let add1 = ConvAdd {
+        channel_bias: cb,
+        residual: None,
+    };
+    let h = group_norm_silu_conv2d(&x_in, &norm1, p.conv1.0, Some(p.conv1.1), 1, 1, &add1)?;
+    let residual = match p.shortcut {
+        Some((w, b)) => conv2d(&x_in, w, Some(b), 1, 0)?,
+        None => x_in,
+    };
+    let add2 = ConvAdd {
+        channel_bias: None,
+        residual: Some(&residual),
+    };
+    let out = match p.dropout_mask {
+        None => {
+            let norm2 = GroupNormSilu {
+                groups: p.groups,
+                gamma: p.norm2.0,
+                beta: p.norm2.1,
+                eps: p.eps,
+                scale_shift: ss,
+            };
+            group_norm_silu_conv2d(&h, &norm2, p.conv2.0, Some(p.conv2.1), 1, 1, &add2)?
+        }
+        Some(mask) => {
+            let g = match ss {
+                None => group_norm_silu(&h, p.groups, p.norm2.0, p.norm2.1, p.eps)?,
+                Some((a, b)) => group_norm_scale_shift_silu(&h, p.groups, p.norm2.0, p.norm2.1, a, b, p.eps)?,
+            };
+            conv2d_add(&(g * mask)?, p.conv2.0, Some(p.conv2.1), 1, 1, &add2)?
+        }
+    };
+    if p.output_scale_factor == 1.0 {
+        Ok(out)
+    } else {
+        out / p.output_scale_factor
     }
 }
 

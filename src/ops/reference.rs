@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::{ConvAdd, GroupNormSilu};
+use super::{ConvAdd, GroupNormSilu, ResnetBlockParams, TimeCondition};
 
 /// See [`crate::ops::conv2d`].
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
@@ -138,4 +138,30 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
+}
+
+/// See [`crate::ops::resnet_block`].
+pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>) -> Result<Tensor> {
+    let x_in = match skip {
+        Some(s) => Tensor::cat(&[x, s], 1)?,
+        None => x.clone(),
+    };
+    let h = group_norm_silu(&x_in, p.groups, p.norm1.0, p.norm1.1, p.eps)?;
+    let h = conv2d(&h, p.conv1.0, Some(p.conv1.1), 1, 1)?;
+    let g = match p.time {
+        TimeCondition::Bias(t) => group_norm_silu(&add_channel_bias(&h, t)?, p.groups, p.norm2.0, p.norm2.1, p.eps)?,
+        TimeCondition::ScaleShift(scale, shift) => {
+            group_norm_scale_shift_silu(&h, p.groups, p.norm2.0, p.norm2.1, scale, shift, p.eps)?
+        }
+    };
+    let g = match p.dropout_mask {
+        Some(m) => (g * m)?,
+        None => g,
+    };
+    let h = conv2d(&g, p.conv2.0, Some(p.conv2.1), 1, 1)?;
+    let residual = match p.shortcut {
+        Some((w, b)) => conv2d(&x_in, w, Some(b), 1, 0)?,
+        None => x_in,
+    };
+    (residual + h)? / p.output_scale_factor
 }
