@@ -270,15 +270,22 @@ impl ResnetOp {
             let mut r = Scratch::new(if d.shortcut { out_len } else { 0 });
             let mut init = vec![0f32; c_out];
             for n in images {
+                let _s = super::profile::scope("resnet.fwd/cat");
                 let x_n = self.image(xa, xb, n, &mut xcat);
+                drop(_s);
                 // SAFETY: image n owns its rows of `kept` and `out`; ranges are disjoint.
                 let h_n: &mut [f32] = if self.keep {
                     unsafe { kept_ptr.slice(n * out_len, out_len) }
                 } else {
                     &mut h_scratch
                 };
+                let _s = super::profile::scope("resnet.fwd/stage1");
                 self.stage1(&k, pack, x_n, n, &mut u, &mut init, h_n);
+                drop(_s);
+                let _s = super::profile::scope("resnet.fwd/act2");
                 self.activation2(pack, h_n, n, &mut g);
+                drop(_s);
+                let _s = super::profile::scope("resnet.fwd/shortcut+conv2");
                 let residual: &[f32] = match &k.d1 {
                     Some(d1) => {
                         d1.conv(x_n, c_in, &k.wps, part(pack, self.pack.bs), None, &mut r, c_out);
@@ -393,19 +400,27 @@ impl ResnetOp {
                 };
                 // second stage
                 if let Some(wg) = &mut wg2 {
+                    let _s = super::profile::scope("resnet.bwd/act2");
                     self.activation2(pack, h_n, n, &mut g);
+                    drop(_s);
+                    let _s = super::profile::scope("resnet.bwd/wgrad2");
                     wg.add_image(dy, &g);
                     add_row_sums(dy, p, &mut dbias2);
                 }
+                let _s = super::profile::scope("resnet.bwd/dconv2");
                 k.d3.conv(dy, c_out, &k.wp2, &zeros[..c_out], None, &mut dg, c_out);
+                drop(_s);
                 if let Some(mask) = &self.mask {
                     dg.iter_mut()
                         .zip(&mask[n * out_len..(n + 1) * out_len])
                         .for_each(|(v, m)| *v *= m);
                 }
                 let (a2, b2) = self.affine2(pack, n);
+                let _s = super::profile::scope("resnet.bwd/gn2");
                 self.norm_silu_backward(h_n, &dg, c_out, a2, b2, &mut dh, &mut da2_l, &mut db2_l);
+                drop(_s);
                 // shortcut
+                let _s = super::profile::scope("resnet.bwd/shortcut");
                 if want_x {
                     match &k.d1 {
                         Some(d1) => d1.conv(dy, c_out, &k.wps, &zeros[..c_in], None, &mut dx, c_in),
@@ -416,11 +431,15 @@ impl ResnetOp {
                     wg.add_image(dy, x_n);
                     add_row_sums(dy, p, &mut dbs);
                 }
+                drop(_s);
                 // first stage
                 if let Some(wg) = &mut wg1 {
+                    let _s = super::profile::scope("resnet.bwd/act1");
                     if kept.is_some() {
                         self.norm_silu(x_n, c_in, part(pack, self.pack.a1), part(pack, self.pack.b1), &mut u);
                     }
+                    drop(_s);
+                    let _s = super::profile::scope("resnet.bwd/wgrad1");
                     wg.add_image(&dh, &u);
                     sums_n.fill(0.0);
                     add_row_sums(&dh, p, &mut sums_n);
@@ -430,7 +449,10 @@ impl ResnetOp {
                         unsafe { ptrs[2].slice(n * c_out, c_out) }.copy_from_slice(&sums_n);
                     }
                 }
+                let _s = super::profile::scope("resnet.bwd/dconv1");
                 k.d3.conv(&dh, c_out, &k.wp1, &zeros[..c_in], None, &mut du, c_in);
+                drop(_s);
+                let _s = super::profile::scope("resnet.bwd/gn1");
                 self.norm_silu_backward(
                     x_n,
                     &du,
@@ -441,6 +463,8 @@ impl ResnetOp {
                     &mut da1_l,
                     &mut db1_l,
                 );
+                drop(_s);
+                let _s = super::profile::scope("resnet.bwd/copy");
                 if want.pack {
                     // SAFETY: image n owns rows n of da2, db2, da1, db1.
                     unsafe {
