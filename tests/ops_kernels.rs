@@ -831,3 +831,31 @@ fn fused_resnet_block_matches_reference() {
         check_op(&what, &mut rng, &inputs, |t| run(true, t), |t| run(false, t));
     }
 }
+
+/// Nearest 2x upsampling + 3x3 convolution by sub-pixel phases against upsampling then
+/// convolving; odd and non-square sizes, one channel, a batch larger than the thread split.
+#[test]
+fn upsample_conv_matches_reference() {
+    use diffuse::ops::upconv;
+    let mut rng = Rng::new(22);
+    for (n, ci, co, h, w) in [(2, 3, 5, 4, 4), (1, 1, 1, 3, 5), (11, 8, 16, 7, 7), (2, 17, 9, 1, 2)] {
+        let inputs: Vec<Var> = [vec![n, ci, h, w], vec![co, ci, 3, 3], vec![co]]
+            .iter()
+            .map(|s| var(&mut rng, s))
+            .collect();
+        let fast = |t: &[Tensor]| {
+            if upconv::applies(&t[0]) {
+                upconv::upsample_conv2d(&t[0], &t[1], &t[2])
+            } else {
+                diffuse::ops::upsample_conv2d(&t[0], &t[1], &t[2])
+            }
+        };
+        check_op(
+            &format!("upsample conv n{n} {ci}->{co} {h}x{w}"),
+            &mut rng,
+            &inputs,
+            fast,
+            |t| reference::upsample_conv2d(&t[0], &t[1], &t[2]),
+        );
+    }
+}

@@ -350,9 +350,10 @@ impl Upsample2D {
         })
     }
 
-    /// `[N, C, H, W] -> [N, C, 2H, 2W]`.
+    /// `[N, C, H, W] -> [N, C, 2H, 2W]` ([`ops::upsample_conv2d`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv.forward(&ops::upsample_nearest2x(x)?)
+        let (w, b) = self.conv.params();
+        Ok(ops::upsample_conv2d(x, w, b)?)
     }
 }
 

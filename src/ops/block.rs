@@ -240,9 +240,9 @@ impl ConvBlock {
         );
         let scratch_hw = if norm { x_len } else { 0 };
         let direct = Direct::new(&g);
-        let wt = match &direct {
-            Some(d) if need_dh => d.pack_transposed(w, g.c_out, g.c_in),
-            _ => Vec::new(),
+        let (wt, direct_t) = match &direct {
+            Some(d) if need_dh => (d.pack_transposed(w, g.c_out, g.c_in), Some(d.transposed())),
+            _ => (Vec::new(), None),
         };
         let zero_init = vec![0f32; g.c_in];
         let scratch_kp = if g.pointwise() || direct.is_some() { 0 } else { k * p };
@@ -308,8 +308,8 @@ impl ConvBlock {
                 };
                 // dh_n = col2im(W^T dy_n); without normalisation h = x, so straight into dx_n.
                 let target: &mut [f32] = if norm { &mut dh } else { &mut *dx_n };
-                if let Some(d) = &direct {
-                    d.conv(dy_n, g.c_out, &wt, &zero_init, None, target, g.c_in);
+                if let Some(dt) = &direct_t {
+                    dt.conv(dy_n, g.c_out, &wt, &zero_init, None, target, g.c_in);
                 } else if g.pointwise() {
                     cpu::gemm(
                         (k, p, g.c_out),

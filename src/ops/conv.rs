@@ -418,9 +418,9 @@ fn backward(g: &Geometry, x: &[f32], w: &[f32], dy: &[f32], want: Grads) -> (Gra
     let dx_out = SyncPtr::new(&mut dx);
     let pointwise = g.pointwise();
     let direct = Direct::new(g);
-    let wt = match &direct {
-        Some(d) if want.x => d.pack_transposed(w, g.c_out, g.c_in),
-        _ => Vec::new(),
+    let (wt, direct_t) = match &direct {
+        Some(d) if want.x => (d.pack_transposed(w, g.c_out, g.c_in), Some(d.transposed())),
+        _ => (Vec::new(), None),
     };
     let zero_init = vec![0f32; g.c_in];
 
@@ -469,8 +469,8 @@ fn backward(g: &Geometry, x: &[f32], w: &[f32], dy: &[f32], want: Grads) -> (Gra
                 // SAFETY: image n owns dx[n * x_len .. (n + 1) * x_len]; ranges are disjoint.
                 let dx_n = unsafe { dx_out.slice(n * x_len, x_len) };
                 // dcol [K, P] = W^T [K, C_out] dy_n [C_out, P]
-                if let Some(d) = &direct {
-                    d.conv(dy_n, g.c_out, &wt, &zero_init, None, dx_n, g.c_in);
+                if let Some(dt) = &direct_t {
+                    dt.conv(dy_n, g.c_out, &wt, &zero_init, None, dx_n, g.c_in);
                 } else if pointwise {
                     cpu::gemm(
                         (k, p, g.c_out),

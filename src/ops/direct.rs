@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! y[co, q]         = init[co] + sum_{t, ci} w[co, ci, t] * m_t(q) * x[ci, q + off_t] (+ r[co, q])
-//! dx[ci, q]        = sum_{t, co} w[co, ci, T - 1 - t] * m_t(q) * dy[co, q + off_t]
+//! dx[ci, q]        = sum_{t, co} w[co, ci, t] * m'_t(q) * dy[co, q - off_t]
 //! dw[co, ci, t]   += sum_q dy[co, q] * m_t(q) * x[ci, q + off_t]
 //! ```
 //!
@@ -44,14 +44,15 @@ pub(crate) struct Direct {
     /// Plane height and width.
     h: usize,
     w: usize,
-    /// Kernel size and padding.
-    k: usize,
+    /// The taps `(dy, dx)`: tap `t` reads input pixel `(y + dy, x + dx)` for output `(y, x)`.
+    taps: Vec<(isize, isize)>,
+    /// `max |dy|, |dx|`: the zero border the weight gradient's padded copy needs.
     pad: usize,
     /// Pixels per plane, `H * W`.
     p: usize,
     /// Vectors per plane, `ceil(P / 16)`.
     nvec: usize,
-    /// `off_t` for each tap.
+    /// `off_t = dy W + dx` for each tap.
     off: Vec<isize>,
     /// `masks[t * nvec + v]`: bit `l` set when tap `t` reads inside the image for pixel
     /// `q = 16 v + l` (and `q < P`).
@@ -62,27 +63,35 @@ pub(crate) struct Direct {
 
 impl Direct {
     /// The kernels for geometry `g`, when they apply: stride 1, square odd kernel with padding
-    /// `(k - 1) / 2` (so the output has the input's size), on a CPU with AVX-512.
+    /// `(k - 1) / 2` (so the output has the input's size), on a CPU with AVX-512. Tap
+    /// `t = ky k + kx` is `(ky - pad, kx - pad)`, the order of the weights' last two axes.
     pub(crate) fn new(g: &Geometry) -> Option<Self> {
-        if !available() || g.stride != 1 || g.kh != g.kw || g.kh != 2 * g.padding + 1 {
+        if g.stride != 1 || g.kh != g.kw || g.kh != 2 * g.padding + 1 {
             return None;
         }
-        let (h, w, k, pad) = (g.h, g.w, g.kh, g.padding as isize);
-        let _ = (h, w);
+        let (k, pad) = (g.kh, g.padding as isize);
+        let taps: Vec<(isize, isize)> = (0..k * k)
+            .map(|t| ((t / k) as isize - pad, (t % k) as isize - pad))
+            .collect();
+        Self::with_taps(g.h, g.w, &taps)
+    }
+
+    /// The kernels for an `h x w` plane and any set of taps (zero padding outside the plane),
+    /// on a CPU with AVX-512.
+    pub(crate) fn with_taps(h: usize, w: usize, taps: &[(isize, isize)]) -> Option<Self> {
+        if !available() || h == 0 || w == 0 || taps.is_empty() {
+            return None;
+        }
         let p = h * w;
         let nvec = p.div_ceil(L);
-        let mut off = Vec::with_capacity(k * k);
-        let mut masks = vec![0u16; k * k * nvec];
-        for ky in 0..k {
-            for kx in 0..k {
-                let (dy, dx) = (ky as isize - pad, kx as isize - pad);
-                let t = off.len();
-                off.push(dy * w as isize + dx);
-                for q in 0..p {
-                    let (y, x) = ((q / w) as isize + dy, (q % w) as isize + dx);
-                    if y >= 0 && y < h as isize && x >= 0 && x < w as isize {
-                        masks[t * nvec + q / L] |= 1 << (q % L);
-                    }
+        let mut off = Vec::with_capacity(taps.len());
+        let mut masks = vec![0u16; taps.len() * nvec];
+        for (t, &(dy, dx)) in taps.iter().enumerate() {
+            off.push(dy * w as isize + dx);
+            for q in 0..p {
+                let (y, x) = ((q / w) as isize + dy, (q % w) as isize + dx);
+                if y >= 0 && y < h as isize && x >= 0 && x < w as isize {
+                    masks[t * nvec + q / L] |= 1 << (q % L);
                 }
             }
         }
@@ -96,17 +105,30 @@ impl Direct {
                 }
             })
             .collect();
+        let pad = taps
+            .iter()
+            .map(|&(dy, dx)| dy.unsigned_abs().max(dx.unsigned_abs()))
+            .max()
+            .unwrap_or(0);
         Some(Self {
             h,
             w,
-            k,
-            pad: g.padding,
+            taps: taps.to_vec(),
+            pad,
             p,
             nvec,
             off,
             masks,
             store,
         })
+    }
+
+    /// The kernels of the transposed convolution (the input gradient): the same taps negated,
+    /// in the same order. Use with weights packed by [`Direct::pack_transposed`].
+    pub(crate) fn transposed(&self) -> Self {
+        let taps: Vec<(isize, isize)> = self.taps.iter().map(|&(dy, dx)| (-dy, -dx)).collect();
+        // `self` exists, so the CPU has the kernels and the taps are not empty.
+        Self::with_taps(self.h, self.w, &taps).unwrap_or_else(|| self.clone())
     }
 
     fn taps(&self) -> usize {
@@ -130,7 +152,8 @@ impl Direct {
     }
 
     /// Packs `w [c_out, c_in, T]` for the input gradient: the kernel of the transposed
-    /// convolution, `w'[ci, co, t] = w[co, ci, T - 1 - t]`, packed as by [`Direct::pack`].
+    /// convolution `w'[ci, co, t] = w[co, ci, t]`, packed as by [`Direct::pack`], for the
+    /// kernels of [`Direct::transposed`].
     pub(crate) fn pack_transposed(&self, w: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
         let t_n = self.taps();
         let tiles = c_in.div_ceil(NR);
@@ -139,7 +162,7 @@ impl Direct {
             let (tile, j) = (ci / NR, ci % NR);
             for co in 0..c_out {
                 for t in 0..t_n {
-                    out[((tile * t_n + t) * c_out + co) * NR + j] = w[(co * c_in + ci) * t_n + (t_n - 1 - t)];
+                    out[((tile * t_n + t) * c_out + co) * NR + j] = w[(co * c_in + ci) * t_n + t];
                 }
             }
         }
@@ -391,10 +414,11 @@ impl<'a> WeightGrad<'a> {
         let nq = h * wp;
         let t_n = d.taps();
         let k_all = self.c_in * t_n;
-        // offset of (ci, t) in x_pad: ci * plane + ky * Wp + kx
+        // offset of (ci, t) in x_pad: ci * plane + (dy + pad) Wp + dx + pad
         let offset = |kk: usize| -> usize {
             let (ci, t) = (kk / t_n, kk % t_n);
-            ci * self.plane + (t / d.k) * wp + t % d.k
+            let (dy, dx) = d.taps[t];
+            ci * self.plane + (dy + pad as isize) as usize * wp + (dx + pad as isize) as usize
         };
         let mut k0 = 0;
         while k0 < k_all {

@@ -43,6 +43,7 @@ pub mod profile;
 pub mod reference;
 pub mod resample;
 pub mod resnet;
+pub mod upconv;
 
 static FAST_KERNELS: AtomicBool = AtomicBool::new(true);
 
@@ -372,6 +373,17 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
         resample::upsample_nearest2x(x)
     } else {
         reference::upsample_nearest2x(x)
+    }
+}
+
+/// `conv3x3(upsample_nearest2x(x), w) + b` (padding 1): x `[N, C_in, H, W]`, w
+/// `[C_out, C_in, 3, 3]`, b `[C_out]` -> `[N, C_out, 2H, 2W]`. On the CPU with AVX-512 one op
+/// that convolves the small image by sub-pixel phases ([`upconv`]: 2.25x fewer multiply-adds).
+pub fn upsample_conv2d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if use_fast(&[x, w, b]) && upconv::applies(x) {
+        upconv::upsample_conv2d(x, w, b)
+    } else {
+        conv2d(&upsample_nearest2x(x)?, w, Some(b), 1, 1)
     }
 }
 

@@ -165,3 +165,8 @@ pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>
     };
     (residual + h)? / p.output_scale_factor
 }
+
+/// See [`crate::ops::upsample_conv2d`].
+pub fn upsample_conv2d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    conv2d(&upsample_nearest2x(x)?, w, Some(b), 1, 1)
+}

@@ -174,6 +174,11 @@ impl ResnetOp {
                     .map_or(Vec::new(), |d1| d1.pack(part(pack, self.pack.ws), c_out, c_in)),
             )
         };
+        let (d3, d1) = if transposed {
+            (d3.transposed(), d1.map(|d| d.transposed()))
+        } else {
+            (d3, d1)
+        };
         Ok(Kernels {
             d3,
             d1,
@@ -369,12 +374,11 @@ impl ResnetOp {
             let mut init = vec![0f32; c_out];
             let mut sums_n = vec![0f32; c_out];
             let zeros = vec![0f32; c_in.max(c_out)];
-            let mut wg1 = want.pack.then(|| WeightGrad::new(&k.d3, c_out, c_in));
-            let mut wg2 = want.pack.then(|| WeightGrad::new(&k.d3, c_out, c_out));
-            let mut wgs = match (&k.d1, want.pack) {
-                (Some(d1), true) => Some(WeightGrad::new(d1, c_out, c_in)),
-                _ => None,
-            };
+            // weight gradients with the forward taps (`wk` exists when they are wanted)
+            let fwd = wk.as_ref().filter(|_| want.pack);
+            let mut wg1 = fwd.map(|f| WeightGrad::new(&f.d3, c_out, c_in));
+            let mut wg2 = fwd.map(|f| WeightGrad::new(&f.d3, c_out, c_out));
+            let mut wgs = fwd.and_then(|f| f.d1.as_ref()).map(|d1| WeightGrad::new(d1, c_out, c_in));
             let (mut dbias1, mut dbias2, mut dbs) = (vec![0f32; c_out], vec![0f32; c_out], vec![0f32; c_out]);
             let (mut da1_l, mut db1_l) = (vec![0f32; c_in], vec![0f32; c_in]);
             let (mut da2_l, mut db2_l) = (vec![0f32; c_out], vec![0f32; c_out]);
