@@ -33,10 +33,6 @@ const L: usize = 16;
 const NR: usize = 8;
 /// Vectors (of 16 pixels) per forward tile.
 const MV: usize = 3;
-/// Output-channel vectors per weight-gradient tile.
-const GC: usize = 2;
-/// (input channel, tap) pairs per weight-gradient tile.
-const GK: usize = 9;
 
 /// The taps of one geometry: offsets and per-vector validity masks.
 #[derive(Clone, Debug)]
@@ -347,9 +343,12 @@ unsafe fn tile_kernel<const V: usize>(a: &TileArgs<'_>) {
 /// Per image the input is copied into zero-padded planes of width `Wp = W + 2 pad` and the
 /// output gradient is transposed to `dyT [q', co]` over the padded pixel index
 /// `q' = y Wp + x` (zero in the `2 pad` extra columns and past the last channel), so that every
-/// tap is a plain shifted read: `dw^T[(ci, t), co] += sum_q' x_pad[ci, q' + ky Wp + kx] dyT[q', co]`.
-/// The micro-kernel keeps 9 (input channel, tap) pairs x 32 output channels in 18 registers:
-/// per pixel two vector loads of `dyT`, nine broadcasts of `x_pad`, 18 fused multiply-adds.
+/// tap is a plain shifted read: `dw^T[(ci, t), co] += sum_q' x_pad[ci, q' + (dy + pad) Wp + dx + pad] dyT[q', co]`.
+/// The micro-kernel keeps `K` (input channel, tap) rows x `C` vectors of 16 output channels in
+/// 24 registers (`C x K` = 4 x 6, 3 x 8, 2 x 12 or 1 x 16, by the padded channel count): per
+/// pixel `C` vector loads of `dyT`, `K` broadcasts of `x_pad`, 24 fused multiply-adds. Pixels go
+/// in blocks of [`QB`] so that the block of `dyT` stays in the L1 cache across all the rows.
+/// The rows are padded to a multiple of `K` with rows that read a plane of zeros.
 pub(crate) struct WeightGrad<'a> {
     d: &'a Direct,
     c_out: usize,
@@ -359,19 +358,49 @@ pub(crate) struct WeightGrad<'a> {
     /// Padded width, padded plane length.
     wp: usize,
     plane: usize,
+    /// Tile shape: vectors of output channels, rows.
+    tc: usize,
+    tk: usize,
+    /// `c_in * T` rounded up to a multiple of `tk`.
+    rows: usize,
+    /// Offset of each row's first pixel in `x_pad`.
+    offsets: Vec<usize>,
+    /// `c_in` padded planes and one plane of zeros.
     x_pad: super::cpu::Scratch,
     dyt: super::cpu::Scratch,
-    /// `[ci * T + t][co_pad]`.
+    /// `[row][co_pad]`.
     acc: Vec<f32>,
 }
 
+/// Pixels per block of the weight gradient.
+const QB: usize = 192;
+
 impl<'a> WeightGrad<'a> {
     pub(crate) fn new(d: &'a Direct, c_out: usize, c_in: usize) -> Self {
-        let wp = d.w + 2 * d.pad;
+        let (wp, pad) = (d.w + 2 * d.pad, d.pad);
         // rows of padding above and below, and 2 pad more so that the last rows' taps stay inside
-        let plane = (d.h + 2 * d.pad) * wp + 2 * d.pad;
+        let plane = (d.h + 2 * pad) * wp + 2 * pad;
         let co_pad = c_out.div_ceil(L) * L;
-        let mut x_pad = super::cpu::Scratch::new(c_in * plane);
+        let (tc, tk) = match co_pad / L {
+            1 => (1, 16),
+            2 => (2, 12),
+            3 => (3, 8),
+            _ => (4, 6),
+        };
+        let t_n = d.taps();
+        let real = c_in * t_n;
+        let rows = real.div_ceil(tk) * tk;
+        let offsets = (0..rows)
+            .map(|kk| {
+                if kk >= real {
+                    return c_in * plane;
+                }
+                let (ci, t) = (kk / t_n, kk % t_n);
+                let (dy, dx) = d.taps[t];
+                ci * plane + (dy + pad as isize) as usize * wp + (dx + pad as isize) as usize
+            })
+            .collect();
+        let mut x_pad = super::cpu::Scratch::new((c_in + 1) * plane);
         x_pad.fill(0.0);
         let mut dyt = super::cpu::Scratch::new(d.h * wp * co_pad);
         dyt.fill(0.0);
@@ -382,9 +411,13 @@ impl<'a> WeightGrad<'a> {
             co_pad,
             wp,
             plane,
+            tc,
+            tk,
+            rows,
+            offsets,
             x_pad,
             dyt,
-            acc: vec![0f32; c_in * d.taps() * co_pad],
+            acc: vec![0f32; rows * co_pad],
         }
     }
 
@@ -403,51 +436,44 @@ impl<'a> WeightGrad<'a> {
         }
         // dyT[y Wp + x, co] = dy[co, y W + x]
         let ld = self.co_pad;
-        for co in 0..self.c_out {
-            let src = &dy[co * p..(co + 1) * p];
-            for y in 0..h {
-                for (x, &v) in src[y * w..(y + 1) * w].iter().enumerate() {
-                    self.dyt[(y * wp + x) * ld + co] = v;
-                }
-            }
-        }
-        let nq = h * wp;
-        let t_n = d.taps();
-        let k_all = self.c_in * t_n;
-        // offset of (ci, t) in x_pad: ci * plane + (dy + pad) Wp + dx + pad
-        let offset = |kk: usize| -> usize {
-            let (ci, t) = (kk / t_n, kk % t_n);
-            let (dy, dx) = d.taps[t];
-            ci * self.plane + (dy + pad as isize) as usize * wp + (dx + pad as isize) as usize
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F (Direct exists); reads dy[co, q] for co < c_out, q < P and writes
+        // dyT rows y Wp + x < h Wp, columns < co_pad (see `transpose`).
+        unsafe {
+            transpose(dy, self.c_out, p, w, wp, &mut self.dyt, ld)
         };
-        let mut k0 = 0;
-        while k0 < k_all {
-            let nk = (k_all - k0).min(GK);
-            let mut xs = [std::ptr::null::<f32>(); GK];
-            for (j, x) in xs.iter_mut().enumerate().take(nk) {
-                *x = self.x_pad[offset(k0 + j)..].as_ptr();
+        let nq = h * wp;
+        let (tc, tk) = (self.tc, self.tk);
+        let mut q0 = 0;
+        while q0 < nq {
+            let q1 = (q0 + QB).min(nq);
+            let mut k0 = 0;
+            while k0 < self.rows {
+                let offs = &self.offsets[k0..k0 + tk];
+                let mut c0 = 0;
+                while c0 < self.co_pad {
+                    let nc = ((self.co_pad - c0) / L).min(tc);
+                    let args = GradArgs {
+                        nq: q1 - q0,
+                        dyt: self.dyt[q0 * ld + c0..].as_ptr(),
+                        ld,
+                        x: self.x_pad[q0..].as_ptr(),
+                        offs,
+                        out: self.acc[k0 * ld + c0..].as_mut_ptr(),
+                    };
+                    // SAFETY: AVX-512F (Direct exists). The kernel reads dyT[q, c0 .. c0 + 16 nc]
+                    // for q0 <= q < q1 <= h Wp (inside dyt), x_pad[offs[j] + q] with
+                    // offs[j] + q <= ci plane + 2 pad Wp + 2 pad + h Wp - 1 < (ci + 1) plane (or
+                    // inside the zero plane), and writes acc[(k0 + j) ld + c0 ..][.. 16 nc].
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        grad_dispatch(nc, tk, &args)
+                    };
+                    c0 += nc * L;
+                }
+                k0 += tk;
             }
-            let mut c0 = 0;
-            while c0 < self.co_pad {
-                let nc = ((self.co_pad - c0) / L).min(GC);
-                let args = GradArgs {
-                    nq,
-                    dyt: self.dyt[c0..].as_ptr(),
-                    ld,
-                    xs: &xs,
-                    out: self.acc[k0 * ld + c0..].as_mut_ptr(),
-                };
-                // SAFETY: AVX-512F (Direct exists); the kernel reads dyT[q', c0 .. c0 + 16 nc]
-                // for q' < nq (inside dyt), x_pad at offset(k) + q' <= offset(k) + nq - 1 +
-                // 2 pad (Wp + 1) - ... inside the plane by its construction, and writes
-                // acc[(k0 + j) ld + c0 ..][.. 16 nc] for j < nk.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    grad_dispatch(nc, nk, &args)
-                };
-                c0 += nc * L;
-            }
-            k0 += nk;
+            q0 = q1;
         }
     }
 
@@ -464,15 +490,45 @@ impl<'a> WeightGrad<'a> {
     }
 }
 
+/// `dyT[(y Wp + x) ld + co] = dy[co P + y W + x]` for `co < c`, one gather of 16 channels per
+/// pixel (lanes past `c` masked off; those columns stay zero).
+///
+/// # Safety
+/// AVX-512F; `dy` holds `c` planes of `p` values, `dyt` holds `(p / w) wp` rows of `ld >= 16
+/// ceil(c / 16)` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose(dy: &[f32], c: usize, p: usize, w: usize, wp: usize, dyt: &mut [f32], ld: usize) {
+    assert!(dy.len() >= c * p && dyt.len() >= (p / w.max(1)) * wp * ld && ld >= c.div_ceil(L) * L);
+    let lanes = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(p as i32),
+    );
+    let mut c0 = 0;
+    while c0 < c {
+        let valid = (c - c0).min(L);
+        let mask: u16 = if valid == L { u16::MAX } else { (1u16 << valid) - 1 };
+        let base = dy.as_ptr().add(c0 * p);
+        for q in 0..p {
+            let (y, x) = (q / w, q % w);
+            let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, lanes, base.add(q));
+            _mm512_storeu_ps(dyt.as_mut_ptr().add((y * wp + x) * ld + c0), v);
+        }
+        c0 += L;
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 struct GradArgs<'a> {
     nq: usize,
-    /// `dyT` at the tile's first output channel; rows `ld` apart.
+    /// `dyT` at the block's first pixel and the tile's first output channel; rows `ld` apart.
     dyt: *const f32,
     ld: usize,
-    /// The tile's (input channel, tap) rows of `x_pad`, at pixel 0.
-    xs: &'a [*const f32; GK],
-    /// `acc` at the tile's first (ci, t) row and output channel; rows `ld` apart.
+    /// `x_pad` at the block's first pixel.
+    x: *const f32,
+    /// The tile's rows: offsets in `x_pad`.
+    offs: &'a [usize],
+    /// `acc` at the tile's first row and output channel; rows `ld` apart.
     out: *mut f32,
 }
 
@@ -482,17 +538,17 @@ struct GradArgs<'a> {
 #[target_feature(enable = "avx512f")]
 unsafe fn grad_dispatch(nc: usize, nk: usize, a: &GradArgs<'_>) {
     macro_rules! run {
-        ($($nc:literal: $($nk:literal)*);*) => {
+        ($($nc:literal, $nk:literal);*) => {
             match (nc, nk) {
-                $($(($nc, $nk) => grad_kernel::<$nc, $nk>(a),)*)*
-                _ => unreachable!("weight-gradient tiles are at most {GC} x {GK}"),
+                $(($nc, $nk) => grad_kernel::<$nc, $nk>(a),)*
+                _ => unreachable!("weight-gradient tile {nc} x {nk}"),
             }
         };
     }
-    run!(2: 9 8 7 6 5 4 3 2 1; 1: 9 8 7 6 5 4 3 2 1);
+    run!(4, 6; 3, 6; 2, 6; 1, 6; 3, 8; 2, 8; 1, 8; 2, 12; 1, 12; 1, 16);
 }
 
-/// `acc[j, c] += sum_q' x_j[q'] dyT[q', c]` for `K` rows `x_j` and `C` vectors of channels.
+/// `acc[j, c] += sum_q x[offs[j] + q] dyT[q, c]` for `K` rows and `C` vectors of channels.
 ///
 /// # Safety
 /// AVX-512F; see [`WeightGrad::add_image`].
@@ -501,7 +557,9 @@ unsafe fn grad_dispatch(nc: usize, nk: usize, a: &GradArgs<'_>) {
 unsafe fn grad_kernel<const C: usize, const K: usize>(a: &GradArgs<'_>) {
     let mut acc = [[_mm512_setzero_ps(); C]; K];
     let mut xs = [std::ptr::null::<f32>(); K];
-    xs.copy_from_slice(&a.xs[..K]);
+    for (j, x) in xs.iter_mut().enumerate() {
+        *x = a.x.add(a.offs[j]);
+    }
     let mut dy = a.dyt;
     for q in 0..a.nq {
         let mut dv = [_mm512_setzero_ps(); C];
@@ -531,7 +589,7 @@ mod bench {
     #[test]
     #[ignore]
     fn bench_direct_single_thread() {
-        for (c_in, c_out, hw, k) in [(64, 64, 28, 3), (128, 128, 14, 3), (128, 128, 7, 3), (96, 32, 28, 3), (128, 64, 28, 1)] {
+        for (c_in, c_out, hw, k) in [(64, 64, 28, 3), (128, 128, 14, 3), (128, 128, 7, 3), (96, 32, 28, 3), (32, 32, 28, 3), (192, 64, 28, 3), (128, 64, 28, 1)] {
             let g = Geometry::new(&[1, c_in, hw, hw], &[c_out, c_in, k, k], 1, k / 2).unwrap();
             let d = Direct::new(&g).unwrap();
             let p = hw * hw;

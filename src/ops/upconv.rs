@@ -124,7 +124,8 @@ impl CustomOp3 for UpConv {
             bail!("upsample_conv2d: the fast kernel needs AVX-512")
         };
         let p = h * wd;
-        super::profile::add_flops("upconv.fwd", 2.0 * (n * c_out * c_in * 16 * p) as f64);
+        // the network's FLOPs (a 3x3 convolution of the 2H x 2W image), not the 16 / 36 done here
+        super::profile::add_flops("upconv.fwd", 2.0 * (n * c_out * c_in * 36 * p) as f64);
         let packed: Vec<Vec<f32>> = (0..4)
             .map(|ab| ph.fwd[ab].pack(&phase_weights(w, c_out, c_in, ab), c_out, c_in))
             .collect();
@@ -163,7 +164,7 @@ impl CustomOp3 for UpConv {
         let p = h * wd;
         let (want_x, want_w, want_b) = (x.track_op(), w.track_op(), b.track_op());
         let gemms = want_x as usize + want_w as usize;
-        super::profile::add_flops("upconv.bwd", 2.0 * (gemms * n * c_out * c_in * 16 * p) as f64);
+        super::profile::add_flops("upconv.bwd", 2.0 * (gemms * n * c_out * c_in * 36 * p) as f64);
         let dy = dy.contiguous()?;
         let (xr, wr, dyr) = (
             Read::new(x, "upsample_conv2d")?,
