@@ -33,6 +33,8 @@ const L: usize = 16;
 const NR: usize = 8;
 /// Vectors (of 16 pixels) per forward tile.
 const MV: usize = 3;
+/// Input channels per block of the forward kernel.
+const CB: usize = 64;
 
 /// The taps of one geometry: offsets and per-vector validity masks.
 #[derive(Clone, Debug)]
@@ -233,41 +235,61 @@ unsafe fn conv_image(
 ) {
     let (p, t_n) = (d.p, d.taps());
     let tile_len = t_n * cx * NR;
-    let mut v0 = 0;
-    while v0 < d.nvec {
-        let mv = (d.nvec - v0).min(MV);
-        for tile in 0..cy.div_ceil(NR) {
-            let co0 = tile * NR;
-            let nr = (cy - co0).min(NR);
-            let mut init8 = [0f32; NR];
-            init8[..nr].copy_from_slice(&init[co0..co0 + nr]);
-            let args = TileArgs {
-                cx,
-                plane: p,
-                x: x.as_ptr().add(v0 * L),
-                d,
-                v0,
-                wp: wp.as_ptr().add(tile * tile_len),
-                init: &init8,
-                y: y.as_mut_ptr().add(co0 * p + v0 * L),
-                residual: residual.map_or(std::ptr::null(), |r| r.as_ptr().add(co0 * p + v0 * L)),
-                nr,
-            };
-            match mv {
-                3 => tile_kernel::<3>(&args),
-                2 => tile_kernel::<2>(&args),
-                _ => tile_kernel::<1>(&args),
+    // Input channels in blocks of CB, so that a tile's input rows (CB planes x 48 pixels plus
+    // the taps' reach) stay in the L1 cache while every output-channel tile uses them; later
+    // blocks add to the partial sums already stored in y.
+    let mut ci0 = 0;
+    while ci0 < cx {
+        let ncb = (cx - ci0).min(CB);
+        let (first, last) = (ci0 == 0, ci0 + ncb == cx);
+        let mut v0 = 0;
+        while v0 < d.nvec {
+            let mv = (d.nvec - v0).min(MV);
+            for tile in 0..cy.div_ceil(NR) {
+                let co0 = tile * NR;
+                let nr = (cy - co0).min(NR);
+                let mut init8 = [0f32; NR];
+                init8[..nr].copy_from_slice(&init[co0..co0 + nr]);
+                let args = TileArgs {
+                    cx,
+                    ci0,
+                    ncb,
+                    accumulate: !first,
+                    plane: p,
+                    x: x.as_ptr().add(ci0 * p + v0 * L),
+                    d,
+                    v0,
+                    wp: wp.as_ptr().add(tile * tile_len),
+                    init: &init8,
+                    y: y.as_mut_ptr().add(co0 * p + v0 * L),
+                    residual: match residual {
+                        Some(r) if last => r.as_ptr().add(co0 * p + v0 * L),
+                        _ => std::ptr::null(),
+                    },
+                    nr,
+                };
+                match mv {
+                    3 => tile_kernel::<3>(&args),
+                    2 => tile_kernel::<2>(&args),
+                    _ => tile_kernel::<1>(&args),
+                }
             }
+            v0 += mv;
         }
-        v0 += mv;
+        ci0 += ncb;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 struct TileArgs<'a> {
+    /// Input channels in all, and this call's block `ci0 .. ci0 + ncb`.
     cx: usize,
+    ci0: usize,
+    ncb: usize,
+    /// Start from the partial sums in `y` (a later block) instead of `init`.
+    accumulate: bool,
     plane: usize,
-    /// Input channel 0 at the tile's first pixel.
+    /// Input channel `ci0` at the tile's first pixel.
     x: *const f32,
     d: &'a Direct,
     v0: usize,
@@ -276,6 +298,7 @@ struct TileArgs<'a> {
     init: &'a [f32; NR],
     /// Output channel `co0` at the tile's first pixel.
     y: *mut f32,
+    /// Added at the end (the last block only), or null.
     residual: *const f32,
     nr: usize,
 }
@@ -290,11 +313,23 @@ struct TileArgs<'a> {
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_kernel<const V: usize>(a: &TileArgs<'_>) {
     let d = a.d;
+    let mut sm = [0u16; V];
+    for (i, s) in sm.iter_mut().enumerate() {
+        *s = d.store[a.v0 + i];
+    }
     let mut acc = [[_mm512_setzero_ps(); V]; NR];
     for (j, row) in acc.iter_mut().enumerate() {
-        let b = _mm512_set1_ps(a.init[j]);
-        for v in row.iter_mut() {
-            *v = b;
+        if a.accumulate {
+            if j < a.nr {
+                for (i, v) in row.iter_mut().enumerate() {
+                    *v = _mm512_maskz_loadu_ps(sm[i], a.y.add(j * a.plane + i * L));
+                }
+            }
+        } else {
+            let b = _mm512_set1_ps(a.init[j]);
+            for v in row.iter_mut() {
+                *v = b;
+            }
         }
     }
     for (t, &off) in d.off.iter().enumerate() {
@@ -303,9 +338,9 @@ unsafe fn tile_kernel<const V: usize>(a: &TileArgs<'_>) {
             *mi = *d.masks.get_unchecked(t * d.nvec + a.v0 + i);
         }
         let xt = a.x.wrapping_offset(off);
-        let mut w = a.wp.add(t * a.cx * NR);
+        let mut w = a.wp.add((t * a.cx + a.ci0) * NR);
         let mut xp = xt;
-        for _ in 0..a.cx {
+        for _ in 0..a.ncb {
             let mut xv = [_mm512_setzero_ps(); V];
             for i in 0..V {
                 xv[i] = _mm512_maskz_loadu_ps(m[i], xp.wrapping_add(i * L));
@@ -319,10 +354,6 @@ unsafe fn tile_kernel<const V: usize>(a: &TileArgs<'_>) {
             xp = xp.wrapping_add(a.plane);
             w = w.add(NR);
         }
-    }
-    let mut sm = [0u16; V];
-    for (i, s) in sm.iter_mut().enumerate() {
-        *s = d.store[a.v0 + i];
     }
     for (j, row) in acc.iter().enumerate().take(a.nr) {
         for i in 0..V {
@@ -400,10 +431,24 @@ impl<'a> WeightGrad<'a> {
                 ci * plane + (dy + pad as isize) as usize * wp + (dx + pad as isize) as usize
             })
             .collect();
+        // Only what `add_image` never writes must be zeroed: the borders of the padded planes
+        // and the zero plane; the extra columns' rows of dyT (the gather writes every column of
+        // the other rows, zeros past the last channel).
         let mut x_pad = super::cpu::Scratch::new((c_in + 1) * plane);
-        x_pad.fill(0.0);
-        let mut dyt = super::cpu::Scratch::new(d.h * wp * co_pad);
-        dyt.fill(0.0);
+        let (h, w) = (d.h, d.w);
+        for plane_data in x_pad[..c_in * plane].chunks_exact_mut(plane) {
+            plane_data[..pad * wp + pad].fill(0.0);
+            for y in 0..h {
+                let row_end = (y + pad) * wp + pad + w;
+                plane_data[row_end..row_end + 2 * pad].fill(0.0);
+            }
+            plane_data[(h + pad) * wp + pad..].fill(0.0);
+        }
+        x_pad[c_in * plane..].fill(0.0);
+        let mut dyt = super::cpu::Scratch::new(h * wp * co_pad);
+        for y in 0..h {
+            dyt[(y * wp + w) * co_pad..(y + 1) * wp * co_pad].fill(0.0);
+        }
         Self {
             d,
             c_out,
