@@ -789,10 +789,7 @@ fn fused_resnet_block_matches_reference() {
         }
         let inputs: Vec<Var> = shapes.iter().map(|s| var(&mut rng, s)).collect();
         // keep-or-drop mask with entries 0 or 1 / (1 - 0.3)
-        let mask = drop.then(|| {
-            let u = rng.randn(&[n, co, h, w], &Device::Cpu).unwrap();
-            (u.ge(-0.5).unwrap().to_dtype(candle_core::DType::F32).unwrap() / 0.7).unwrap()
-        });
+        let mask = drop.then(|| diffuse::ops::DropoutMask::draw(n * co * h * w, 0.3, &mut rng));
         let run = |fast: bool, t: &[Tensor]| {
             let mut it = t.iter();
             let x = it.next().unwrap();
@@ -857,5 +854,59 @@ fn upsample_conv_matches_reference() {
             fast,
             |t| reference::upsample_conv2d(&t[0], &t[1], &t[2]),
         );
+    }
+}
+
+/// The whole attention block op (`ops::attn_block`) against the reference composition: with
+/// and without the group norm, one or several heads, fewer inner channels than channels, an
+/// output rescale, odd sizes, a batch larger than the thread split.
+#[test]
+fn fused_attention_block_matches_reference() {
+    use diffuse::ops::{attn_block, AttentionBlockParams};
+    let mut rng = Rng::new(23);
+    // (n, c, inner, heads, h, w, norm groups, rescale)
+    let cases = [
+        (2, 8, 8, 1, 3, 3, Some(4), 1.0),
+        (11, 6, 4, 2, 2, 5, Some(3), 1.0),
+        (3, 8, 8, 4, 4, 4, None, 2.0),
+        (1, 4, 4, 1, 1, 1, Some(2), 1.0),
+    ];
+    for (n, c, inner, heads, h, w, groups, rescale) in cases {
+        let mut shapes = vec![vec![n, c, h, w]];
+        if groups.is_some() {
+            shapes.extend([vec![c], vec![c]]);
+        }
+        // the key bias is a constant: its exact gradient is 0 (it adds q . b_k to a whole row
+        // of scores, which the softmax ignores), so both sides would compare rounding noise
+        shapes.extend([vec![inner, c], vec![inner], vec![inner, c], vec![inner, c], vec![inner]]);
+        shapes.extend([vec![c, inner], vec![c]]);
+        let inputs: Vec<Var> = shapes.iter().map(|s| var(&mut rng, s)).collect();
+        let key_bias = randn(&mut rng, &[inner]);
+        let run = |fast: bool, t: &[Tensor]| {
+            let mut it = t.iter();
+            let x = it.next().unwrap();
+            let norm = groups.map(|g| (g, 1e-5, it.next().unwrap(), it.next().unwrap()));
+            let mut pair = || (it.next().unwrap(), it.next().unwrap());
+            let q = pair();
+            let k = (it.next().unwrap(), &key_bias);
+            let mut pair = || (it.next().unwrap(), it.next().unwrap());
+            let (v, out) = (pair(), pair());
+            let p = AttentionBlockParams {
+                norm,
+                q,
+                k,
+                v,
+                out,
+                heads,
+                rescale_output_factor: rescale,
+            };
+            if fast {
+                attn_block::attention_block(x, &p)
+            } else {
+                reference::attention_block(x, &p)
+            }
+        };
+        let what = format!("attention block n{n} c{c} inner{inner} heads{heads} {h}x{w} norm {groups:?} rescale {rescale}");
+        check_op(&what, &mut rng, &inputs, |t| run(true, t), |t| run(false, t));
     }
 }

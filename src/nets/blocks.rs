@@ -130,7 +130,7 @@ impl ResnetBlock2D {
         let c = self.out_channels;
         if self.resample.is_none() {
             let (n, _, h, w) = x.dims4()?;
-            let mask = self.dropout.mask(&[n, c, h, w], x.dtype(), x.device(), rng)?;
+            let mask = self.dropout.mask(&[n, c, h, w], rng);
             let (scale, shift);
             let time = match self.time_scale_shift {
                 TimeScaleShift::Default => ops::TimeCondition::Bias(&t),
@@ -230,7 +230,6 @@ pub struct AttentionBlock {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
-    head_dim: usize,
     rescale_output_factor: f64,
 }
 
@@ -266,44 +265,28 @@ impl AttentionBlock {
             to_v: Linear::new(vb.pp("to_v"), channels, inner)?,
             to_out: Linear::new(vb.pp("to_out").pp("0"), inner, channels)?,
             heads,
-            head_dim,
             rescale_output_factor,
         })
     }
 
-    /// `[N, C, H, W] -> [N, C, H, W]`.
+    /// `[N, C, H, W] -> [N, C, H, W]` ([`ops::attention_block`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, c, hh, ww) = x.dims4()?;
-        let l = hh * ww;
-        let h = match &self.group_norm {
-            Some(g) => g.forward(x)?,
-            None => x.clone(),
+        let _prof = ops::profile::scope("unet.attention");
+        let norm = self.group_norm.as_ref().map(|g| {
+            let (groups, eps) = g.groups_eps();
+            let (gamma, beta) = g.params();
+            (groups, eps, gamma, beta)
+        });
+        let p = ops::AttentionBlockParams {
+            norm,
+            q: self.to_q.params(),
+            k: self.to_k.params(),
+            v: self.to_v.params(),
+            out: self.to_out.params(),
+            heads: self.heads,
+            rescale_output_factor: self.rescale_output_factor,
         };
-        let h = h.reshape((n, c, l))?.transpose(1, 2)?.contiguous()?; // [N, L, C]
-        let (heads, d) = (self.heads, self.head_dim);
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((n, l, heads, d))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((n * heads, l, d))?)
-        };
-        let q = split(self.to_q.forward(&h)?)?;
-        let k = split(self.to_k.forward(&h)?)?;
-        let v = split(self.to_v.forward(&h)?)?;
-        let o = ops::attention(&q, &k, &v, 1.0 / (d as f64).sqrt())?; // [N*heads, L, d]
-        let o = o
-            .reshape((n, heads, l, d))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((n, l, heads * d))?;
-        let o = self.to_out.forward(&o)?; // [N, L, C]
-        let o = o.transpose(1, 2)?.contiguous()?.reshape((n, c, hh, ww))?;
-        let out = (o + x)?;
-        if self.rescale_output_factor == 1.0 {
-            Ok(out)
-        } else {
-            Ok((out / self.rescale_output_factor)?)
-        }
+        Ok(ops::attention_block(x, &p)?)
     }
 }
 

@@ -37,6 +37,11 @@ impl Linear {
         })
     }
 
+    /// `(weight, bias)`.
+    pub fn params(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
+    }
+
     /// `[..., in] -> [..., out]` (any number of leading dimensions).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -220,7 +225,7 @@ impl GroupNorm {
 
 /// Inverted dropout: in training each element is kept with probability `1 - p` and scaled by
 /// `1 / (1 - p)` (so the expectation is unchanged); in evaluation it is the identity. The mask
-/// is drawn from the caller's seeded [`Rng`], one uniform per element in row-major order.
+/// is seeded by one draw of the caller's [`Rng`] ([`ops::DropoutMask`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Dropout {
     p: f64,
@@ -237,32 +242,24 @@ impl Dropout {
         training && self.p > 0.0
     }
 
-    /// The mask [`Dropout::forward`] multiplies by, for a tensor of `shape`: entries 0 (with
-    /// probability `p`) or `1 / (1 - p)`, one uniform per element in row-major order; `None`
-    /// when dropout is inactive (no `rng`, or `p = 0`).
-    pub fn mask(
-        &self,
-        shape: &[usize],
-        dtype: candle_core::DType,
-        device: &candle_core::Device,
-        rng: Option<&mut Rng>,
-    ) -> Result<Option<Tensor>> {
-        let Some(rng) = rng else { return Ok(None) };
+    /// The mask [`Dropout::forward`] applies to a tensor of `shape`, drawn from `rng`
+    /// ([`ops::DropoutMask::draw`]: one draw of `rng` seeds it); `None` when dropout is inactive
+    /// (no `rng`, or `p = 0`).
+    pub fn mask(&self, shape: &[usize], rng: Option<&mut Rng>) -> Option<ops::DropoutMask> {
+        let rng = rng?;
         if self.p <= 0.0 {
-            return Ok(None);
+            return None;
         }
-        let keep = (1.0 / (1.0 - self.p)) as f32;
-        let n: usize = shape.iter().product();
-        let mask: Vec<f32> = (0..n)
-            .map(|_| if rng.uniform() < self.p { 0.0 } else { keep })
-            .collect();
-        Ok(Some(Tensor::from_vec(mask, shape, device)?.to_dtype(dtype)?))
+        Some(ops::DropoutMask::draw(shape.iter().product(), self.p, rng))
     }
 
     /// Applies dropout when `rng` is given (training) and `p > 0`; returns `x` otherwise.
     pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
-        match self.mask(x.dims(), x.dtype(), x.device(), rng)? {
-            Some(mask) => Ok((x * mask)?),
+        match self.mask(x.dims(), rng) {
+            Some(mask) => {
+                let m = mask.to_tensor(x.dims(), x.device())?.to_dtype(x.dtype())?;
+                Ok((x * m)?)
+            }
             None => Ok(x.clone()),
         }
     }

@@ -32,9 +32,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Result, Tensor};
 
+pub use dropout::DropoutMask;
+
 pub mod attention;
+pub mod attn_block;
 pub mod block;
 pub mod conv;
+pub mod dropout;
 pub(crate) mod direct;
 pub(crate) mod cpu;
 pub mod elementwise;
@@ -222,9 +226,9 @@ pub struct ResnetBlockParams<'a> {
     pub conv2: (&'a Tensor, &'a Tensor),
     /// `(weight, bias)` of the 1x1 shortcut convolution (`None`: identity, `C_in = C_out`).
     pub shortcut: Option<(&'a Tensor, &'a Tensor)>,
-    /// The dropout mask between the second activation and `conv2`, `[N, C_out, H, W]`, entries
-    /// 0 or `1 / (1 - p)` (no gradient), or `None`.
-    pub dropout_mask: Option<&'a Tensor>,
+    /// The dropout mask between the second activation and `conv2` (over `[N, C_out, H, W]`),
+    /// or `None`.
+    pub dropout_mask: Option<&'a DropoutMask>,
     /// The divisor of the residual sum.
     pub output_scale_factor: f64,
 }
@@ -252,7 +256,6 @@ pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>
     if let Some((w, b)) = p.shortcut {
         all.extend([w, b]);
     }
-    all.extend(p.dropout_mask);
     if use_fast(&all) && resnet::applies(x, p) {
         return resnet::resnet_block(x, skip, p);
     }
@@ -301,6 +304,7 @@ pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>
                 None => group_norm_silu(&h, p.groups, p.norm2.0, p.norm2.1, p.eps)?,
                 Some((a, b)) => group_norm_scale_shift_silu(&h, p.groups, p.norm2.0, p.norm2.1, a, b, p.eps)?,
             };
+            let mask = mask.to_tensor(g.dims(), g.device())?.to_dtype(g.dtype())?;
             conv2d_add(&(g * mask)?, p.conv2.0, Some(p.conv2.1), 1, 1, &add2)?
         }
     };
@@ -308,6 +312,49 @@ pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>
         Ok(out)
     } else {
         out / p.output_scale_factor
+    }
+}
+
+/// The parameters of a self-attention block ([`attention_block`]): linear weights `[I, C]`
+/// (`[C, I]` for `out`) and biases, `I = heads * head_dim`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionBlockParams<'a> {
+    /// `(groups, eps, gamma, beta)` of the group norm in front, if any.
+    pub norm: Option<(usize, f64, &'a Tensor, &'a Tensor)>,
+    /// `(weight, bias)` of the query, key, value and output projections.
+    pub q: (&'a Tensor, &'a Tensor),
+    /// See `q`.
+    pub k: (&'a Tensor, &'a Tensor),
+    /// See `q`.
+    pub v: (&'a Tensor, &'a Tensor),
+    /// See `q`.
+    pub out: (&'a Tensor, &'a Tensor),
+    /// Attention heads (dividing `I`).
+    pub heads: usize,
+    /// The divisor of the residual sum.
+    pub rescale_output_factor: f64,
+}
+
+/// Self-attention over the `H W` positions of `x` `[N, C, H, W]` with a residual connection
+/// (diffusers' `Attention` as the UNet2D blocks use it; Vaswani et al. 2017, eq. 1):
+///
+/// ```text
+/// h       = group_norm(x)  (when there is a norm)
+/// q, k, v = h W_q^T + b_q, ...   per position, split into heads of d = I / heads channels
+/// o       = softmax(q k^T / sqrt(d)) v
+/// out     = (o W_out^T + b_out + x) / rescale_output_factor
+/// ```
+///
+/// On the CPU one op with its own backward ([`attn_block`]); elsewhere candle's ops.
+pub fn attention_block(x: &Tensor, p: &AttentionBlockParams<'_>) -> Result<Tensor> {
+    let mut all = vec![x, p.q.0, p.q.1, p.k.0, p.k.1, p.v.0, p.v.1, p.out.0, p.out.1];
+    if let Some((_, _, g, b)) = p.norm {
+        all.extend([g, b]);
+    }
+    if use_fast(&all) {
+        attn_block::attention_block(x, p)
+    } else {
+        reference::attention_block(x, p)
     }
 }
 

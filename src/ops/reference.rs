@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::{ConvAdd, GroupNormSilu, ResnetBlockParams, TimeCondition};
+use super::{AttentionBlockParams, ConvAdd, GroupNormSilu, ResnetBlockParams, TimeCondition};
 
 /// See [`crate::ops::conv2d`].
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
@@ -155,7 +155,7 @@ pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>
         }
     };
     let g = match p.dropout_mask {
-        Some(m) => (g * m)?,
+        Some(m) => (&g * m.to_tensor(g.dims(), g.device())?.to_dtype(g.dtype())?)?,
         None => g,
     };
     let h = conv2d(&g, p.conv2.0, Some(p.conv2.1), 1, 1)?;
@@ -169,4 +169,38 @@ pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>
 /// See [`crate::ops::upsample_conv2d`].
 pub fn upsample_conv2d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     conv2d(&upsample_nearest2x(x)?, w, Some(b), 1, 1)
+}
+
+/// See [`crate::ops::attention_block`].
+pub fn attention_block(x: &Tensor, p: &AttentionBlockParams<'_>) -> Result<Tensor> {
+    let (n, c, hh, ww) = x.dims4()?;
+    let l = hh * ww;
+    let inner = p.q.0.dim(0)?;
+    if p.heads == 0 || inner % p.heads != 0 {
+        candle_core::bail!("attention block: {inner} inner channels cannot be split into {} heads", p.heads);
+    }
+    let (heads, d) = (p.heads, inner / p.heads);
+    let h = match p.norm {
+        Some((groups, eps, gamma, beta)) => group_norm(x, groups, gamma, beta, eps)?,
+        None => x.clone(),
+    };
+    let h = h.reshape((n, c, l))?.transpose(1, 2)?.contiguous()?.reshape((n * l, c))?; // [N L, C]
+    let split = |t: Tensor| -> Result<Tensor> {
+        t.reshape((n, l, heads, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((n * heads, l, d))
+    };
+    let q = split(linear(&h, p.q.0, Some(p.q.1))?)?;
+    let k = split(linear(&h, p.k.0, Some(p.k.1))?)?;
+    let v = split(linear(&h, p.v.0, Some(p.v.1))?)?;
+    let o = attention(&q, &k, &v, 1.0 / (d as f64).sqrt())?; // [N heads, L, d]
+    let o = o
+        .reshape((n, heads, l, d))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n * l, heads * d))?;
+    let o = linear(&o, p.out.0, Some(p.out.1))?; // [N L, C]
+    let o = o.reshape((n, l, c))?.transpose(1, 2)?.contiguous()?.reshape((n, c, hh, ww))?;
+    (o + x)? / p.rescale_output_factor
 }

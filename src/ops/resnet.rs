@@ -5,7 +5,7 @@
 //! ```text
 //! u_n   = silu(a1 * norm(x_n) + b1)                      [C_in, P]   scratch
 //! h_n   = W1 * u_n + bias1 + cb_n                         [C_out, P]  kept for the backward pass
-//! g_n   = silu(a2_n * norm(h_n) + b2_n) * mask_n          [C_out, P]  scratch
+//! g_n   = silu(a2_n * norm(h_n) + b2_n) * mask_n          [C_out, P]  scratch (mask: 0 or 1/(1-p))
 //! r_n   = Ws x_n + bs   (or x_n)                          [C_out, P]  scratch
 //! out_n = s (W2 * g_n + bias2 + r_n)                      s = 1 / output_scale_factor
 //! ```
@@ -121,8 +121,8 @@ impl Dims {
 struct ResnetOp {
     d: Dims,
     pack: Pack,
-    /// Dropout mask `[N, C_out, P]`, if any.
-    mask: Option<Vec<f32>>,
+    /// Dropout mask over `[N, C_out, P]`, if any.
+    mask: Option<super::DropoutMask>,
     /// Keep `h` for the backward pass.
     keep: bool,
     kept: Mutex<Option<Vec<f32>>>,
@@ -245,10 +245,7 @@ impl ResnetOp {
         let (a2, b2) = self.affine2(pack, n);
         self.norm_silu(h_n, self.d.c_out, a2, b2, g);
         if let Some(mask) = &self.mask {
-            let len = self.d.c_out * self.d.p();
-            g.iter_mut()
-                .zip(&mask[n * len..(n + 1) * len])
-                .for_each(|(v, m)| *v *= m);
+            mask.apply(n * self.d.c_out * self.d.p(), g);
         }
     }
 
@@ -415,9 +412,7 @@ impl ResnetOp {
                 k.d3.conv(dy, c_out, &k.wp2, &zeros[..c_out], None, &mut dg, c_out);
                 drop(_s);
                 if let Some(mask) = &self.mask {
-                    dg.iter_mut()
-                        .zip(&mask[n * out_len..(n + 1) * out_len])
-                        .for_each(|(v, m)| *v *= m);
+                    mask.apply(n * out_len, &mut dg);
                 }
                 let (a2, b2) = self.affine2(pack, n);
                 let _s = super::profile::scope("resnet.bwd/gn2");
@@ -774,10 +769,10 @@ pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>
     }
     let pack = Tensor::cat(&parts, 0)?;
     let mask = match p.dropout_mask {
-        Some(m) => {
-            expect("dropout mask", m.dims(), &[n, c_out, h, w])?;
-            Some(m.flatten_all()?.to_vec1::<f32>()?)
+        Some(m) if m.len() != n * c_out * h * w => {
+            bail!("resnet block: dropout mask over {} elements, expected {}", m.len(), n * c_out * h * w)
         }
+        Some(m) => Some(m.clone()),
         None => None,
     };
     let skip_c = skip.map(|s| s.contiguous()).transpose()?;
