@@ -269,7 +269,7 @@ fn run_child(a: &Args, workload: &str, batch: usize) -> Result<Value> {
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().last().unwrap_or("");
-    Ok(serde_json::from_str(line).with_context(|| format!("child printed {text}"))?)
+    serde_json::from_str(line).with_context(|| format!("child printed {text}"))
 }
 
 fn run_torch(a: &Args, cfg: &UNetConfig, workload: &str, batch: usize) -> Result<Value> {
@@ -287,13 +287,15 @@ fn run_torch(a: &Args, cfg: &UNetConfig, workload: &str, batch: usize) -> Result
         .args(["--iters", &a.iters.to_string()])
         .args(["--warmup", &a.warmup.to_string()])
         .output()
-        .context("running bench/torch_step.py")?;
+        .context("running bench/torch_step.py");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out?;
     if !out.status.success() {
         bail!("torch_step.py failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().last().unwrap_or("");
-    Ok(serde_json::from_str(line).with_context(|| format!("torch_step.py printed {text}"))?)
+    serde_json::from_str(line).with_context(|| format!("torch_step.py printed {text}"))
 }
 
 fn as_f64s(v: &Value, key: &str) -> Vec<f64> {
@@ -307,7 +309,9 @@ fn main() -> Result<()> {
     let a = parse_args()?;
     ops::tune_allocator();
     std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(a.threads).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(a.threads)
+        .build_global();
     ops::set_fast_kernels(!a.stock);
     let cfg = UNetConfig::preset(&a.preset, a.channels, a.size)?;
     let default_batch = |w: &str| if w == "train" { 64 } else { 256 };
@@ -346,7 +350,11 @@ fn main() -> Result<()> {
                     ms,
                     cms,
                     100.0 * cms / med_cpu,
-                    if e.cpu_seconds > 0.0 { e.flops / e.cpu_seconds / 1e9 } else { 0.0 }
+                    if e.cpu_seconds > 0.0 {
+                        e.flops / e.cpu_seconds / 1e9
+                    } else {
+                        0.0
+                    }
                 );
             }
             eprintln!("step: wall {med:.1} ms, cpu {med_cpu:.1} ms");

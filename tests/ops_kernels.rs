@@ -794,13 +794,23 @@ fn fused_resnet_block_matches_reference() {
             let mut it = t.iter();
             let x = it.next().unwrap();
             let skip = if cs > 0 { it.next() } else { None };
-            let (g1, b1, w1, bias1) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+            let (g1, b1, w1, bias1) = (
+                it.next().unwrap(),
+                it.next().unwrap(),
+                it.next().unwrap(),
+                it.next().unwrap(),
+            );
             let time = if ss {
                 TimeCondition::ScaleShift(it.next().unwrap(), it.next().unwrap())
             } else {
                 TimeCondition::Bias(it.next().unwrap())
             };
-            let (g2, b2, w2, bias2) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+            let (g2, b2, w2, bias2) = (
+                it.next().unwrap(),
+                it.next().unwrap(),
+                it.next().unwrap(),
+                it.next().unwrap(),
+            );
             let shortcut = if ci != co {
                 Some((it.next().unwrap(), it.next().unwrap()))
             } else {
@@ -824,7 +834,8 @@ fn fused_resnet_block_matches_reference() {
                 (false, _) => reference::resnet_block(x, skip, &p),
             }
         };
-        let what = format!("resnet block n{n} {cx}+{cs}->{co} {h}x{w} g{groups} ss {ss} drop {drop} osf {osf}");
+        let what =
+            format!("resnet block n{n} {cx}+{cs}->{co} {h}x{w} g{groups} ss {ss} drop {drop} osf {osf}");
         check_op(&what, &mut rng, &inputs, |t| run(true, t), |t| run(false, t));
     }
 }
@@ -835,7 +846,12 @@ fn fused_resnet_block_matches_reference() {
 fn upsample_conv_matches_reference() {
     use diffuse::ops::upconv;
     let mut rng = Rng::new(22);
-    for (n, ci, co, h, w) in [(2, 3, 5, 4, 4), (1, 1, 1, 3, 5), (11, 8, 16, 7, 7), (2, 17, 9, 1, 2)] {
+    for (n, ci, co, h, w) in [
+        (2, 3, 5, 4, 4),
+        (1, 1, 1, 3, 5),
+        (11, 8, 16, 7, 7),
+        (2, 17, 9, 1, 2),
+    ] {
         let inputs: Vec<Var> = [vec![n, ci, h, w], vec![co, ci, 3, 3], vec![co]]
             .iter()
             .map(|s| var(&mut rng, s))
@@ -878,7 +894,13 @@ fn fused_attention_block_matches_reference() {
         }
         // the key bias is a constant: its exact gradient is 0 (it adds q . b_k to a whole row
         // of scores, which the softmax ignores), so both sides would compare rounding noise
-        shapes.extend([vec![inner, c], vec![inner], vec![inner, c], vec![inner, c], vec![inner]]);
+        shapes.extend([
+            vec![inner, c],
+            vec![inner],
+            vec![inner, c],
+            vec![inner, c],
+            vec![inner],
+        ]);
         shapes.extend([vec![c, inner], vec![c]]);
         let inputs: Vec<Var> = shapes.iter().map(|s| var(&mut rng, s)).collect();
         let key_bias = randn(&mut rng, &[inner]);
@@ -906,7 +928,9 @@ fn fused_attention_block_matches_reference() {
                 reference::attention_block(x, &p)
             }
         };
-        let what = format!("attention block n{n} c{c} inner{inner} heads{heads} {h}x{w} norm {groups:?} rescale {rescale}");
+        let what = format!(
+            "attention block n{n} c{c} inner{inner} heads{heads} {h}x{w} norm {groups:?} rescale {rescale}"
+        );
         check_op(&what, &mut rng, &inputs, |t| run(true, t), |t| run(false, t));
     }
 }

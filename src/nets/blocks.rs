@@ -171,7 +171,10 @@ impl ResnetBlock2D {
             residual: None,
         };
         let (h, skip) = match self.resample {
-            None => (self.conv1.forward_norm_add(x, &self.norm1, None, &with_bias)?, x.clone()),
+            None => (
+                self.conv1.forward_norm_add(x, &self.norm1, None, &with_bias)?,
+                x.clone(),
+            ),
             Some(r) => {
                 let resample = |v: &Tensor| -> Result<Tensor> {
                     Ok(match r {

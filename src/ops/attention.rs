@@ -152,7 +152,10 @@ impl CustomOp3 for Attention {
         let _prof = super::profile::scope("attention.bwd");
         let g = Geometry::new(q.dims(), k.dims(), v.dims())?;
         let d_o = d_o.contiguous()?;
-        super::profile::add_flops("attention.bwd", 2.0 * (g.b * g.lq * g.lk * (3 * g.d + 2 * g.dv)) as f64);
+        super::profile::add_flops(
+            "attention.bwd",
+            2.0 * (g.b * g.lq * g.lk * (3 * g.d + 2 * g.dv)) as f64,
+        );
         let mut dq = cpu::zeros(g.b * g.lq * g.d);
         let mut dk = cpu::zeros(g.b * g.lk * g.d);
         let mut dv = cpu::zeros(g.b * g.lk * g.dv);

@@ -109,7 +109,15 @@ impl AttnOp {
         for g in 0..groups {
             let r = g * cg * self.l..(g + 1) * cg * self.l;
             let ch = g * cg..(g + 1) * cg;
-            group_forward(&x_n[r.clone()], &mut h[r], self.l, &gamma[ch.clone()], &beta[ch], eps, false);
+            group_forward(
+                &x_n[r.clone()],
+                &mut h[r],
+                self.l,
+                &gamma[ch.clone()],
+                &beta[ch],
+                eps,
+                false,
+            );
         }
     }
 
@@ -135,13 +143,26 @@ impl AttnOp {
             mm((l, l, d), p, false, q, (1, l), kk, (l, 1), s);
             softmax_rows(p, l);
             // O_j [d, L] = V_j P_j^T
-            mm((d, l, l), &mut w.o[j * d * l..(j + 1) * d * l], false, v, (l, 1), p, (1, l), 1.0);
+            mm(
+                (d, l, l),
+                &mut w.o[j * d * l..(j + 1) * d * l],
+                false,
+                v,
+                (l, 1),
+                p,
+                (1, l),
+                1.0,
+            );
         }
     }
 
     fn forward(&self, x: &[f32], pack: &[f32]) -> Result<Vec<f32>> {
         if pack.len() != self.pack.len() {
-            bail!("attention block: {} packed values, expected {}", pack.len(), self.pack.len());
+            bail!(
+                "attention block: {} packed values, expected {}",
+                pack.len(),
+                self.pack.len()
+            );
         }
         let (c, l, i) = (self.c, self.l, self.i());
         super::profile::add_flops(
@@ -184,7 +205,14 @@ impl AttnOp {
     }
 
     /// `(dx, dpack)`, each only if asked for.
-    fn backward(&self, x: &[f32], pack: &[f32], dout: &[f32], want_x: bool, want_p: bool) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    fn backward(
+        &self,
+        x: &[f32],
+        pack: &[f32],
+        dout: &[f32],
+        want_x: bool,
+        want_p: bool,
+    ) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
         let (c, l, i, d) = (self.c, self.l, self.i(), self.d);
         super::profile::add_flops(
             "attn_block.bwd",
@@ -204,7 +232,11 @@ impl AttnOp {
             let mut dp = Scratch::new(l * l);
             let mut dh = Scratch::new(len);
             let mut dxn = Scratch::new(len);
-            let mut g = if want_p { vec![0f32; self.pack.len()] } else { Vec::new() };
+            let mut g = if want_p {
+                vec![0f32; self.pack.len()]
+            } else {
+                Vec::new()
+            };
             let (mut dgamma, mut dbeta) = (vec![0f32; c], vec![0f32; c]);
             for n in images {
                 let x_n = &x[n * len..(n + 1) * len];
@@ -216,7 +248,16 @@ impl AttnOp {
                 if want_p {
                     let ((wo_r, bo_r), _) = (self.pack.out(), ());
                     // dWo [C, I] += dy [C, L] O^T [L, I]
-                    mm((c, i, l), &mut g[wo_r.0..wo_r.0 + wo_r.1], true, &dy, (l, 1), &w.o, (1, l), 1.0);
+                    mm(
+                        (c, i, l),
+                        &mut g[wo_r.0..wo_r.0 + wo_r.1],
+                        true,
+                        &dy,
+                        (l, 1),
+                        &w.o,
+                        (1, l),
+                        1.0,
+                    );
                     add_row_sums(&dy, l, &mut g[bo_r.0..bo_r.0 + bo_r.1]);
                 }
                 // dO [I, L] = Wo^T [I, C] dy [C, L]
@@ -240,9 +281,27 @@ impl AttnOp {
                 for k in 0..3 {
                     let (wk_r, bk_r) = self.pack.proj(k);
                     let dk = &dqkv[k * i * l..(k + 1) * i * l];
-                    mm((c, l, i), &mut dh, k > 0, part(pack, wk_r), (1, c), dk, (l, 1), 1.0);
+                    mm(
+                        (c, l, i),
+                        &mut dh,
+                        k > 0,
+                        part(pack, wk_r),
+                        (1, c),
+                        dk,
+                        (l, 1),
+                        1.0,
+                    );
                     if want_p {
-                        mm((i, c, l), &mut g[wk_r.0..wk_r.0 + wk_r.1], true, dk, (l, 1), &w.h, (1, l), 1.0);
+                        mm(
+                            (i, c, l),
+                            &mut g[wk_r.0..wk_r.0 + wk_r.1],
+                            true,
+                            dk,
+                            (l, 1),
+                            &w.h,
+                            (1, l),
+                            1.0,
+                        );
                         add_row_sums(dk, l, &mut g[bk_r.0..bk_r.0 + bk_r.1]);
                     }
                 }
@@ -345,14 +404,26 @@ impl CustomOp2 for AttnOp {
         "fast-attention-block"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ps: &CpuStorage, pl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let _prof = super::profile::scope("attn_block.fwd");
         let x = cpu::slice(xs, xl, "attention block")?;
         let p = cpu::slice(ps, pl, "attention block")?;
         Ok((CpuStorage::F32(self.forward(x, p)?), xl.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, pack: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        pack: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let _prof = super::profile::scope("attn_block.bwd");
         let dy = dy.contiguous()?;
         let (dx, dp) = {
@@ -361,7 +432,13 @@ impl CustomOp2 for AttnOp {
                 Read::new(pack, "attention block")?,
                 Read::new(&dy, "attention block")?,
             );
-            self.backward(xr.as_slice(), pr.as_slice(), dr.as_slice(), x.track_op(), pack.track_op())
+            self.backward(
+                xr.as_slice(),
+                pr.as_slice(),
+                dr.as_slice(),
+                x.track_op(),
+                pack.track_op(),
+            )
         };
         Ok((
             dx.map(|v| cpu::tensor(v, x.shape())).transpose()?,
@@ -375,7 +452,10 @@ pub fn attention_block(x: &Tensor, p: &AttentionBlockParams<'_>) -> Result<Tenso
     let (n, c, h, w) = x.dims4()?;
     let inner = p.q.0.dim(0)?;
     if p.heads == 0 || inner % p.heads != 0 {
-        bail!("attention block: {inner} inner channels cannot be split into {} heads", p.heads);
+        bail!(
+            "attention block: {inner} inner channels cannot be split into {} heads",
+            p.heads
+        );
     }
     for (what, (wt, b), (rows, cols)) in [
         ("to_q", p.q, (inner, c)),
@@ -396,7 +476,11 @@ pub fn attention_block(x: &Tensor, p: &AttentionBlockParams<'_>) -> Result<Tenso
         Some((groups, eps, gamma, beta)) => {
             check_groups(c, groups)?;
             if gamma.dims() != [c] || beta.dims() != [c] {
-                bail!("attention block: norm scale {:?} and shift {:?}, expected [{c}]", gamma.dims(), beta.dims());
+                bail!(
+                    "attention block: norm scale {:?} and shift {:?}, expected [{c}]",
+                    gamma.dims(),
+                    beta.dims()
+                );
             }
             parts.extend([gamma.clone(), beta.clone()]);
             Some((groups, eps))

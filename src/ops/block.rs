@@ -154,7 +154,11 @@ impl ConvBlock {
         let direct = Direct::new(&g);
         let wp = direct.as_ref().map_or(Vec::new(), |d| d.pack(w, g.c_out, g.c_in));
         let h_len = if self.norm.is_some() { x_len } else { 0 };
-        let col_len = if g.pointwise() || direct.is_some() { 0 } else { k * p };
+        let col_len = if g.pointwise() || direct.is_some() {
+            0
+        } else {
+            k * p
+        };
         let run = |images: std::ops::Range<usize>, parallel: bool| {
             let (mut h, mut col) = (Scratch::new(h_len), Scratch::new(col_len));
             for n in images {
@@ -245,7 +249,11 @@ impl ConvBlock {
             _ => (Vec::new(), None),
         };
         let zero_init = vec![0f32; g.c_in];
-        let scratch_kp = if g.pointwise() || direct.is_some() { 0 } else { k * p };
+        let scratch_kp = if g.pointwise() || direct.is_some() {
+            0
+        } else {
+            k * p
+        };
         let s = g.h * g.w;
 
         let run = |images: std::ops::Range<usize>, parallel: bool| -> (Vec<f32>, Vec<f32>) {

@@ -170,6 +170,7 @@ impl Direct {
     /// One image: `y [cy, P] = init + conv(x [cx, P]) (+ residual)` with weights packed by
     /// [`Direct::pack`] (or [`Direct::pack_transposed`] for an input gradient). `init` has
     /// `cy` entries (bias plus channel bias; zeros for a gradient).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn conv(
         &self,
         x: &[f32],
@@ -181,24 +182,29 @@ impl Direct {
         cy: usize,
     ) {
         let p = self.p;
-        assert!(x.len() >= cx * p && y.len() >= cy * p && init.len() >= cy, "direct conv: sizes");
-        assert!(wp.len() >= cy.div_ceil(NR) * self.taps() * cx * NR, "direct conv: weights");
+        assert!(
+            x.len() >= cx * p && y.len() >= cy * p && init.len() >= cy,
+            "direct conv: sizes"
+        );
+        assert!(
+            wp.len() >= cy.div_ceil(NR) * self.taps() * cx * NR,
+            "direct conv: weights"
+        );
         if let Some(r) = residual {
             assert!(r.len() >= cy * p, "direct conv: residual");
         }
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(all(target_arch = "x86_64", diffuse_avx512))]
         // SAFETY: `available()` (checked in `new`) guarantees AVX-512F; the asserts above keep
         // every unmasked access inside the slices (see `tile`).
         unsafe {
             conv_image(self, x, cx, wp, init, residual, y, cy)
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(not(all(target_arch = "x86_64", diffuse_avx512)))]
         {
             let _ = (x, cx, wp, init, residual, y, cy);
             unreachable!("direct convolution needs AVX-512")
         }
     }
-
 }
 
 /// Whether the CPU runs these kernels (AVX-512F), and they are not switched off with
@@ -207,20 +213,21 @@ pub(crate) fn available() -> bool {
     use std::sync::OnceLock;
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(all(target_arch = "x86_64", diffuse_avx512))]
         let cpu = std::arch::is_x86_feature_detected!("avx512f");
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(not(all(target_arch = "x86_64", diffuse_avx512)))]
         let cpu = false;
         cpu && std::env::var("DIFFUSE_DIRECT_CONV").map_or(true, |v| v != "0")
     })
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
 use std::arch::x86_64::*;
 
 /// # Safety
 /// AVX-512F; sizes as asserted by [`Direct::conv`].
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+#[clippy::msrv = "1.89"]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn conv_image(
@@ -280,7 +287,7 @@ unsafe fn conv_image(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
 struct TileArgs<'a> {
     /// Input channels in all, and this call's block `ci0 .. ci0 + ncb`.
     cx: usize,
@@ -309,8 +316,10 @@ struct TileArgs<'a> {
 /// AVX-512F. Every load is masked by `m_t` (pixels inside the image) and every store by the
 /// tile's `q < P` mask, so memory is touched only at `x[ci, q + off_t]` for valid pixels and at
 /// `y[co, q]`, `residual[co, q]` for `q < P`, `co < co0 + nr`.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+#[clippy::msrv = "1.89"]
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // register blocking: acc[j][i] indexed on purpose
 unsafe fn tile_kernel<const V: usize>(a: &TileArgs<'_>) {
     let d = a.d;
     let mut sm = [0u16; V];
@@ -366,7 +375,6 @@ unsafe fn tile_kernel<const V: usize>(a: &TileArgs<'_>) {
         }
     }
 }
-
 
 /// The weight gradient of a [`Direct`] convolution, accumulated image by image on one thread:
 /// `dw[co, ci, t] = sum_images sum_q dy[co, q] m_t(q) x[ci, q + off_t]`.
@@ -470,7 +478,10 @@ impl<'a> WeightGrad<'a> {
     pub(crate) fn add_image(&mut self, dy: &[f32], x: &[f32]) {
         let d = self.d;
         let (h, w, pad, wp, p) = (d.h, d.w, d.pad, self.wp, d.p);
-        assert!(dy.len() >= self.c_out * p && x.len() >= self.c_in * p, "direct conv: sizes");
+        assert!(
+            dy.len() >= self.c_out * p && x.len() >= self.c_in * p,
+            "direct conv: sizes"
+        );
         // x_pad[ci, (y + pad) Wp + x + pad] = x[ci, y W + x]; the rest stays zero
         for ci in 0..self.c_in {
             let dst = &mut self.x_pad[ci * self.plane..(ci + 1) * self.plane];
@@ -481,7 +492,7 @@ impl<'a> WeightGrad<'a> {
         }
         // dyT[y Wp + x, co] = dy[co, y W + x]
         let ld = self.co_pad;
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(all(target_arch = "x86_64", diffuse_avx512))]
         // SAFETY: AVX-512F (Direct exists); reads dy[co, q] for co < c_out, q < P and writes
         // dyT rows y Wp + x < h Wp, columns < co_pad (see `transpose`).
         unsafe {
@@ -510,7 +521,7 @@ impl<'a> WeightGrad<'a> {
                     // for q0 <= q < q1 <= h Wp (inside dyt), x_pad[offs[j] + q] with
                     // offs[j] + q <= ci plane + 2 pad Wp + 2 pad + h Wp - 1 < (ci + 1) plane (or
                     // inside the zero plane), and writes acc[(k0 + j) ld + c0 ..][.. 16 nc].
-                    #[cfg(target_arch = "x86_64")]
+                    #[cfg(all(target_arch = "x86_64", diffuse_avx512))]
                     unsafe {
                         grad_dispatch(nc, tk, &args)
                     };
@@ -541,7 +552,8 @@ impl<'a> WeightGrad<'a> {
 /// # Safety
 /// AVX-512F; `dy` holds `c` planes of `p` values, `dyt` holds `(p / w) wp` rows of `ld >= 16
 /// ceil(c / 16)` values.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+#[clippy::msrv = "1.89"]
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose(dy: &[f32], c: usize, p: usize, w: usize, wp: usize, dyt: &mut [f32], ld: usize) {
     assert!(dy.len() >= c * p && dyt.len() >= (p / w.max(1)) * wp * ld && ld >= c.div_ceil(L) * L);
@@ -563,7 +575,7 @@ unsafe fn transpose(dy: &[f32], c: usize, p: usize, w: usize, wp: usize, dyt: &m
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
 struct GradArgs<'a> {
     nq: usize,
     /// `dyT` at the block's first pixel and the tile's first output channel; rows `ld` apart.
@@ -579,7 +591,8 @@ struct GradArgs<'a> {
 
 /// # Safety
 /// AVX-512F; see [`WeightGrad::add_image`].
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+#[clippy::msrv = "1.89"]
 #[target_feature(enable = "avx512f")]
 unsafe fn grad_dispatch(nc: usize, nk: usize, a: &GradArgs<'_>) {
     macro_rules! run {
@@ -597,8 +610,10 @@ unsafe fn grad_dispatch(nc: usize, nk: usize, a: &GradArgs<'_>) {
 ///
 /// # Safety
 /// AVX-512F; see [`WeightGrad::add_image`].
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+#[clippy::msrv = "1.89"]
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // register blocking: acc[j][c] indexed on purpose
 unsafe fn grad_kernel<const C: usize, const K: usize>(a: &GradArgs<'_>) {
     let mut acc = [[_mm512_setzero_ps(); C]; K];
     let mut xs = [std::ptr::null::<f32>(); K];
@@ -634,7 +649,15 @@ mod bench {
     #[test]
     #[ignore]
     fn bench_direct_single_thread() {
-        for (c_in, c_out, hw, k) in [(64, 64, 28, 3), (128, 128, 14, 3), (128, 128, 7, 3), (96, 32, 28, 3), (32, 32, 28, 3), (192, 64, 28, 3), (128, 64, 28, 1)] {
+        for (c_in, c_out, hw, k) in [
+            (64, 64, 28, 3),
+            (128, 128, 14, 3),
+            (128, 128, 7, 3),
+            (96, 32, 28, 3),
+            (32, 32, 28, 3),
+            (192, 64, 28, 3),
+            (128, 64, 28, 1),
+        ] {
             let g = Geometry::new(&[1, c_in, hw, hw], &[c_out, c_in, k, k], 1, k / 2).unwrap();
             let d = Direct::new(&g).unwrap();
             let p = hw * hw;

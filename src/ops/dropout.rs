@@ -35,26 +35,28 @@ impl DropoutMask {
         let seed = rng.next_u64();
         let threshold = (p.clamp(0.0, 1.0) * 4_294_967_296.0).round() as u64;
         let mut bits = vec![0u64; len.div_ceil(64)];
-        bits.par_chunks_mut(CHUNK / 64).enumerate().for_each(|(c, words)| {
-            let mut r = Rng::stream(seed, c as u64);
-            let first = c * CHUNK;
-            for (w, word) in words.iter_mut().enumerate() {
-                let mut v = 0u64;
-                for pair in 0..32 {
-                    let u = r.next_u64();
-                    let keep_lo = (u & 0xFFFF_FFFF) >= threshold;
-                    let keep_hi = (u >> 32) >= threshold;
-                    v |= (keep_lo as u64) << (2 * pair) | (keep_hi as u64) << (2 * pair + 1);
+        bits.par_chunks_mut(CHUNK / 64)
+            .enumerate()
+            .for_each(|(c, words)| {
+                let mut r = Rng::stream(seed, c as u64);
+                let first = c * CHUNK;
+                for (w, word) in words.iter_mut().enumerate() {
+                    let mut v = 0u64;
+                    for pair in 0..32 {
+                        let u = r.next_u64();
+                        let keep_lo = (u & 0xFFFF_FFFF) >= threshold;
+                        let keep_hi = (u >> 32) >= threshold;
+                        v |= (keep_lo as u64) << (2 * pair) | (keep_hi as u64) << (2 * pair + 1);
+                    }
+                    // bits past `len` stay clear
+                    let start = first + 64 * w;
+                    if start + 64 > len {
+                        let valid = len.saturating_sub(start);
+                        v &= if valid == 0 { 0 } else { u64::MAX >> (64 - valid) };
+                    }
+                    *word = v;
                 }
-                // bits past `len` stay clear
-                let start = first + 64 * w;
-                if start + 64 > len {
-                    let valid = len.saturating_sub(start);
-                    v &= if valid == 0 { 0 } else { u64::MAX >> (64 - valid) };
-                }
-                *word = v;
-            }
-        });
+            });
         Self {
             bits,
             len,
@@ -84,7 +86,10 @@ impl DropoutMask {
 
     /// `data[j] *= mask value of element start + j` (0 or `scale`).
     pub fn apply(&self, start: usize, data: &mut [f32]) {
-        assert!(start + data.len() <= self.len, "dropout mask: range outside the mask");
+        assert!(
+            start + data.len() <= self.len,
+            "dropout mask: range outside the mask"
+        );
         for (j, v) in data.iter_mut().enumerate() {
             let i = start + j;
             let kept = (self.bits[i / 64] >> (i % 64)) & 1 == 1;
@@ -112,7 +117,10 @@ mod tests {
         let dropped = (0..n).filter(|&i| !m.keep(i)).count() as f64 / n as f64;
         // Binomial(n, 0.25): std of the fraction = sqrt(0.25 * 0.75 / n) = 0.0017; 5 sigma.
         assert!((dropped - 0.25).abs() < 0.0085, "{dropped}");
-        assert!(!m.keep(n) && m.bits.last().unwrap() >> 13 == 0, "bits past the end are clear");
+        assert!(
+            !m.keep(n) && m.bits.last().unwrap() >> 13 == 0,
+            "bits past the end are clear"
+        );
         assert_eq!(m, DropoutMask::draw(n, 0.25, &mut Rng::new(7)));
         assert_ne!(m, DropoutMask::draw(n, 0.25, &mut Rng::new(8)));
         // apply at an offset that is not a word boundary = multiplying by the tensor
@@ -123,7 +131,10 @@ mod tests {
             assert_eq!(*v, want);
         }
         let t = m.to_tensor(&[n], &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
-        assert!(t.iter().enumerate().all(|(i, &v)| v == if m.keep(i) { 4.0 / 3.0 } else { 0.0 }));
+        assert!(t
+            .iter()
+            .enumerate()
+            .all(|(i, &v)| v == if m.keep(i) { 4.0 / 3.0 } else { 0.0 }));
         // p = 0 keeps everything with scale 1
         let all = DropoutMask::draw(100, 0.0, &mut Rng::new(1));
         assert!((0..100).all(|i| all.keep(i)) && all.scale() == 1.0);

@@ -38,9 +38,9 @@ pub mod attention;
 pub mod attn_block;
 pub mod block;
 pub mod conv;
-pub mod dropout;
-pub(crate) mod direct;
 pub(crate) mod cpu;
+pub(crate) mod direct;
+pub mod dropout;
 pub mod elementwise;
 pub mod norm;
 pub mod profile;
@@ -247,7 +247,9 @@ pub struct ResnetBlockParams<'a> {
 /// stages and the shortcut inside, `h` kept for the backward pass), so candle's autodiff sees
 /// one node per block; elsewhere the stages run as separate ops.
 pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>) -> Result<Tensor> {
-    let mut all = vec![x, p.norm1.0, p.norm1.1, p.conv1.0, p.conv1.1, p.norm2.0, p.norm2.1, p.conv2.0, p.conv2.1];
+    let mut all = vec![
+        x, p.norm1.0, p.norm1.1, p.conv1.0, p.conv1.1, p.norm2.0, p.norm2.1, p.conv2.0, p.conv2.1,
+    ];
     all.extend(skip);
     match p.time {
         TimeCondition::Bias(t) => all.push(t),

@@ -149,7 +149,9 @@ pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>
     let h = group_norm_silu(&x_in, p.groups, p.norm1.0, p.norm1.1, p.eps)?;
     let h = conv2d(&h, p.conv1.0, Some(p.conv1.1), 1, 1)?;
     let g = match p.time {
-        TimeCondition::Bias(t) => group_norm_silu(&add_channel_bias(&h, t)?, p.groups, p.norm2.0, p.norm2.1, p.eps)?,
+        TimeCondition::Bias(t) => {
+            group_norm_silu(&add_channel_bias(&h, t)?, p.groups, p.norm2.0, p.norm2.1, p.eps)?
+        }
         TimeCondition::ScaleShift(scale, shift) => {
             group_norm_scale_shift_silu(&h, p.groups, p.norm2.0, p.norm2.1, scale, shift, p.eps)?
         }
@@ -177,14 +179,21 @@ pub fn attention_block(x: &Tensor, p: &AttentionBlockParams<'_>) -> Result<Tenso
     let l = hh * ww;
     let inner = p.q.0.dim(0)?;
     if p.heads == 0 || inner % p.heads != 0 {
-        candle_core::bail!("attention block: {inner} inner channels cannot be split into {} heads", p.heads);
+        candle_core::bail!(
+            "attention block: {inner} inner channels cannot be split into {} heads",
+            p.heads
+        );
     }
     let (heads, d) = (p.heads, inner / p.heads);
     let h = match p.norm {
         Some((groups, eps, gamma, beta)) => group_norm(x, groups, gamma, beta, eps)?,
         None => x.clone(),
     };
-    let h = h.reshape((n, c, l))?.transpose(1, 2)?.contiguous()?.reshape((n * l, c))?; // [N L, C]
+    let h = h
+        .reshape((n, c, l))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n * l, c))?; // [N L, C]
     let split = |t: Tensor| -> Result<Tensor> {
         t.reshape((n, l, heads, d))?
             .transpose(1, 2)?
@@ -201,6 +210,10 @@ pub fn attention_block(x: &Tensor, p: &AttentionBlockParams<'_>) -> Result<Tenso
         .contiguous()?
         .reshape((n * l, heads * d))?;
     let o = linear(&o, p.out.0, Some(p.out.1))?; // [N L, C]
-    let o = o.reshape((n, l, c))?.transpose(1, 2)?.contiguous()?.reshape((n, c, hh, ww))?;
+    let o = o
+        .reshape((n, l, c))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n, c, hh, ww))?;
     (o + x)? / p.rescale_output_factor
 }

@@ -128,6 +128,9 @@ struct ResnetOp {
     kept: Mutex<Option<Vec<f32>>>,
 }
 
+/// `(dx_a, dx_b, dpack)`, each when asked for.
+type InputGrads = (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>);
+
 /// Which gradients to compute.
 #[derive(Clone, Copy)]
 struct Want {
@@ -148,7 +151,8 @@ struct Kernels {
 impl ResnetOp {
     fn kernels(&self, pack: &[f32], transposed: bool) -> Result<Kernels> {
         let d = &self.d;
-        let geo = |c_in: usize, k: usize| Geometry::new(&[1, c_in, d.h, d.w], &[d.c_out, c_in, k, k], 1, k / 2);
+        let geo =
+            |c_in: usize, k: usize| Geometry::new(&[1, c_in, d.h, d.w], &[d.c_out, c_in, k, k], 1, k / 2);
         let Some(d3) = Direct::new(&geo(d.c_in(), 3)?) else {
             bail!("resnet block: the fused op needs the direct convolution kernels (AVX-512)")
         };
@@ -163,8 +167,9 @@ impl ResnetOp {
             (
                 d3.pack_transposed(w1, c_out, c_in),
                 d3.pack_transposed(w2, c_out, c_out),
-                d1.as_ref()
-                    .map_or(Vec::new(), |d1| d1.pack_transposed(part(pack, self.pack.ws), c_out, c_in)),
+                d1.as_ref().map_or(Vec::new(), |d1| {
+                    d1.pack_transposed(part(pack, self.pack.ws), c_out, c_in)
+                }),
             )
         } else {
             (
@@ -211,7 +216,15 @@ impl ResnetOp {
         for g in 0..groups {
             let r = g * cg * p..(g + 1) * cg * p;
             let ch = g * cg..(g + 1) * cg;
-            group_forward(&x[r.clone()], &mut out[r], p, &a[ch.clone()], &b[ch], self.d.eps, true);
+            group_forward(
+                &x[r.clone()],
+                &mut out[r],
+                p,
+                &a[ch.clone()],
+                &b[ch],
+                self.d.eps,
+                true,
+            );
         }
     }
 
@@ -228,7 +241,16 @@ impl ResnetOp {
 
     /// `h_n = W1 * u_n + bias1 + cb_n` (with `u_n` computed into `u`).
     #[allow(clippy::too_many_arguments)]
-    fn stage1(&self, k: &Kernels, pack: &[f32], x_n: &[f32], n: usize, u: &mut [f32], init: &mut [f32], h_n: &mut [f32]) {
+    fn stage1(
+        &self,
+        k: &Kernels,
+        pack: &[f32],
+        x_n: &[f32],
+        n: usize,
+        u: &mut [f32],
+        init: &mut [f32],
+        h_n: &mut [f32],
+    ) {
         let d = &self.d;
         let c_in = d.c_in();
         self.norm_silu(x_n, c_in, part(pack, self.pack.a1), part(pack, self.pack.b1), u);
@@ -252,7 +274,11 @@ impl ResnetOp {
     fn forward(&self, xa: &[f32], xb: Option<&[f32]>, pack: &[f32]) -> Result<Vec<f32>> {
         let d = &self.d;
         if pack.len() != self.pack.len {
-            bail!("resnet block: {} packed values, expected {}", pack.len(), self.pack.len);
+            bail!(
+                "resnet block: {} packed values, expected {}",
+                pack.len(),
+                self.pack.len
+            );
         }
         let k = self.kernels(pack, false)?;
         let (p, c_in, c_out) = (d.p(), d.c_in(), d.c_out);
@@ -262,7 +288,11 @@ impl ResnetOp {
         );
         let out_len = c_out * p;
         let mut out = cpu::zeros(d.n * out_len);
-        let mut kept = if self.keep { cpu::zeros(d.n * out_len) } else { Vec::new() };
+        let mut kept = if self.keep {
+            cpu::zeros(d.n * out_len)
+        } else {
+            Vec::new()
+        };
         let (out_ptr, kept_ptr) = (SyncPtr::new(&mut out), SyncPtr::new(&mut kept));
         cpu::for_batch(d.n, |images, _| {
             let mut xcat = Scratch::new(if d.c_b > 0 { c_in * p } else { 0 });
@@ -296,7 +326,15 @@ impl ResnetOp {
                     None => x_n,
                 };
                 let out_n = unsafe { out_ptr.slice(n * out_len, out_len) };
-                k.d3.conv(&g, c_out, &k.wp2, part(pack, self.pack.bias2), Some(residual), out_n, c_out);
+                k.d3.conv(
+                    &g,
+                    c_out,
+                    &k.wp2,
+                    part(pack, self.pack.bias2),
+                    Some(residual),
+                    out_n,
+                    c_out,
+                );
                 if d.scale != 1.0 {
                     out_n.iter_mut().for_each(|v| *v *= d.scale);
                 }
@@ -318,7 +356,7 @@ impl ResnetOp {
         pack: &[f32],
         dout: &[f32],
         want: Want,
-    ) -> Result<(Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>)> {
+    ) -> Result<InputGrads> {
         let d = &self.d;
         let k = self.kernels(pack, true)?;
         let (p, c_in, c_out, n_img) = (d.p(), d.c_in(), d.c_out, d.n);
@@ -375,7 +413,9 @@ impl ResnetOp {
             let fwd = wk.as_ref().filter(|_| want.pack);
             let mut wg1 = fwd.map(|f| WeightGrad::new(&f.d3, c_out, c_in));
             let mut wg2 = fwd.map(|f| WeightGrad::new(&f.d3, c_out, c_out));
-            let mut wgs = fwd.and_then(|f| f.d1.as_ref()).map(|d1| WeightGrad::new(d1, c_out, c_in));
+            let mut wgs = fwd
+                .and_then(|f| f.d1.as_ref())
+                .map(|d1| WeightGrad::new(d1, c_out, c_in));
             let (mut dbias1, mut dbias2, mut dbs) = (vec![0f32; c_out], vec![0f32; c_out], vec![0f32; c_out]);
             let (mut da1_l, mut db1_l) = (vec![0f32; c_in], vec![0f32; c_in]);
             let (mut da2_l, mut db2_l) = (vec![0f32; c_out], vec![0f32; c_out]);
@@ -435,7 +475,13 @@ impl ResnetOp {
                 if let Some(wg) = &mut wg1 {
                     let _s = super::profile::scope("resnet.bwd/act1");
                     if kept.is_some() {
-                        self.norm_silu(x_n, c_in, part(pack, self.pack.a1), part(pack, self.pack.b1), &mut u);
+                        self.norm_silu(
+                            x_n,
+                            c_in,
+                            part(pack, self.pack.a1),
+                            part(pack, self.pack.b1),
+                            &mut u,
+                        );
                     }
                     drop(_s);
                     let _s = super::profile::scope("resnet.bwd/wgrad1");
@@ -533,7 +579,11 @@ impl ResnetOp {
                 dp.extend(dbs);
             }
             if dp.len() != self.pack.len {
-                bail!("resnet block: internal error, gradient pack {} != {}", dp.len(), self.pack.len);
+                bail!(
+                    "resnet block: internal error, gradient pack {} != {}",
+                    dp.len(),
+                    self.pack.len
+                );
             }
             Some(dp)
         } else {
@@ -634,14 +684,26 @@ impl CustomOp2 for ResnetOp {
         "fast-resnet-block"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ps: &CpuStorage, pl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let _prof = super::profile::scope("resnet.fwd");
         let xa = cpu::slice(xs, xl, "resnet block")?;
         let p = cpu::slice(ps, pl, "resnet block")?;
         Ok((CpuStorage::F32(self.forward(xa, None, p)?), self.out_shape()))
     }
 
-    fn bwd(&self, x: &Tensor, pack: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        pack: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (ga, _, gp) = self.bwd_tensors(x, None, pack, dy)?;
         Ok((ga, gp))
     }
@@ -684,9 +746,8 @@ impl CustomOp3 for ResnetOp {
 /// (AVX-512).
 pub fn applies(x: &Tensor, p: &ResnetBlockParams<'_>) -> bool {
     match (x.dims(), p.conv1.0.dims()) {
-        ([_, _, h, w], [_, c_in, 3, 3]) => {
-            Geometry::new(&[1, *c_in, *h, *w], &[1, *c_in, 3, 3], 1, 1).is_ok_and(|g| Direct::new(&g).is_some())
-        }
+        ([_, _, h, w], [_, c_in, 3, 3]) => Geometry::new(&[1, *c_in, *h, *w], &[1, *c_in, 3, 3], 1, 1)
+            .is_ok_and(|g| Direct::new(&g).is_some()),
         _ => false,
     }
 }
@@ -706,7 +767,11 @@ pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>
         Some(s) => {
             let (sn, sc, sh, sw) = s.dims4()?;
             if (sn, sh, sw) != (n, h, w) {
-                bail!("resnet block: skip {:?} does not match x {:?}", s.dims(), x.dims());
+                bail!(
+                    "resnet block: skip {:?} does not match x {:?}",
+                    s.dims(),
+                    x.dims()
+                );
             }
             sc
         }
@@ -729,7 +794,9 @@ pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>
             expect("shortcut weight", ws.dims(), &[c_out, c_in, 1, 1])?;
             expect("shortcut bias", bs.dims(), &[c_out])?;
         }
-        None if c_in != c_out => bail!("resnet block: {c_in} -> {c_out} channels needs a shortcut convolution"),
+        None if c_in != c_out => {
+            bail!("resnet block: {c_in} -> {c_out} channels needs a shortcut convolution")
+        }
         None => {}
     }
     let mut parts: Vec<Tensor> = vec![
@@ -738,7 +805,19 @@ pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>
         p.conv1.0.flatten_all()?,
         p.conv1.1.clone(),
     ];
-    let mut lens = [c_in, c_in, c_out * c_in * 9, c_out, 0, c_out, c_out, c_out * c_out * 9, c_out, 0, 0];
+    let mut lens = [
+        c_in,
+        c_in,
+        c_out * c_in * 9,
+        c_out,
+        0,
+        c_out,
+        c_out,
+        c_out * c_out * 9,
+        c_out,
+        0,
+        0,
+    ];
     let per_sample2 = match p.time {
         TimeCondition::Bias(t) => {
             expect("time bias", t.dims(), &[n, c_out])?;
@@ -770,7 +849,11 @@ pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>
     let pack = Tensor::cat(&parts, 0)?;
     let mask = match p.dropout_mask {
         Some(m) if m.len() != n * c_out * h * w => {
-            bail!("resnet block: dropout mask over {} elements, expected {}", m.len(), n * c_out * h * w)
+            bail!(
+                "resnet block: dropout mask over {} elements, expected {}",
+                m.len(),
+                n * c_out * h * w
+            )
         }
         Some(m) => Some(m.clone()),
         None => None,

@@ -209,8 +209,24 @@ impl CustomOp3 for UpConv {
                     let dx_n = unsafe { dx_out.slice(i * x_len, x_len) };
                     let dy_ab = |ab: usize| &phases[ab * c_out * p..(ab + 1) * c_out * p];
                     ph.bwd[0].conv(dy_ab(0), c_out, &packed[0], &zeros, None, &mut acc_a, c_in);
-                    ph.bwd[1].conv(dy_ab(1), c_out, &packed[1], &zeros, Some(&acc_a), &mut acc_b, c_in);
-                    ph.bwd[2].conv(dy_ab(2), c_out, &packed[2], &zeros, Some(&acc_b), &mut acc_a, c_in);
+                    ph.bwd[1].conv(
+                        dy_ab(1),
+                        c_out,
+                        &packed[1],
+                        &zeros,
+                        Some(&acc_a),
+                        &mut acc_b,
+                        c_in,
+                    );
+                    ph.bwd[2].conv(
+                        dy_ab(2),
+                        c_out,
+                        &packed[2],
+                        &zeros,
+                        Some(&acc_b),
+                        &mut acc_a,
+                        c_in,
+                    );
                     ph.bwd[3].conv(dy_ab(3), c_out, &packed[3], &zeros, Some(&acc_a), dx_n, c_in);
                 }
             }
@@ -279,5 +295,6 @@ pub fn applies(x: &Tensor) -> bool {
 /// Fast `conv3x3(upsample_nearest2x(x), w) + b` (see [`crate::ops::upsample_conv2d`]).
 pub fn upsample_conv2d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     dims(x.dims(), w.dims(), b.dims())?;
-    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, UpConv)
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, UpConv)
 }

@@ -119,7 +119,13 @@ impl Ema {
         for s in &mut self.shadows {
             let theta = s.var.as_tensor().detach();
             if in_place::applies(&s.value, &theta) {
-                s.value.inplace_op2(&theta, &in_place::Average { d: d as f32, one_minus_d: (1.0 - d) as f32 })?;
+                s.value.inplace_op2(
+                    &theta,
+                    &in_place::Average {
+                        d: d as f32,
+                        one_minus_d: (1.0 - d) as f32,
+                    },
+                )?;
             } else {
                 s.value = ((&s.value * d)? + (theta * (1.0 - d))?)?;
             }
@@ -215,9 +221,17 @@ mod in_place {
             "ema-average"
         }
 
-        fn cpu_fwd(&self, s: &mut CpuStorage, sl: &Layout, t: &CpuStorage, tl: &Layout) -> candle_core::Result<()> {
+        fn cpu_fwd(
+            &self,
+            s: &mut CpuStorage,
+            sl: &Layout,
+            t: &CpuStorage,
+            tl: &Layout,
+        ) -> candle_core::Result<()> {
             let (shadow, theta) = match (s, sl.contiguous_offsets(), t, tl.contiguous_offsets()) {
-                (CpuStorage::F32(s), Some((a, b)), CpuStorage::F32(t), Some((c, e))) => (&mut s[a..b], &t[c..e]),
+                (CpuStorage::F32(s), Some((a, b)), CpuStorage::F32(t), Some((c, e))) => {
+                    (&mut s[a..b], &t[c..e])
+                }
                 _ => bail!("ema: contiguous f32 tensors expected"),
             };
             shadow

@@ -208,10 +208,10 @@ impl AdamW {
         // In place on the CPU (f32, contiguous): one pass per moment and one for the weights.
         let fast = !self.tensor_path
             && self
-            .params
-            .iter()
-            .zip(&grads)
-            .all(|(p, g)| fused::applies(p.var.as_tensor(), &p.m, &p.v, *g));
+                .params
+                .iter()
+                .zip(&grads)
+                .all(|(p, g)| fused::applies(p.var.as_tensor(), &p.m, &p.v, *g));
         let sum_sq: f64 = if fast {
             grads
                 .iter()
@@ -470,14 +470,22 @@ mod fused {
         fn name(&self) -> &'static str {
             "adamw-m"
         }
-        fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, g: &CpuStorage, gl: &Layout) -> candle_core::Result<()> {
+        fn cpu_fwd(
+            &self,
+            dst: &mut CpuStorage,
+            dl: &Layout,
+            g: &CpuStorage,
+            gl: &Layout,
+        ) -> candle_core::Result<()> {
             let (m, g) = (slice_mut(dst, dl)?, slice(g, gl)?);
             let c = self.0;
-            m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| {
-                for (m, &g) in m.iter_mut().zip(g) {
-                    *m = *m * c.beta1 + (c.clip * g) * c.one_minus_beta1;
-                }
-            });
+            m.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(m, g)| {
+                    for (m, &g) in m.iter_mut().zip(g) {
+                        *m = *m * c.beta1 + (c.clip * g) * c.one_minus_beta1;
+                    }
+                });
             Ok(())
         }
     }
@@ -486,15 +494,23 @@ mod fused {
         fn name(&self) -> &'static str {
             "adamw-v"
         }
-        fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, g: &CpuStorage, gl: &Layout) -> candle_core::Result<()> {
+        fn cpu_fwd(
+            &self,
+            dst: &mut CpuStorage,
+            dl: &Layout,
+            g: &CpuStorage,
+            gl: &Layout,
+        ) -> candle_core::Result<()> {
             let (v, g) = (slice_mut(dst, dl)?, slice(g, gl)?);
             let c = self.0;
-            v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(v, g)| {
-                for (v, &g) in v.iter_mut().zip(g) {
-                    let g = c.clip * g;
-                    *v = *v * c.beta2 + (g * g) * c.one_minus_beta2;
-                }
-            });
+            v.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(v, g)| {
+                    for (v, &g) in v.iter_mut().zip(g) {
+                        let g = c.clip * g;
+                        *v = *v * c.beta2 + (g * g) * c.one_minus_beta2;
+                    }
+                });
             Ok(())
         }
     }
@@ -528,7 +544,13 @@ mod fused {
     }
 
     /// One update of `theta`, `m`, `v` in place from `g` (see the module docs).
-    pub(super) fn update(theta: &Tensor, m: &Tensor, v: &Tensor, g: Option<&Tensor>, c: &Coefficients) -> Result<()> {
+    pub(super) fn update(
+        theta: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        g: Option<&Tensor>,
+        c: &Coefficients,
+    ) -> Result<()> {
         let Some(g) = g else {
             return Err(crate::error::Error::Numerical(
                 "adamw: the in-place update needs a gradient".into(),
@@ -693,7 +715,12 @@ mod tests {
             ..AdamWConfig::default()
         };
         let theta0: Vec<f32> = (0..40).map(|i| ((i * 7) % 11) as f32 * 0.1 - 0.5).collect();
-        let c = Tensor::from_vec((0..40).map(|i| (i % 5) as f32 - 2.0).collect::<Vec<_>>(), (5, 8), &Device::Cpu).unwrap();
+        let c = Tensor::from_vec(
+            (0..40).map(|i| (i % 5) as f32 - 2.0).collect::<Vec<_>>(),
+            (5, 8),
+            &Device::Cpu,
+        )
+        .unwrap();
         let run = |tensor_path: bool| {
             let (varmap, var) = one_param(&theta0, &[5, 8]);
             let mut opt = AdamW::new(&varmap, cfg.clone()).unwrap();
@@ -714,9 +741,15 @@ mod tests {
         }
         for ((na, ta), (nb, tb)) in sa.iter().zip(&sb) {
             assert_eq!(na, nb);
-            let (ta, tb) = (ta.flatten_all().unwrap().to_vec1::<f32>().unwrap(), tb.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            let (ta, tb) = (
+                ta.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                tb.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
             for (x, y) in ta.iter().zip(&tb) {
-                assert!((x - y).abs() <= 1e-6 * y.abs().max(1e-3), "{na}: {ta:?} vs {tb:?}");
+                assert!(
+                    (x - y).abs() <= 1e-6 * y.abs().max(1e-3),
+                    "{na}: {ta:?} vs {tb:?}"
+                );
             }
         }
     }
