@@ -25,6 +25,13 @@
 //! The weight gradient keeps 4 output x 6 input channels of 16-lane partial sums over `q` and
 //! adds their horizontal sums into `dw` once per image and tap.
 
+// Without the intrinsics (a compiler before 1.89, or not x86-64) the kernels are left out and
+// `available()` is false: nothing here runs.
+#![cfg_attr(
+    not(all(target_arch = "x86_64", diffuse_avx512)),
+    allow(dead_code, unused_variables, unused_imports)
+)]
+
 use super::conv::Geometry;
 
 /// Lanes per vector.
@@ -509,22 +516,22 @@ impl<'a> WeightGrad<'a> {
                 let mut c0 = 0;
                 while c0 < self.co_pad {
                     let nc = ((self.co_pad - c0) / L).min(tc);
-                    let args = GradArgs {
-                        nq: q1 - q0,
-                        dyt: self.dyt[q0 * ld + c0..].as_ptr(),
-                        ld,
-                        x: self.x_pad[q0..].as_ptr(),
-                        offs,
-                        out: self.acc[k0 * ld + c0..].as_mut_ptr(),
-                    };
-                    // SAFETY: AVX-512F (Direct exists). The kernel reads dyT[q, c0 .. c0 + 16 nc]
-                    // for q0 <= q < q1 <= h Wp (inside dyt), x_pad[offs[j] + q] with
-                    // offs[j] + q <= ci plane + 2 pad Wp + 2 pad + h Wp - 1 < (ci + 1) plane (or
-                    // inside the zero plane), and writes acc[(k0 + j) ld + c0 ..][.. 16 nc].
                     #[cfg(all(target_arch = "x86_64", diffuse_avx512))]
-                    unsafe {
-                        grad_dispatch(nc, tk, &args)
-                    };
+                    {
+                        let args = GradArgs {
+                            nq: q1 - q0,
+                            dyt: self.dyt[q0 * ld + c0..].as_ptr(),
+                            ld,
+                            x: self.x_pad[q0..].as_ptr(),
+                            offs,
+                            out: self.acc[k0 * ld + c0..].as_mut_ptr(),
+                        };
+                        // SAFETY: AVX-512F (Direct exists). The kernel reads dyT[q, c0 .. c0 + 16 nc]
+                        // for q0 <= q < q1 <= h Wp (inside dyt), x_pad[offs[j] + q] with
+                        // offs[j] + q <= ci plane + 2 pad Wp + 2 pad + h Wp - 1 < (ci + 1) plane (or
+                        // inside the zero plane), and writes acc[(k0 + j) ld + c0 ..][.. 16 nc].
+                        unsafe { grad_dispatch(nc, tk, &args) };
+                    }
                     c0 += nc * L;
                 }
                 k0 += tk;
