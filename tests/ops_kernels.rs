@@ -753,3 +753,184 @@ fn glibc_accepts_the_allocator_settings() {
     // mallopt returns 1 on success; a threshold above glibc's maximum would return 0.
     assert!(diffuse::ops::tune_allocator());
 }
+
+/// The whole ResNet block op (`ops::resnet::resnet_block`) against the reference composition,
+/// over every option: a concatenated skip input, a shortcut convolution or the identity, time
+/// conditioning by bias or scale-shift, a dropout mask, an output scale factor, odd sizes.
+#[test]
+fn fused_resnet_block_matches_reference() {
+    use diffuse::ops::{resnet, ResnetBlockParams, TimeCondition};
+    let mut rng = Rng::new(21);
+    // (n, c_x, c_skip, c_out, h, w, groups, scale_shift, dropout, output_scale_factor); at least
+    // two channels per group of norm2, else conv1's bias has an exactly zero gradient (a constant
+    // added to a one-channel group is normalised away) and both sides compare rounding noise
+    let cases = [
+        (2, 8, 4, 4, 5, 7, 2, false, false, 1.0),
+        (19, 4, 0, 4, 6, 6, 2, false, false, 1.0),
+        (1, 6, 0, 4, 4, 9, 2, true, false, 2.0),
+        (2, 4, 4, 8, 3, 3, 4, true, true, 1.0),
+        (4, 8, 0, 8, 7, 7, 4, false, true, 1.0 / 1.5),
+    ];
+    for (n, cx, cs, co, h, w, groups, ss, drop, osf) in cases {
+        let ci = cx + cs;
+        let mut shapes = vec![vec![n, cx, h, w]];
+        if cs > 0 {
+            shapes.push(vec![n, cs, h, w]);
+        }
+        shapes.extend([vec![ci], vec![ci], vec![co, ci, 3, 3], vec![co]]);
+        if ss {
+            shapes.extend([vec![n, co], vec![n, co]]);
+        } else {
+            shapes.push(vec![n, co]);
+        }
+        shapes.extend([vec![co], vec![co], vec![co, co, 3, 3], vec![co]]);
+        if ci != co {
+            shapes.extend([vec![co, ci, 1, 1], vec![co]]);
+        }
+        let inputs: Vec<Var> = shapes.iter().map(|s| var(&mut rng, s)).collect();
+        // keep-or-drop mask with entries 0 or 1 / (1 - 0.3)
+        let mask = drop.then(|| diffuse::ops::DropoutMask::draw(n * co * h * w, 0.3, &mut rng));
+        let run = |fast: bool, t: &[Tensor]| {
+            let mut it = t.iter();
+            let x = it.next().unwrap();
+            let skip = if cs > 0 { it.next() } else { None };
+            let (g1, b1, w1, bias1) = (
+                it.next().unwrap(),
+                it.next().unwrap(),
+                it.next().unwrap(),
+                it.next().unwrap(),
+            );
+            let time = if ss {
+                TimeCondition::ScaleShift(it.next().unwrap(), it.next().unwrap())
+            } else {
+                TimeCondition::Bias(it.next().unwrap())
+            };
+            let (g2, b2, w2, bias2) = (
+                it.next().unwrap(),
+                it.next().unwrap(),
+                it.next().unwrap(),
+                it.next().unwrap(),
+            );
+            let shortcut = if ci != co {
+                Some((it.next().unwrap(), it.next().unwrap()))
+            } else {
+                None
+            };
+            let p = ResnetBlockParams {
+                groups,
+                eps: 1e-5,
+                norm1: (g1, b1),
+                conv1: (w1, bias1),
+                time,
+                norm2: (g2, b2),
+                conv2: (w2, bias2),
+                shortcut,
+                dropout_mask: mask.as_ref(),
+                output_scale_factor: osf,
+            };
+            match (fast, resnet::applies(x, &p)) {
+                (true, true) => resnet::resnet_block(x, skip, &p),
+                (true, false) => diffuse::ops::resnet_block(x, skip, &p),
+                (false, _) => reference::resnet_block(x, skip, &p),
+            }
+        };
+        let what =
+            format!("resnet block n{n} {cx}+{cs}->{co} {h}x{w} g{groups} ss {ss} drop {drop} osf {osf}");
+        check_op(&what, &mut rng, &inputs, |t| run(true, t), |t| run(false, t));
+    }
+}
+
+/// Nearest 2x upsampling + 3x3 convolution by sub-pixel phases against upsampling then
+/// convolving; odd and non-square sizes, one channel, a batch larger than the thread split.
+#[test]
+fn upsample_conv_matches_reference() {
+    use diffuse::ops::upconv;
+    let mut rng = Rng::new(22);
+    for (n, ci, co, h, w) in [
+        (2, 3, 5, 4, 4),
+        (1, 1, 1, 3, 5),
+        (11, 8, 16, 7, 7),
+        (2, 17, 9, 1, 2),
+    ] {
+        let inputs: Vec<Var> = [vec![n, ci, h, w], vec![co, ci, 3, 3], vec![co]]
+            .iter()
+            .map(|s| var(&mut rng, s))
+            .collect();
+        let fast = |t: &[Tensor]| {
+            if upconv::applies(&t[0]) {
+                upconv::upsample_conv2d(&t[0], &t[1], &t[2])
+            } else {
+                diffuse::ops::upsample_conv2d(&t[0], &t[1], &t[2])
+            }
+        };
+        check_op(
+            &format!("upsample conv n{n} {ci}->{co} {h}x{w}"),
+            &mut rng,
+            &inputs,
+            fast,
+            |t| reference::upsample_conv2d(&t[0], &t[1], &t[2]),
+        );
+    }
+}
+
+/// The whole attention block op (`ops::attn_block`) against the reference composition: with
+/// and without the group norm, one or several heads, fewer inner channels than channels, an
+/// output rescale, odd sizes, a batch larger than the thread split.
+#[test]
+fn fused_attention_block_matches_reference() {
+    use diffuse::ops::{attn_block, AttentionBlockParams};
+    let mut rng = Rng::new(23);
+    // (n, c, inner, heads, h, w, norm groups, rescale)
+    let cases = [
+        (2, 8, 8, 1, 3, 3, Some(4), 1.0),
+        (11, 6, 4, 2, 2, 5, Some(3), 1.0),
+        (3, 8, 8, 4, 4, 4, None, 2.0),
+        (1, 4, 4, 1, 1, 1, Some(2), 1.0),
+    ];
+    for (n, c, inner, heads, h, w, groups, rescale) in cases {
+        let mut shapes = vec![vec![n, c, h, w]];
+        if groups.is_some() {
+            shapes.extend([vec![c], vec![c]]);
+        }
+        // the key bias is a constant: its exact gradient is 0 (it adds q . b_k to a whole row
+        // of scores, which the softmax ignores), so both sides would compare rounding noise
+        shapes.extend([
+            vec![inner, c],
+            vec![inner],
+            vec![inner, c],
+            vec![inner, c],
+            vec![inner],
+        ]);
+        shapes.extend([vec![c, inner], vec![c]]);
+        let inputs: Vec<Var> = shapes.iter().map(|s| var(&mut rng, s)).collect();
+        let key_bias = randn(&mut rng, &[inner]);
+        let run = |fast: bool, t: &[Tensor]| {
+            let mut it = t.iter();
+            let x = it.next().unwrap();
+            let norm = groups.map(|g| (g, 1e-5, it.next().unwrap(), it.next().unwrap()));
+            let mut pair = || (it.next().unwrap(), it.next().unwrap());
+            let q = pair();
+            let k = (it.next().unwrap(), &key_bias);
+            let mut pair = || (it.next().unwrap(), it.next().unwrap());
+            let (v, out) = (pair(), pair());
+            let p = AttentionBlockParams {
+                norm,
+                q,
+                k,
+                v,
+                out,
+                heads,
+                rescale_output_factor: rescale,
+            };
+            if fast {
+                attn_block::attention_block(x, &p)
+            } else {
+                reference::attention_block(x, &p)
+            }
+        };
+        let what = format!(
+            "attention block n{n} c{c} inner{inner} heads{heads} {h}x{w} norm {groups:?} rescale {rescale}"
+        );
+        check_op(&what, &mut rng, &inputs, |t| run(true, t), |t| run(false, t));
+    }
+}

@@ -103,37 +103,109 @@ impl ResnetBlock2D {
 
     /// `x` `[N, c_in, H, W]`, `temb_act = silu(temb)` `[N, temb_channels]` -> `[N, c_out, H', W']`.
     /// `rng` is given in training (dropout on) and `None` in evaluation.
+    ///
+    /// Computed as two fused ops ([`ops::group_norm_silu_conv2d`]), with the shortcut's 1x1
+    /// convolution (when there is one) in between:
+    /// `h = conv1(silu(norm1(x))) + t` (the time projection as a per-channel bias; with
+    /// scale-shift, `t` goes into the second norm instead) and
+    /// `out = conv2(silu(norm2(h))) + shortcut(x)`. With dropout active (training, `p > 0`) the
+    /// second stage is split in three: `silu(norm2(h))`, the dropout mask, `conv2(..) + shortcut`.
+    /// With resampling, `norm1` + SiLU, the resampling of both paths, then `conv1` + `t`.
     pub fn forward(&self, x: &Tensor, temb_act: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
-        let mut h = self.norm1.forward_silu(x)?;
-        let mut skip = x.clone();
-        match self.resample {
-            Some(Resample::Up) => {
-                h = ops::upsample_nearest2x(&h)?;
-                skip = ops::upsample_nearest2x(&skip)?;
-            }
-            Some(Resample::Down) => {
-                h = ops::avg_pool2x(&h)?;
-                skip = ops::avg_pool2x(&skip)?;
-            }
-            None => {}
-        }
-        let h = self.conv1.forward(&h)?;
+        self.forward_cat(x, None, temb_act, rng)
+    }
+
+    /// [`ResnetBlock2D::forward`] on `cat([x, skip], channels)` (an up block's input), without
+    /// materialising the concatenation where the whole block runs as one op
+    /// ([`ops::resnet_block`]: no resampling).
+    pub fn forward_cat(
+        &self,
+        x: &Tensor,
+        skip: Option<&Tensor>,
+        temb_act: &Tensor,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let _prof = ops::profile::scope("unet.resnet");
         let t = self.time_emb_proj.forward(temb_act)?;
-        let h = match self.time_scale_shift {
-            TimeScaleShift::Default => self.norm2.forward_silu(&ops::add_channel_bias(&h, &t)?)?,
-            TimeScaleShift::ScaleShift => {
-                let c = self.out_channels;
-                let scale = t.narrow(1, 0, c)?.contiguous()?;
-                let shift = t.narrow(1, c, c)?.contiguous()?;
-                self.norm2.forward_scale_shift_silu(&h, &scale, &shift)?
+        let c = self.out_channels;
+        if self.resample.is_none() {
+            let (n, _, h, w) = x.dims4()?;
+            let mask = self.dropout.mask(&[n, c, h, w], rng);
+            let (scale, shift);
+            let time = match self.time_scale_shift {
+                TimeScaleShift::Default => ops::TimeCondition::Bias(&t),
+                TimeScaleShift::ScaleShift => {
+                    scale = t.narrow(1, 0, c)?.contiguous()?;
+                    shift = t.narrow(1, c, c)?.contiguous()?;
+                    ops::TimeCondition::ScaleShift(&scale, &shift)
+                }
+            };
+            let (groups, eps) = self.norm1.groups_eps();
+            let p = ops::ResnetBlockParams {
+                groups,
+                eps,
+                norm1: self.norm1.params(),
+                conv1: self.conv1.params(),
+                time,
+                norm2: self.norm2.params(),
+                conv2: self.conv2.params(),
+                shortcut: self.conv_shortcut.as_ref().map(|c| c.params()),
+                dropout_mask: mask.as_ref(),
+                output_scale_factor: self.output_scale_factor,
+            };
+            return Ok(ops::resnet_block(x, skip, &p)?);
+        }
+        let x = &match skip {
+            Some(s) => Tensor::cat(&[x, s], 1)?,
+            None => x.clone(),
+        };
+        let (bias, scale_shift) = match self.time_scale_shift {
+            TimeScaleShift::Default => (Some(&t), None),
+            TimeScaleShift::ScaleShift => (
+                None,
+                Some((t.narrow(1, 0, c)?.contiguous()?, t.narrow(1, c, c)?.contiguous()?)),
+            ),
+        };
+        let with_bias = ops::ConvAdd {
+            channel_bias: bias,
+            residual: None,
+        };
+        let (h, skip) = match self.resample {
+            None => (
+                self.conv1.forward_norm_add(x, &self.norm1, None, &with_bias)?,
+                x.clone(),
+            ),
+            Some(r) => {
+                let resample = |v: &Tensor| -> Result<Tensor> {
+                    Ok(match r {
+                        Resample::Up => ops::upsample_nearest2x(v)?,
+                        Resample::Down => ops::avg_pool2x(v)?,
+                    })
+                };
+                let h = resample(&self.norm1.forward_silu(x)?)?;
+                (self.conv1.forward_add(&h, &with_bias)?, resample(x)?)
             }
         };
-        let h = self.conv2.forward(&self.dropout.forward(&h, rng)?)?;
-        let skip = match &self.conv_shortcut {
-            Some(c) => c.forward(&skip)?,
+        let residual = match &self.conv_shortcut {
+            Some(sc) => sc.forward(&skip)?,
             None => skip,
         };
-        let out = (skip + h)?;
+        let scale_shift = scale_shift.as_ref().map(|(a, b)| (a, b));
+        let with_residual = ops::ConvAdd {
+            channel_bias: None,
+            residual: Some(&residual),
+        };
+        let out = if self.dropout.active(rng.is_some()) {
+            let h = match scale_shift {
+                None => self.norm2.forward_silu(&h)?,
+                Some((scale, shift)) => self.norm2.forward_scale_shift_silu(&h, scale, shift)?,
+            };
+            self.conv2
+                .forward_add(&self.dropout.forward(&h, rng)?, &with_residual)?
+        } else {
+            self.conv2
+                .forward_norm_add(&h, &self.norm2, scale_shift, &with_residual)?
+        };
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
@@ -161,7 +233,6 @@ pub struct AttentionBlock {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
-    head_dim: usize,
     rescale_output_factor: f64,
 }
 
@@ -197,44 +268,28 @@ impl AttentionBlock {
             to_v: Linear::new(vb.pp("to_v"), channels, inner)?,
             to_out: Linear::new(vb.pp("to_out").pp("0"), inner, channels)?,
             heads,
-            head_dim,
             rescale_output_factor,
         })
     }
 
-    /// `[N, C, H, W] -> [N, C, H, W]`.
+    /// `[N, C, H, W] -> [N, C, H, W]` ([`ops::attention_block`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, c, hh, ww) = x.dims4()?;
-        let l = hh * ww;
-        let h = match &self.group_norm {
-            Some(g) => g.forward(x)?,
-            None => x.clone(),
+        let _prof = ops::profile::scope("unet.attention");
+        let norm = self.group_norm.as_ref().map(|g| {
+            let (groups, eps) = g.groups_eps();
+            let (gamma, beta) = g.params();
+            (groups, eps, gamma, beta)
+        });
+        let p = ops::AttentionBlockParams {
+            norm,
+            q: self.to_q.params(),
+            k: self.to_k.params(),
+            v: self.to_v.params(),
+            out: self.to_out.params(),
+            heads: self.heads,
+            rescale_output_factor: self.rescale_output_factor,
         };
-        let h = h.reshape((n, c, l))?.transpose(1, 2)?.contiguous()?; // [N, L, C]
-        let (heads, d) = (self.heads, self.head_dim);
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((n, l, heads, d))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((n * heads, l, d))?)
-        };
-        let q = split(self.to_q.forward(&h)?)?;
-        let k = split(self.to_k.forward(&h)?)?;
-        let v = split(self.to_v.forward(&h)?)?;
-        let o = ops::attention(&q, &k, &v, 1.0 / (d as f64).sqrt())?; // [N*heads, L, d]
-        let o = o
-            .reshape((n, heads, l, d))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((n, l, heads * d))?;
-        let o = self.to_out.forward(&o)?; // [N, L, C]
-        let o = o.transpose(1, 2)?.contiguous()?.reshape((n, c, hh, ww))?;
-        let out = (o + x)?;
-        if self.rescale_output_factor == 1.0 {
-            Ok(out)
-        } else {
-            Ok((out / self.rescale_output_factor)?)
-        }
+        Ok(ops::attention_block(x, &p)?)
     }
 }
 
@@ -281,9 +336,10 @@ impl Upsample2D {
         })
     }
 
-    /// `[N, C, H, W] -> [N, C, 2H, 2W]`.
+    /// `[N, C, H, W] -> [N, C, 2H, 2W]` ([`ops::upsample_conv2d`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv.forward(&ops::upsample_nearest2x(x)?)
+        let (w, b) = self.conv.params();
+        Ok(ops::upsample_conv2d(x, w, b)?)
     }
 }
 
@@ -483,7 +539,7 @@ impl UpBlock {
             let s = skips
                 .pop()
                 .ok_or_else(|| Error::Numerical("U-Net skip stack exhausted".into()))?;
-            h = r.forward(&Tensor::cat(&[&h, &s], 1)?, temb_act, rng.as_deref_mut())?;
+            h = r.forward_cat(&h, Some(&s), temb_act, rng.as_deref_mut())?;
             if let Some(a) = self.attentions.get(j) {
                 h = a.forward(&h)?;
             }

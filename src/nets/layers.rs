@@ -37,6 +37,11 @@ impl Linear {
         })
     }
 
+    /// `(weight, bias)`.
+    pub fn params(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
+    }
+
     /// `[..., in] -> [..., out]` (any number of leading dimensions).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -91,6 +96,43 @@ impl Conv2d {
             self.padding,
         )?)
     }
+
+    /// `(weight, bias)`.
+    pub fn params(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
+    }
+
+    /// `conv(x) + channel_bias + residual` as one fused op (see [`ops::conv2d_add`]).
+    pub fn forward_add(&self, x: &Tensor, add: &ops::ConvAdd<'_>) -> Result<Tensor> {
+        Ok(ops::conv2d_add(
+            x,
+            &self.weight,
+            Some(&self.bias),
+            self.stride,
+            self.padding,
+            add,
+        )?)
+    }
+
+    /// `conv(silu(norm(x) [* (1 + scale) + shift])) + channel_bias + residual` as one fused op
+    /// (see [`ops::group_norm_silu_conv2d`]); `scale_shift` is `([N, C_in], [N, C_in])`.
+    pub fn forward_norm_add(
+        &self,
+        x: &Tensor,
+        norm: &GroupNorm,
+        scale_shift: Option<(&Tensor, &Tensor)>,
+        add: &ops::ConvAdd<'_>,
+    ) -> Result<Tensor> {
+        Ok(ops::group_norm_silu_conv2d(
+            x,
+            &norm.silu_spec(scale_shift),
+            &self.weight,
+            Some(&self.bias),
+            self.stride,
+            self.padding,
+            add,
+        )?)
+    }
 }
 
 /// GroupNorm with affine parameters (Wu & He 2018), `groups` dividing the channel count.
@@ -121,6 +163,28 @@ impl GroupNorm {
             groups,
             eps,
         })
+    }
+
+    /// `(gamma, beta)`.
+    pub fn params(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
+    }
+
+    /// The number of groups and epsilon.
+    pub fn groups_eps(&self) -> (usize, f64) {
+        (self.groups, self.eps)
+    }
+
+    /// The normalisation as the first stage of a fused convolution: `silu(norm(x))`, or
+    /// `silu(norm(x) * (1 + scale) + shift)` with `scale_shift`.
+    pub fn silu_spec<'a>(&'a self, scale_shift: Option<(&'a Tensor, &'a Tensor)>) -> ops::GroupNormSilu<'a> {
+        ops::GroupNormSilu {
+            groups: self.groups,
+            gamma: &self.weight,
+            beta: &self.bias,
+            eps: self.eps,
+            scale_shift,
+        }
     }
 
     /// `group_norm(x)`.
@@ -161,7 +225,7 @@ impl GroupNorm {
 
 /// Inverted dropout: in training each element is kept with probability `1 - p` and scaled by
 /// `1 / (1 - p)` (so the expectation is unchanged); in evaluation it is the identity. The mask
-/// is drawn from the caller's seeded [`Rng`], one uniform per element in row-major order.
+/// is seeded by one draw of the caller's [`Rng`] ([`ops::DropoutMask`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Dropout {
     p: f64,
@@ -173,18 +237,31 @@ impl Dropout {
         Dropout { p }
     }
 
+    /// Whether [`Dropout::forward`] changes anything: training mode (`rng` given) and `p > 0`.
+    pub fn active(&self, training: bool) -> bool {
+        training && self.p > 0.0
+    }
+
+    /// The mask [`Dropout::forward`] applies to a tensor of `shape`, drawn from `rng`
+    /// ([`ops::DropoutMask::draw`]: one draw of `rng` seeds it); `None` when dropout is inactive
+    /// (no `rng`, or `p = 0`).
+    pub fn mask(&self, shape: &[usize], rng: Option<&mut Rng>) -> Option<ops::DropoutMask> {
+        let rng = rng?;
+        if self.p <= 0.0 {
+            return None;
+        }
+        Some(ops::DropoutMask::draw(shape.iter().product(), self.p, rng))
+    }
+
     /// Applies dropout when `rng` is given (training) and `p > 0`; returns `x` otherwise.
     pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
-        let Some(rng) = rng else { return Ok(x.clone()) };
-        if self.p <= 0.0 {
-            return Ok(x.clone());
+        match self.mask(x.dims(), rng) {
+            Some(mask) => {
+                let m = mask.to_tensor(x.dims(), x.device())?.to_dtype(x.dtype())?;
+                Ok((x * m)?)
+            }
+            None => Ok(x.clone()),
         }
-        let keep = (1.0 / (1.0 - self.p)) as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.uniform() < self.p { 0.0 } else { keep })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        Ok((x * mask)?)
     }
 }
 

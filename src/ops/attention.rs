@@ -102,12 +102,14 @@ impl CustomOp3 for Attention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::scope("attention.fwd");
         let g = Geometry::new(ql.dims(), kl.dims(), vl.dims())?;
         let (q, k, v) = (
             cpu::slice(qs, ql, "attention")?,
             cpu::slice(ks, kl, "attention")?,
             cpu::slice(vs, vl, "attention")?,
         );
+        super::profile::add_flops("attention.fwd", 2.0 * (g.b * g.lq * g.lk * (g.d + g.dv)) as f64);
         let mut o = cpu::zeros(g.b * g.lq * g.dv);
         let out = SyncPtr::new(&mut o);
         let item = |i: usize, p: &mut [f32], par: bool| {
@@ -147,8 +149,13 @@ impl CustomOp3 for Attention {
         _o: &Tensor,
         d_o: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _prof = super::profile::scope("attention.bwd");
         let g = Geometry::new(q.dims(), k.dims(), v.dims())?;
         let d_o = d_o.contiguous()?;
+        super::profile::add_flops(
+            "attention.bwd",
+            2.0 * (g.b * g.lq * g.lk * (3 * g.d + 2 * g.dv)) as f64,
+        );
         let mut dq = cpu::zeros(g.b * g.lq * g.d);
         let mut dk = cpu::zeros(g.b * g.lk * g.d);
         let mut dv = cpu::zeros(g.b * g.lk * g.dv);

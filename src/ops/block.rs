@@ -25,6 +25,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 
 use super::conv::{col2im, im2col, Geometry};
 use super::cpu::{self, Read, Scratch, SyncPtr};
+use super::direct::{Direct, WeightGrad};
 use super::norm::{check_groups, group_backward, group_forward, GroupIo};
 use super::{ConvAdd, GroupNormSilu};
 
@@ -136,6 +137,7 @@ impl ConvBlock {
             );
         }
         let (k, p) = (g.k(), g.p());
+        super::profile::add_flops("conv_block.fwd", 2.0 * (g.n * g.c_out * k * p) as f64);
         let (x_len, y_len) = (g.c_in * g.h * g.w, g.c_out * p);
         if let Some(r) = residual {
             if r.len() != g.n * y_len {
@@ -149,8 +151,14 @@ impl ConvBlock {
         let Parts { w, b, a, bb, cb } = self.pack.split(pack);
         let mut y = cpu::zeros(g.n * y_len);
         let out = SyncPtr::new(&mut y);
+        let direct = Direct::new(&g);
+        let wp = direct.as_ref().map_or(Vec::new(), |d| d.pack(w, g.c_out, g.c_in));
         let h_len = if self.norm.is_some() { x_len } else { 0 };
-        let col_len = if g.pointwise() { 0 } else { k * p };
+        let col_len = if g.pointwise() || direct.is_some() {
+            0
+        } else {
+            k * p
+        };
         let run = |images: std::ops::Range<usize>, parallel: bool| {
             let (mut h, mut col) = (Scratch::new(h_len), Scratch::new(col_len));
             for n in images {
@@ -162,14 +170,25 @@ impl ConvBlock {
                     self.affine_row(bb, n, g.c_in),
                     &mut h,
                 );
+                // SAFETY: image n owns y[n * y_len ..][.. y_len]; ranges are disjoint.
+                let y_n = unsafe { out.slice(n * y_len, y_len) };
+                if let Some(d) = &direct {
+                    let mut init = b.to_vec();
+                    if !cb.is_empty() {
+                        init.iter_mut()
+                            .zip(&cb[n * g.c_out..(n + 1) * g.c_out])
+                            .for_each(|(i, c)| *i += c);
+                    }
+                    let r_n = residual.map(|r| &r[n * y_len..(n + 1) * y_len]);
+                    d.conv(h_n, g.c_in, &wp, &init, r_n, y_n, g.c_out);
+                    continue;
+                }
                 let col: &[f32] = if g.pointwise() {
                     h_n
                 } else {
                     im2col(&g, h_n, &mut col);
                     &col
                 };
-                // SAFETY: image n owns y[n * y_len ..][.. y_len]; ranges are disjoint.
-                let y_n = unsafe { out.slice(n * y_len, y_len) };
                 for (co, row) in y_n.chunks_exact_mut(p).enumerate() {
                     let base = b[co] + if cb.is_empty() { 0.0 } else { cb[n * g.c_out + co] };
                     match residual {
@@ -203,6 +222,8 @@ impl ConvBlock {
         let norm = self.norm.is_some();
         let need_dw = want.pack;
         let need_dh = want.x || (norm && want.pack);
+        let gemms = need_dw as usize + need_dh as usize;
+        super::profile::add_flops("conv_block.bwd", 2.0 * (gemms * g.n * g.c_out * k * p) as f64);
         let mut dx = cpu::zeros(if want.x { g.n * x_len } else { 0 });
         // Per-sample gradients of a, b' ([N, C_in]) and of the channel bias ([N, C_out]).
         let affine_len = if norm && want.pack { g.n * g.c_in } else { 0 };
@@ -222,7 +243,17 @@ impl ConvBlock {
             SyncPtr::new(&mut dcb),
         );
         let scratch_hw = if norm { x_len } else { 0 };
-        let scratch_kp = if g.pointwise() { 0 } else { k * p };
+        let direct = Direct::new(&g);
+        let (wt, direct_t) = match &direct {
+            Some(d) if need_dh => (d.pack_transposed(w, g.c_out, g.c_in), Some(d.transposed())),
+            _ => (Vec::new(), None),
+        };
+        let zero_init = vec![0f32; g.c_in];
+        let scratch_kp = if g.pointwise() || direct.is_some() {
+            0
+        } else {
+            k * p
+        };
         let s = g.h * g.w;
 
         let run = |images: std::ops::Range<usize>, parallel: bool| -> (Vec<f32>, Vec<f32>) {
@@ -233,11 +264,17 @@ impl ConvBlock {
             let mut dcol = Scratch::new(if need_dh { scratch_kp } else { 0 });
             let mut dh = Scratch::new(if need_dh { scratch_hw } else { 0 });
             let mut dx_scratch = Scratch::new(if need_dh && norm && !want.x { x_len } else { 0 });
+            let mut wgrad = match &direct {
+                Some(d) if need_dw => Some(WeightGrad::new(d, g.c_out, g.c_in)),
+                _ => None,
+            };
             for n in images {
                 let x_n = &x[n * x_len..(n + 1) * x_len];
                 let dy_n = &dy[n * y_len..(n + 1) * y_len];
                 let (a_n, bb_n) = (self.affine_row(a, n, g.c_in), self.affine_row(bb, n, g.c_in));
-                if need_dw {
+                if let Some(wg) = &mut wgrad {
+                    wg.add_image(dy_n, self.activation(&g, x_n, a_n, bb_n, &mut h));
+                } else if need_dw {
                     let h_n = self.activation(&g, x_n, a_n, bb_n, &mut h);
                     let col: &[f32] = if g.pointwise() {
                         h_n
@@ -279,7 +316,9 @@ impl ConvBlock {
                 };
                 // dh_n = col2im(W^T dy_n); without normalisation h = x, so straight into dx_n.
                 let target: &mut [f32] = if norm { &mut dh } else { &mut *dx_n };
-                if g.pointwise() {
+                if let Some(dt) = &direct_t {
+                    dt.conv(dy_n, g.c_out, &wt, &zero_init, None, target, g.c_in);
+                } else if g.pointwise() {
                     cpu::gemm(
                         (k, p, g.c_out),
                         target,
@@ -335,6 +374,9 @@ impl ConvBlock {
                         }
                     }
                 }
+            }
+            if let Some(wg) = wgrad {
+                dw = wg.finish();
             }
             (dw, db)
         };
@@ -417,6 +459,7 @@ impl CustomOp2 for ConvBlock {
         ps: &CpuStorage,
         pl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::scope("conv_block.fwd");
         let x = cpu::slice(xs, xl, "conv block")?;
         let p = cpu::slice(ps, pl, "conv block")?;
         let (y, shape) = self.forward(x, xl.dims(), p, None)?;
@@ -430,6 +473,7 @@ impl CustomOp2 for ConvBlock {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _prof = super::profile::scope("conv_block.bwd");
         self.bwd_common(x, pack, dy)
     }
 }
@@ -448,6 +492,7 @@ impl CustomOp3 for ConvBlock {
         rs: &CpuStorage,
         rl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::scope("conv_block.fwd");
         let x = cpu::slice(xs, xl, "conv block")?;
         let p = cpu::slice(ps, pl, "conv block")?;
         let r = cpu::slice(rs, rl, "conv block")?;
@@ -470,6 +515,7 @@ impl CustomOp3 for ConvBlock {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _prof = super::profile::scope("conv_block.bwd");
         let (dx, dpack) = self.bwd_common(x, pack, dy)?;
         // d residual = dy.
         Ok((dx, dpack, residual.track_op().then(|| dy.clone())))

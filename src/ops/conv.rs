@@ -16,6 +16,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::cpu::{self, Read, Scratch, SyncPtr};
+use super::direct::{Direct, WeightGrad};
 
 /// Geometry of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -282,6 +283,7 @@ impl CustomOp3 for Conv2d {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::scope("conv2d.fwd");
         let g = Geometry::new(xl.dims(), wl.dims(), self.stride, self.padding)?;
         if bl.dims() != [g.c_out] {
             bail!("conv2d: bias has shape {:?}, expected [{}]", bl.dims(), g.c_out);
@@ -301,6 +303,7 @@ impl CustomOp3 for Conv2d {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _prof = super::profile::scope("conv2d.bwd");
         let g = Geometry::new(x.dims(), w.dims(), self.stride, self.padding)?;
         let dy = dy.contiguous()?;
         let want = Grads {
@@ -339,8 +342,21 @@ struct Grads {
 /// output is written once; a pointwise convolution (no im2col buffer) starts from the bias.
 fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
+    super::profile::add_flops("conv2d.fwd", 2.0 * (g.n * g.c_out * k * p) as f64);
     let (x_len, y_len) = (g.c_in * g.h * g.w, g.c_out * p);
     let mut y = cpu::zeros(g.n * y_len);
+    if let Some(d) = Direct::new(g) {
+        let wp = d.pack(w, g.c_out, g.c_in);
+        let out = SyncPtr::new(&mut y);
+        cpu::for_batch(g.n, |images, _| {
+            for n in images {
+                // SAFETY: image n owns y[n * y_len .. (n + 1) * y_len]; ranges are disjoint.
+                let y_n = unsafe { out.slice(n * y_len, y_len) };
+                d.conv(&x[n * x_len..(n + 1) * x_len], g.c_in, &wp, b, None, y_n, g.c_out);
+            }
+        });
+        return y;
+    }
     let pointwise = g.pointwise();
     // [W | b]: C_out rows of K + 1.
     let w_ext: Vec<f32> = if pointwise {
@@ -391,6 +407,8 @@ fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
 /// Gradients of `y = conv(x, w) + b` given `dy`: `(dx, dW, db)`, each only if asked for.
 fn backward(g: &Geometry, x: &[f32], w: &[f32], dy: &[f32], want: Grads) -> (Grad, Grad, Grad) {
     let (k, p) = (g.k(), g.p());
+    let gemms = want.w as usize + want.x as usize;
+    super::profile::add_flops("conv2d.bwd", 2.0 * (gemms * g.n * g.c_out * k * p) as f64);
     let (x_len, y_len) = (g.c_in * g.h * g.w, g.c_out * p);
     let mut dx = if want.x {
         cpu::zeros(g.n * x_len)
@@ -399,18 +417,30 @@ fn backward(g: &Geometry, x: &[f32], w: &[f32], dy: &[f32], want: Grads) -> (Gra
     };
     let dx_out = SyncPtr::new(&mut dx);
     let pointwise = g.pointwise();
+    let direct = Direct::new(g);
+    let (wt, direct_t) = match &direct {
+        Some(d) if want.x => (d.pack_transposed(w, g.c_out, g.c_in), Some(d.transposed())),
+        _ => (Vec::new(), None),
+    };
+    let zero_init = vec![0f32; g.c_in];
 
     // One range of images: returns its (dW, db) partial sums.
     let range = |images: std::ops::Range<usize>, parallel: bool| -> (Vec<f32>, Vec<f32>) {
         let mut dw = vec![0f32; if want.w { g.c_out * k } else { 0 }];
         let mut db = vec![0f32; if want.b { g.c_out } else { 0 }];
-        let scratch = if pointwise { 0 } else { k * p };
+        let scratch = if pointwise || direct.is_some() { 0 } else { k * p };
         let mut col = Scratch::new(if want.w { scratch } else { 0 });
         let mut dcol = Scratch::new(if want.x { scratch } else { 0 });
+        let mut wgrad = match &direct {
+            Some(d) if want.w => Some(WeightGrad::new(d, g.c_out, g.c_in)),
+            _ => None,
+        };
         for n in images {
             let x_n = &x[n * x_len..(n + 1) * x_len];
             let dy_n = &dy[n * y_len..(n + 1) * y_len];
-            if want.w {
+            if let Some(wg) = &mut wgrad {
+                wg.add_image(dy_n, x_n);
+            } else if want.w {
                 let col: &[f32] = if pointwise {
                     x_n
                 } else {
@@ -439,7 +469,9 @@ fn backward(g: &Geometry, x: &[f32], w: &[f32], dy: &[f32], want: Grads) -> (Gra
                 // SAFETY: image n owns dx[n * x_len .. (n + 1) * x_len]; ranges are disjoint.
                 let dx_n = unsafe { dx_out.slice(n * x_len, x_len) };
                 // dcol [K, P] = W^T [K, C_out] dy_n [C_out, P]
-                if pointwise {
+                if let Some(dt) = &direct_t {
+                    dt.conv(dy_n, g.c_out, &wt, &zero_init, None, dx_n, g.c_in);
+                } else if pointwise {
                     cpu::gemm(
                         (k, p, g.c_out),
                         dx_n,
@@ -466,6 +498,9 @@ fn backward(g: &Geometry, x: &[f32], w: &[f32], dy: &[f32], want: Grads) -> (Gra
                     col2im(g, &mut dcol, dx_n);
                 }
             }
+        }
+        if let Some(wg) = wgrad {
+            dw = wg.finish();
         }
         (dw, db)
     };

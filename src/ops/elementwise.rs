@@ -50,6 +50,7 @@ impl CustomOp1 for Silu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::scope("silu.fwd");
         let x = cpu::slice(s, l, "silu")?;
         let mut y = cpu::zeros(x.len());
         y.par_chunks_mut(BLOCK)
@@ -59,6 +60,7 @@ impl CustomOp1 for Silu {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let _prof = super::profile::scope("silu.bwd");
         let dy = dy.contiguous()?;
         let dx = {
             let (xr, dyr) = (Read::new(x, "silu")?, Read::new(&dy, "silu")?);
@@ -100,6 +102,7 @@ impl CustomOp2 for AddChannelBias {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::scope("channel_bias.fwd");
         let (_, _, s) = bias_dims(xl.dims(), bl.dims())?;
         let x = cpu::slice(xs, xl, "add_channel_bias")?;
         let bias = cpu::slice(bs, bl, "add_channel_bias")?;
@@ -125,6 +128,7 @@ impl CustomOp2 for AddChannelBias {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _prof = super::profile::scope("channel_bias.bwd");
         let (_, _, s) = bias_dims(x.dims(), bias.dims())?;
         let dbias = if bias.track_op() && s > 0 {
             let dy = dy.contiguous()?;

@@ -280,6 +280,7 @@ impl CustomOp3 for GroupNormAffine {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::scope("group_norm.fwd");
         let g = Geometry::new(xl.dims(), self.groups, al.dims(), bl.dims())?;
         let x = cpu::slice(xs, xl, "group_norm")?;
         let a = cpu::slice(as_, al, "group_norm")?;
@@ -308,6 +309,7 @@ impl CustomOp3 for GroupNormAffine {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _prof = super::profile::scope("group_norm.bwd");
         let g = Geometry::new(x.dims(), self.groups, a.dims(), b.dims())?;
         let dy = dy.contiguous()?;
         let (dx, da, db) = {

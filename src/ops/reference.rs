@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::{ConvAdd, GroupNormSilu};
+use super::{AttentionBlockParams, ConvAdd, GroupNormSilu, ResnetBlockParams, TimeCondition};
 
 /// See [`crate::ops::conv2d`].
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
@@ -138,4 +138,82 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
+}
+
+/// See [`crate::ops::resnet_block`].
+pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>) -> Result<Tensor> {
+    let x_in = match skip {
+        Some(s) => Tensor::cat(&[x, s], 1)?,
+        None => x.clone(),
+    };
+    let h = group_norm_silu(&x_in, p.groups, p.norm1.0, p.norm1.1, p.eps)?;
+    let h = conv2d(&h, p.conv1.0, Some(p.conv1.1), 1, 1)?;
+    let g = match p.time {
+        TimeCondition::Bias(t) => {
+            group_norm_silu(&add_channel_bias(&h, t)?, p.groups, p.norm2.0, p.norm2.1, p.eps)?
+        }
+        TimeCondition::ScaleShift(scale, shift) => {
+            group_norm_scale_shift_silu(&h, p.groups, p.norm2.0, p.norm2.1, scale, shift, p.eps)?
+        }
+    };
+    let g = match p.dropout_mask {
+        Some(m) => (&g * m.to_tensor(g.dims(), g.device())?.to_dtype(g.dtype())?)?,
+        None => g,
+    };
+    let h = conv2d(&g, p.conv2.0, Some(p.conv2.1), 1, 1)?;
+    let residual = match p.shortcut {
+        Some((w, b)) => conv2d(&x_in, w, Some(b), 1, 0)?,
+        None => x_in,
+    };
+    (residual + h)? / p.output_scale_factor
+}
+
+/// See [`crate::ops::upsample_conv2d`].
+pub fn upsample_conv2d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    conv2d(&upsample_nearest2x(x)?, w, Some(b), 1, 1)
+}
+
+/// See [`crate::ops::attention_block`].
+pub fn attention_block(x: &Tensor, p: &AttentionBlockParams<'_>) -> Result<Tensor> {
+    let (n, c, hh, ww) = x.dims4()?;
+    let l = hh * ww;
+    let inner = p.q.0.dim(0)?;
+    if p.heads == 0 || inner % p.heads != 0 {
+        candle_core::bail!(
+            "attention block: {inner} inner channels cannot be split into {} heads",
+            p.heads
+        );
+    }
+    let (heads, d) = (p.heads, inner / p.heads);
+    let h = match p.norm {
+        Some((groups, eps, gamma, beta)) => group_norm(x, groups, gamma, beta, eps)?,
+        None => x.clone(),
+    };
+    let h = h
+        .reshape((n, c, l))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n * l, c))?; // [N L, C]
+    let split = |t: Tensor| -> Result<Tensor> {
+        t.reshape((n, l, heads, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((n * heads, l, d))
+    };
+    let q = split(linear(&h, p.q.0, Some(p.q.1))?)?;
+    let k = split(linear(&h, p.k.0, Some(p.k.1))?)?;
+    let v = split(linear(&h, p.v.0, Some(p.v.1))?)?;
+    let o = attention(&q, &k, &v, 1.0 / (d as f64).sqrt())?; // [N heads, L, d]
+    let o = o
+        .reshape((n, heads, l, d))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n * l, heads * d))?;
+    let o = linear(&o, p.out.0, Some(p.out.1))?; // [N L, C]
+    let o = o
+        .reshape((n, l, c))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n, c, hh, ww))?;
+    (o + x)? / p.rescale_output_factor
 }

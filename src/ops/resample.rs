@@ -116,6 +116,7 @@ impl CustomOp1 for Upsample2x {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::scope("upsample.fwd");
         let (p, h, w) = planes(l.dims(), "upsample_nearest2x")?;
         let x = cpu::slice(s, l, "upsample_nearest2x")?;
         let mut y = cpu::zeros(4 * p * h * w);
@@ -125,6 +126,7 @@ impl CustomOp1 for Upsample2x {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let _prof = super::profile::scope("upsample.bwd");
         let (p, h, w) = planes(x.dims(), "upsample_nearest2x")?;
         let dy = dy.contiguous()?;
         let mut dx = cpu::zeros(p * h * w);
@@ -146,6 +148,7 @@ impl CustomOp1 for AvgPool2x {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::scope("avg_pool.fwd");
         let (p, h, w) = planes(l.dims(), "avg_pool2x")?;
         let x = cpu::slice(s, l, "avg_pool2x")?;
         let (ho, wo) = (h / 2, w / 2);
@@ -156,6 +159,7 @@ impl CustomOp1 for AvgPool2x {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let _prof = super::profile::scope("avg_pool.bwd");
         let (p, h, w) = planes(x.dims(), "avg_pool2x")?;
         let dy = dy.contiguous()?;
         let mut dx = cpu::zeros(p * h * w);

@@ -118,17 +118,27 @@ impl Ema {
         let d = self.config.decay_at(k);
         for s in &mut self.shadows {
             let theta = s.var.as_tensor().detach();
-            s.value = ((&s.value * d)? + (theta * (1.0 - d))?)?;
+            if in_place::applies(&s.value, &theta) {
+                s.value.inplace_op2(
+                    &theta,
+                    &in_place::Average {
+                        d: d as f32,
+                        one_minus_d: (1.0 - d) as f32,
+                    },
+                )?;
+            } else {
+                s.value = ((&s.value * d)? + (theta * (1.0 - d))?)?;
+            }
         }
         self.updates = k;
         Ok(())
     }
 
-    /// The averaged weights by variable name.
+    /// The averaged weights by variable name (copies: the averages are updated in place).
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         self.shadows
             .iter()
-            .map(|s| (s.name.clone(), s.value.clone()))
+            .map(|s| (s.name.clone(), s.value.copy().unwrap_or_else(|_| s.value.clone())))
             .collect()
     }
 
@@ -160,7 +170,8 @@ impl Ema {
                     ),
                 ));
             }
-            values.push(t.to_dtype(DType::F32)?.to_device(s.value.device())?);
+            // a copy of its own: the averages are updated in place
+            values.push(t.to_dtype(DType::F32)?.to_device(s.value.device())?.copy()?);
         }
         if tensors.len() != self.shadows.len() {
             let known: std::collections::HashSet<&str> =
@@ -186,6 +197,53 @@ impl Ema {
             s.var.set(&s.value)?;
         }
         Ok(())
+    }
+}
+
+/// The update on CPU f32 tensors in place, `shadow = d shadow + (1 - d) theta` in one pass,
+/// with the tensor path's f32 operations and constants.
+mod in_place {
+    use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Tensor};
+    use rayon::prelude::*;
+
+    pub(super) fn applies(value: &Tensor, theta: &Tensor) -> bool {
+        let ok = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
+        ok(value) && ok(theta)
+    }
+
+    pub(super) struct Average {
+        pub d: f32,
+        pub one_minus_d: f32,
+    }
+
+    impl InplaceOp2 for Average {
+        fn name(&self) -> &'static str {
+            "ema-average"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s: &mut CpuStorage,
+            sl: &Layout,
+            t: &CpuStorage,
+            tl: &Layout,
+        ) -> candle_core::Result<()> {
+            let (shadow, theta) = match (s, sl.contiguous_offsets(), t, tl.contiguous_offsets()) {
+                (CpuStorage::F32(s), Some((a, b)), CpuStorage::F32(t), Some((c, e))) => {
+                    (&mut s[a..b], &t[c..e])
+                }
+                _ => bail!("ema: contiguous f32 tensors expected"),
+            };
+            shadow
+                .par_chunks_mut(1 << 14)
+                .zip(theta.par_chunks(1 << 14))
+                .for_each(|(s, t)| {
+                    for (s, &t) in s.iter_mut().zip(t) {
+                        *s = *s * self.d + t * self.one_minus_d;
+                    }
+                });
+            Ok(())
+        }
     }
 }
 

@@ -1,0 +1,697 @@
+//! Direct convolution kernels for stride-1 convolutions that keep the image size (`k x k`
+//! kernels with padding `(k - 1) / 2`: the 3x3 and 1x1 convolutions of a U-Net), on CPUs with
+//! AVX-512. No im2col matrix is built: the kernel reads the input planes in place.
+//!
+//! Index a pixel of an `H x W` plane by `q = y W + x` (`P = H W` pixels). Kernel tap
+//! `t = ky * k + kx` reads, for output pixel `q`, the input pixel `q + off_t` with
+//! `off_t = (ky - pad) W + (kx - pad)` when `(y + ky - pad, x + kx - pad)` lies inside the image,
+//! and the zero padding otherwise. With `m_t(q)` that validity (0 or 1):
+//!
+//! ```text
+//! y[co, q]         = init[co] + sum_{t, ci} w[co, ci, t] * m_t(q) * x[ci, q + off_t] (+ r[co, q])
+//! dx[ci, q]        = sum_{t, co} w[co, ci, t] * m'_t(q) * dy[co, q - off_t]
+//! dw[co, ci, t]   += sum_q dy[co, q] * m_t(q) * x[ci, q + off_t]
+//! ```
+//!
+//! The input gradient is the same kernel on `dy` with the taps reversed (`off_{T-1-t} = -off_t`
+//! and `m_{T-1-t}(q)` says exactly that output pixel `q - off_t` read input pixel `q`).
+//!
+//! The micro-kernel keeps a tile of 3 vectors of 16 consecutive pixels by 8 output channels in
+//! 24 registers and runs over every (tap, input channel) pair: 3 masked loads (the mask is
+//! `m_t` on the tile's 48 pixels, which also stops reads past the plane), 8 broadcast weights, 24
+//! fused multiply-adds. Masked-off lanes read nothing and count as zero, so neither padded copies
+//! nor boundary cases are needed; the last tile of a plane is masked to the `P` real pixels.
+//! Weights are packed once per call as `[channel tile][t][ci][8]` (zeros past the last channel).
+//! The weight gradient keeps 4 output x 6 input channels of 16-lane partial sums over `q` and
+//! adds their horizontal sums into `dw` once per image and tap.
+
+// Without the intrinsics (a compiler before 1.89, or not x86-64) the kernels are left out and
+// `available()` is false: nothing here runs.
+#![cfg_attr(
+    not(all(target_arch = "x86_64", diffuse_avx512)),
+    allow(dead_code, unused_variables, unused_imports)
+)]
+
+use super::conv::Geometry;
+
+/// Lanes per vector.
+const L: usize = 16;
+/// Output channels per forward tile.
+const NR: usize = 8;
+/// Vectors (of 16 pixels) per forward tile.
+const MV: usize = 3;
+/// Input channels per block of the forward kernel.
+const CB: usize = 64;
+
+/// The taps of one geometry: offsets and per-vector validity masks.
+#[derive(Clone, Debug)]
+pub(crate) struct Direct {
+    /// Plane height and width.
+    h: usize,
+    w: usize,
+    /// The taps `(dy, dx)`: tap `t` reads input pixel `(y + dy, x + dx)` for output `(y, x)`.
+    taps: Vec<(isize, isize)>,
+    /// `max |dy|, |dx|`: the zero border the weight gradient's padded copy needs.
+    pad: usize,
+    /// Pixels per plane, `H * W`.
+    p: usize,
+    /// Vectors per plane, `ceil(P / 16)`.
+    nvec: usize,
+    /// `off_t = dy W + dx` for each tap.
+    off: Vec<isize>,
+    /// `masks[t * nvec + v]`: bit `l` set when tap `t` reads inside the image for pixel
+    /// `q = 16 v + l` (and `q < P`).
+    masks: Vec<u16>,
+    /// `store[v]`: bit `l` set when `16 v + l < P`.
+    store: Vec<u16>,
+}
+
+impl Direct {
+    /// The kernels for geometry `g`, when they apply: stride 1, square odd kernel with padding
+    /// `(k - 1) / 2` (so the output has the input's size), on a CPU with AVX-512. Tap
+    /// `t = ky k + kx` is `(ky - pad, kx - pad)`, the order of the weights' last two axes.
+    pub(crate) fn new(g: &Geometry) -> Option<Self> {
+        if g.stride != 1 || g.kh != g.kw || g.kh != 2 * g.padding + 1 {
+            return None;
+        }
+        let (k, pad) = (g.kh, g.padding as isize);
+        let taps: Vec<(isize, isize)> = (0..k * k)
+            .map(|t| ((t / k) as isize - pad, (t % k) as isize - pad))
+            .collect();
+        Self::with_taps(g.h, g.w, &taps)
+    }
+
+    /// The kernels for an `h x w` plane and any set of taps (zero padding outside the plane),
+    /// on a CPU with AVX-512.
+    pub(crate) fn with_taps(h: usize, w: usize, taps: &[(isize, isize)]) -> Option<Self> {
+        if !available() || h == 0 || w == 0 || taps.is_empty() {
+            return None;
+        }
+        let p = h * w;
+        let nvec = p.div_ceil(L);
+        let mut off = Vec::with_capacity(taps.len());
+        let mut masks = vec![0u16; taps.len() * nvec];
+        for (t, &(dy, dx)) in taps.iter().enumerate() {
+            off.push(dy * w as isize + dx);
+            for q in 0..p {
+                let (y, x) = ((q / w) as isize + dy, (q % w) as isize + dx);
+                if y >= 0 && y < h as isize && x >= 0 && x < w as isize {
+                    masks[t * nvec + q / L] |= 1 << (q % L);
+                }
+            }
+        }
+        let store = (0..nvec)
+            .map(|v| {
+                let valid = p.saturating_sub(v * L).min(L);
+                if valid == L {
+                    u16::MAX
+                } else {
+                    (1u16 << valid) - 1
+                }
+            })
+            .collect();
+        let pad = taps
+            .iter()
+            .map(|&(dy, dx)| dy.unsigned_abs().max(dx.unsigned_abs()))
+            .max()
+            .unwrap_or(0);
+        Some(Self {
+            h,
+            w,
+            taps: taps.to_vec(),
+            pad,
+            p,
+            nvec,
+            off,
+            masks,
+            store,
+        })
+    }
+
+    /// The kernels of the transposed convolution (the input gradient): the same taps negated,
+    /// in the same order. Use with weights packed by [`Direct::pack_transposed`].
+    pub(crate) fn transposed(&self) -> Self {
+        let taps: Vec<(isize, isize)> = self.taps.iter().map(|&(dy, dx)| (-dy, -dx)).collect();
+        // `self` exists, so the CPU has the kernels and the taps are not empty.
+        Self::with_taps(self.h, self.w, &taps).unwrap_or_else(|| self.clone())
+    }
+
+    fn taps(&self) -> usize {
+        self.off.len()
+    }
+
+    /// Packs `w [c_out, c_in, T]` for [`Direct::conv`] as `[c_out tile][t][ci][8]`.
+    pub(crate) fn pack(&self, w: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
+        let t_n = self.taps();
+        let tiles = c_out.div_ceil(NR);
+        let mut out = vec![0f32; tiles * t_n * c_in * NR];
+        for co in 0..c_out {
+            let (tile, j) = (co / NR, co % NR);
+            for ci in 0..c_in {
+                for t in 0..t_n {
+                    out[((tile * t_n + t) * c_in + ci) * NR + j] = w[(co * c_in + ci) * t_n + t];
+                }
+            }
+        }
+        out
+    }
+
+    /// Packs `w [c_out, c_in, T]` for the input gradient: the kernel of the transposed
+    /// convolution `w'[ci, co, t] = w[co, ci, t]`, packed as by [`Direct::pack`], for the
+    /// kernels of [`Direct::transposed`].
+    pub(crate) fn pack_transposed(&self, w: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
+        let t_n = self.taps();
+        let tiles = c_in.div_ceil(NR);
+        let mut out = vec![0f32; tiles * t_n * c_out * NR];
+        for ci in 0..c_in {
+            let (tile, j) = (ci / NR, ci % NR);
+            for co in 0..c_out {
+                for t in 0..t_n {
+                    out[((tile * t_n + t) * c_out + co) * NR + j] = w[(co * c_in + ci) * t_n + t];
+                }
+            }
+        }
+        out
+    }
+
+    /// One image: `y [cy, P] = init + conv(x [cx, P]) (+ residual)` with weights packed by
+    /// [`Direct::pack`] (or [`Direct::pack_transposed`] for an input gradient). `init` has
+    /// `cy` entries (bias plus channel bias; zeros for a gradient).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn conv(
+        &self,
+        x: &[f32],
+        cx: usize,
+        wp: &[f32],
+        init: &[f32],
+        residual: Option<&[f32]>,
+        y: &mut [f32],
+        cy: usize,
+    ) {
+        let p = self.p;
+        assert!(
+            x.len() >= cx * p && y.len() >= cy * p && init.len() >= cy,
+            "direct conv: sizes"
+        );
+        assert!(
+            wp.len() >= cy.div_ceil(NR) * self.taps() * cx * NR,
+            "direct conv: weights"
+        );
+        if let Some(r) = residual {
+            assert!(r.len() >= cy * p, "direct conv: residual");
+        }
+        #[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+        // SAFETY: `available()` (checked in `new`) guarantees AVX-512F; the asserts above keep
+        // every unmasked access inside the slices (see `tile`).
+        unsafe {
+            conv_image(self, x, cx, wp, init, residual, y, cy)
+        }
+        #[cfg(not(all(target_arch = "x86_64", diffuse_avx512)))]
+        {
+            let _ = (x, cx, wp, init, residual, y, cy);
+            unreachable!("direct convolution needs AVX-512")
+        }
+    }
+}
+
+/// Whether the CPU runs these kernels (AVX-512F), and they are not switched off with
+/// `DIFFUSE_DIRECT_CONV=0`.
+pub(crate) fn available() -> bool {
+    use std::sync::OnceLock;
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+        let cpu = std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(all(target_arch = "x86_64", diffuse_avx512)))]
+        let cpu = false;
+        cpu && std::env::var("DIFFUSE_DIRECT_CONV").map_or(true, |v| v != "0")
+    })
+}
+
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+use std::arch::x86_64::*;
+
+/// # Safety
+/// AVX-512F; sizes as asserted by [`Direct::conv`].
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+#[clippy::msrv = "1.89"]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn conv_image(
+    d: &Direct,
+    x: &[f32],
+    cx: usize,
+    wp: &[f32],
+    init: &[f32],
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+    cy: usize,
+) {
+    let (p, t_n) = (d.p, d.taps());
+    let tile_len = t_n * cx * NR;
+    // Input channels in blocks of CB, so that a tile's input rows (CB planes x 48 pixels plus
+    // the taps' reach) stay in the L1 cache while every output-channel tile uses them; later
+    // blocks add to the partial sums already stored in y.
+    let mut ci0 = 0;
+    while ci0 < cx {
+        let ncb = (cx - ci0).min(CB);
+        let (first, last) = (ci0 == 0, ci0 + ncb == cx);
+        let mut v0 = 0;
+        while v0 < d.nvec {
+            let mv = (d.nvec - v0).min(MV);
+            for tile in 0..cy.div_ceil(NR) {
+                let co0 = tile * NR;
+                let nr = (cy - co0).min(NR);
+                let mut init8 = [0f32; NR];
+                init8[..nr].copy_from_slice(&init[co0..co0 + nr]);
+                let args = TileArgs {
+                    cx,
+                    ci0,
+                    ncb,
+                    accumulate: !first,
+                    plane: p,
+                    x: x.as_ptr().add(ci0 * p + v0 * L),
+                    d,
+                    v0,
+                    wp: wp.as_ptr().add(tile * tile_len),
+                    init: &init8,
+                    y: y.as_mut_ptr().add(co0 * p + v0 * L),
+                    residual: match residual {
+                        Some(r) if last => r.as_ptr().add(co0 * p + v0 * L),
+                        _ => std::ptr::null(),
+                    },
+                    nr,
+                };
+                match mv {
+                    3 => tile_kernel::<3>(&args),
+                    2 => tile_kernel::<2>(&args),
+                    _ => tile_kernel::<1>(&args),
+                }
+            }
+            v0 += mv;
+        }
+        ci0 += ncb;
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+struct TileArgs<'a> {
+    /// Input channels in all, and this call's block `ci0 .. ci0 + ncb`.
+    cx: usize,
+    ci0: usize,
+    ncb: usize,
+    /// Start from the partial sums in `y` (a later block) instead of `init`.
+    accumulate: bool,
+    plane: usize,
+    /// Input channel `ci0` at the tile's first pixel.
+    x: *const f32,
+    d: &'a Direct,
+    v0: usize,
+    /// Packed weights of this channel tile, `[t][ci][8]`.
+    wp: *const f32,
+    init: &'a [f32; NR],
+    /// Output channel `co0` at the tile's first pixel.
+    y: *mut f32,
+    /// Added at the end (the last block only), or null.
+    residual: *const f32,
+    nr: usize,
+}
+
+/// One tile: `V` vectors of pixels x 8 output channels.
+///
+/// # Safety
+/// AVX-512F. Every load is masked by `m_t` (pixels inside the image) and every store by the
+/// tile's `q < P` mask, so memory is touched only at `x[ci, q + off_t]` for valid pixels and at
+/// `y[co, q]`, `residual[co, q]` for `q < P`, `co < co0 + nr`.
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+#[clippy::msrv = "1.89"]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // register blocking: acc[j][i] indexed on purpose
+unsafe fn tile_kernel<const V: usize>(a: &TileArgs<'_>) {
+    let d = a.d;
+    let mut sm = [0u16; V];
+    for (i, s) in sm.iter_mut().enumerate() {
+        *s = d.store[a.v0 + i];
+    }
+    let mut acc = [[_mm512_setzero_ps(); V]; NR];
+    for (j, row) in acc.iter_mut().enumerate() {
+        if a.accumulate {
+            if j < a.nr {
+                for (i, v) in row.iter_mut().enumerate() {
+                    *v = _mm512_maskz_loadu_ps(sm[i], a.y.add(j * a.plane + i * L));
+                }
+            }
+        } else {
+            let b = _mm512_set1_ps(a.init[j]);
+            for v in row.iter_mut() {
+                *v = b;
+            }
+        }
+    }
+    for (t, &off) in d.off.iter().enumerate() {
+        let mut m = [0u16; V];
+        for (i, mi) in m.iter_mut().enumerate() {
+            *mi = *d.masks.get_unchecked(t * d.nvec + a.v0 + i);
+        }
+        let xt = a.x.wrapping_offset(off);
+        let mut w = a.wp.add((t * a.cx + a.ci0) * NR);
+        let mut xp = xt;
+        for _ in 0..a.ncb {
+            let mut xv = [_mm512_setzero_ps(); V];
+            for i in 0..V {
+                xv[i] = _mm512_maskz_loadu_ps(m[i], xp.wrapping_add(i * L));
+            }
+            for j in 0..NR {
+                let b = _mm512_set1_ps(*w.add(j));
+                for i in 0..V {
+                    acc[j][i] = _mm512_fmadd_ps(xv[i], b, acc[j][i]);
+                }
+            }
+            xp = xp.wrapping_add(a.plane);
+            w = w.add(NR);
+        }
+    }
+    for (j, row) in acc.iter().enumerate().take(a.nr) {
+        for i in 0..V {
+            let mut v = row[i];
+            let at = j * a.plane + i * L;
+            if !a.residual.is_null() {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(sm[i], a.residual.add(at)));
+            }
+            _mm512_mask_storeu_ps(a.y.add(at), sm[i], v);
+        }
+    }
+}
+
+/// The weight gradient of a [`Direct`] convolution, accumulated image by image on one thread:
+/// `dw[co, ci, t] = sum_images sum_q dy[co, q] m_t(q) x[ci, q + off_t]`.
+///
+/// Per image the input is copied into zero-padded planes of width `Wp = W + 2 pad` and the
+/// output gradient is transposed to `dyT [q', co]` over the padded pixel index
+/// `q' = y Wp + x` (zero in the `2 pad` extra columns and past the last channel), so that every
+/// tap is a plain shifted read: `dw^T[(ci, t), co] += sum_q' x_pad[ci, q' + (dy + pad) Wp + dx + pad] dyT[q', co]`.
+/// The micro-kernel keeps `K` (input channel, tap) rows x `C` vectors of 16 output channels in
+/// 24 registers (`C x K` = 4 x 6, 3 x 8, 2 x 12 or 1 x 16, by the padded channel count): per
+/// pixel `C` vector loads of `dyT`, `K` broadcasts of `x_pad`, 24 fused multiply-adds. Pixels go
+/// in blocks of [`QB`] so that the block of `dyT` stays in the L1 cache across all the rows.
+/// The rows are padded to a multiple of `K` with rows that read a plane of zeros.
+pub(crate) struct WeightGrad<'a> {
+    d: &'a Direct,
+    c_out: usize,
+    c_in: usize,
+    /// `c_out` rounded up to whole vectors.
+    co_pad: usize,
+    /// Padded width, padded plane length.
+    wp: usize,
+    plane: usize,
+    /// Tile shape: vectors of output channels, rows.
+    tc: usize,
+    tk: usize,
+    /// `c_in * T` rounded up to a multiple of `tk`.
+    rows: usize,
+    /// Offset of each row's first pixel in `x_pad`.
+    offsets: Vec<usize>,
+    /// `c_in` padded planes and one plane of zeros.
+    x_pad: super::cpu::Scratch,
+    dyt: super::cpu::Scratch,
+    /// `[row][co_pad]`.
+    acc: Vec<f32>,
+}
+
+/// Pixels per block of the weight gradient.
+const QB: usize = 192;
+
+impl<'a> WeightGrad<'a> {
+    pub(crate) fn new(d: &'a Direct, c_out: usize, c_in: usize) -> Self {
+        let (wp, pad) = (d.w + 2 * d.pad, d.pad);
+        // rows of padding above and below, and 2 pad more so that the last rows' taps stay inside
+        let plane = (d.h + 2 * pad) * wp + 2 * pad;
+        let co_pad = c_out.div_ceil(L) * L;
+        let (tc, tk) = match co_pad / L {
+            1 => (1, 16),
+            2 => (2, 12),
+            3 => (3, 8),
+            _ => (4, 6),
+        };
+        let t_n = d.taps();
+        let real = c_in * t_n;
+        let rows = real.div_ceil(tk) * tk;
+        let offsets = (0..rows)
+            .map(|kk| {
+                if kk >= real {
+                    return c_in * plane;
+                }
+                let (ci, t) = (kk / t_n, kk % t_n);
+                let (dy, dx) = d.taps[t];
+                ci * plane + (dy + pad as isize) as usize * wp + (dx + pad as isize) as usize
+            })
+            .collect();
+        // Only what `add_image` never writes must be zeroed: the borders of the padded planes
+        // and the zero plane; the extra columns' rows of dyT (the gather writes every column of
+        // the other rows, zeros past the last channel).
+        let mut x_pad = super::cpu::Scratch::new((c_in + 1) * plane);
+        let (h, w) = (d.h, d.w);
+        for plane_data in x_pad[..c_in * plane].chunks_exact_mut(plane) {
+            plane_data[..pad * wp + pad].fill(0.0);
+            for y in 0..h {
+                let row_end = (y + pad) * wp + pad + w;
+                plane_data[row_end..row_end + 2 * pad].fill(0.0);
+            }
+            plane_data[(h + pad) * wp + pad..].fill(0.0);
+        }
+        x_pad[c_in * plane..].fill(0.0);
+        let mut dyt = super::cpu::Scratch::new(h * wp * co_pad);
+        for y in 0..h {
+            dyt[(y * wp + w) * co_pad..(y + 1) * wp * co_pad].fill(0.0);
+        }
+        Self {
+            d,
+            c_out,
+            c_in,
+            co_pad,
+            wp,
+            plane,
+            tc,
+            tk,
+            rows,
+            offsets,
+            x_pad,
+            dyt,
+            acc: vec![0f32; rows * co_pad],
+        }
+    }
+
+    /// Adds one image: `dy [c_out, P]`, `x [c_in, P]`.
+    pub(crate) fn add_image(&mut self, dy: &[f32], x: &[f32]) {
+        let d = self.d;
+        let (h, w, pad, wp, p) = (d.h, d.w, d.pad, self.wp, d.p);
+        assert!(
+            dy.len() >= self.c_out * p && x.len() >= self.c_in * p,
+            "direct conv: sizes"
+        );
+        // x_pad[ci, (y + pad) Wp + x + pad] = x[ci, y W + x]; the rest stays zero
+        for ci in 0..self.c_in {
+            let dst = &mut self.x_pad[ci * self.plane..(ci + 1) * self.plane];
+            for y in 0..h {
+                let at = (y + pad) * wp + pad;
+                dst[at..at + w].copy_from_slice(&x[ci * p + y * w..ci * p + (y + 1) * w]);
+            }
+        }
+        // dyT[y Wp + x, co] = dy[co, y W + x]
+        let ld = self.co_pad;
+        #[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+        // SAFETY: AVX-512F (Direct exists); reads dy[co, q] for co < c_out, q < P and writes
+        // dyT rows y Wp + x < h Wp, columns < co_pad (see `transpose`).
+        unsafe {
+            transpose(dy, self.c_out, p, w, wp, &mut self.dyt, ld)
+        };
+        let nq = h * wp;
+        let (tc, tk) = (self.tc, self.tk);
+        let mut q0 = 0;
+        while q0 < nq {
+            let q1 = (q0 + QB).min(nq);
+            let mut k0 = 0;
+            while k0 < self.rows {
+                let offs = &self.offsets[k0..k0 + tk];
+                let mut c0 = 0;
+                while c0 < self.co_pad {
+                    let nc = ((self.co_pad - c0) / L).min(tc);
+                    #[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+                    {
+                        let args = GradArgs {
+                            nq: q1 - q0,
+                            dyt: self.dyt[q0 * ld + c0..].as_ptr(),
+                            ld,
+                            x: self.x_pad[q0..].as_ptr(),
+                            offs,
+                            out: self.acc[k0 * ld + c0..].as_mut_ptr(),
+                        };
+                        // SAFETY: AVX-512F (Direct exists). The kernel reads dyT[q, c0 .. c0 + 16 nc]
+                        // for q0 <= q < q1 <= h Wp (inside dyt), x_pad[offs[j] + q] with
+                        // offs[j] + q <= ci plane + 2 pad Wp + 2 pad + h Wp - 1 < (ci + 1) plane (or
+                        // inside the zero plane), and writes acc[(k0 + j) ld + c0 ..][.. 16 nc].
+                        unsafe { grad_dispatch(nc, tk, &args) };
+                    }
+                    c0 += nc * L;
+                }
+                k0 += tk;
+            }
+            q0 = q1;
+        }
+    }
+
+    /// The accumulated `dw [c_out, c_in, T]`.
+    pub(crate) fn finish(self) -> Vec<f32> {
+        let t_n = self.d.taps();
+        let mut dw = vec![0f32; self.c_out * self.c_in * t_n];
+        for co in 0..self.c_out {
+            for kk in 0..self.c_in * t_n {
+                dw[co * self.c_in * t_n + kk] = self.acc[kk * self.co_pad + co];
+            }
+        }
+        dw
+    }
+}
+
+/// `dyT[(y Wp + x) ld + co] = dy[co P + y W + x]` for `co < c`, one gather of 16 channels per
+/// pixel (lanes past `c` masked off; those columns stay zero).
+///
+/// # Safety
+/// AVX-512F; `dy` holds `c` planes of `p` values, `dyt` holds `(p / w) wp` rows of `ld >= 16
+/// ceil(c / 16)` values.
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+#[clippy::msrv = "1.89"]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose(dy: &[f32], c: usize, p: usize, w: usize, wp: usize, dyt: &mut [f32], ld: usize) {
+    assert!(dy.len() >= c * p && dyt.len() >= (p / w.max(1)) * wp * ld && ld >= c.div_ceil(L) * L);
+    let lanes = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(p as i32),
+    );
+    let mut c0 = 0;
+    while c0 < c {
+        let valid = (c - c0).min(L);
+        let mask: u16 = if valid == L { u16::MAX } else { (1u16 << valid) - 1 };
+        let base = dy.as_ptr().add(c0 * p);
+        for q in 0..p {
+            let (y, x) = (q / w, q % w);
+            let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, lanes, base.add(q));
+            _mm512_storeu_ps(dyt.as_mut_ptr().add((y * wp + x) * ld + c0), v);
+        }
+        c0 += L;
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+struct GradArgs<'a> {
+    nq: usize,
+    /// `dyT` at the block's first pixel and the tile's first output channel; rows `ld` apart.
+    dyt: *const f32,
+    ld: usize,
+    /// `x_pad` at the block's first pixel.
+    x: *const f32,
+    /// The tile's rows: offsets in `x_pad`.
+    offs: &'a [usize],
+    /// `acc` at the tile's first row and output channel; rows `ld` apart.
+    out: *mut f32,
+}
+
+/// # Safety
+/// AVX-512F; see [`WeightGrad::add_image`].
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+#[clippy::msrv = "1.89"]
+#[target_feature(enable = "avx512f")]
+unsafe fn grad_dispatch(nc: usize, nk: usize, a: &GradArgs<'_>) {
+    macro_rules! run {
+        ($($nc:literal, $nk:literal);*) => {
+            match (nc, nk) {
+                $(($nc, $nk) => grad_kernel::<$nc, $nk>(a),)*
+                _ => unreachable!("weight-gradient tile {nc} x {nk}"),
+            }
+        };
+    }
+    run!(4, 6; 3, 6; 2, 6; 1, 6; 3, 8; 2, 8; 1, 8; 2, 12; 1, 12; 1, 16);
+}
+
+/// `acc[j, c] += sum_q x[offs[j] + q] dyT[q, c]` for `K` rows and `C` vectors of channels.
+///
+/// # Safety
+/// AVX-512F; see [`WeightGrad::add_image`].
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+#[clippy::msrv = "1.89"]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // register blocking: acc[j][c] indexed on purpose
+unsafe fn grad_kernel<const C: usize, const K: usize>(a: &GradArgs<'_>) {
+    let mut acc = [[_mm512_setzero_ps(); C]; K];
+    let mut xs = [std::ptr::null::<f32>(); K];
+    for (j, x) in xs.iter_mut().enumerate() {
+        *x = a.x.add(a.offs[j]);
+    }
+    let mut dy = a.dyt;
+    for q in 0..a.nq {
+        let mut dv = [_mm512_setzero_ps(); C];
+        for (c, v) in dv.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(dy.add(c * L));
+        }
+        for j in 0..K {
+            let b = _mm512_set1_ps(*xs[j].add(q));
+            for c in 0..C {
+                acc[j][c] = _mm512_fmadd_ps(dv[c], b, acc[j][c]);
+            }
+        }
+        dy = dy.add(a.ld);
+    }
+    for (j, row) in acc.iter().enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            let o = a.out.add(j * a.ld + c * L);
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), *v));
+        }
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn bench_direct_single_thread() {
+        for (c_in, c_out, hw, k) in [
+            (64, 64, 28, 3),
+            (128, 128, 14, 3),
+            (128, 128, 7, 3),
+            (96, 32, 28, 3),
+            (32, 32, 28, 3),
+            (192, 64, 28, 3),
+            (128, 64, 28, 1),
+        ] {
+            let g = Geometry::new(&[1, c_in, hw, hw], &[c_out, c_in, k, k], 1, k / 2).unwrap();
+            let d = Direct::new(&g).unwrap();
+            let p = hw * hw;
+            let x: Vec<f32> = (0..c_in * p).map(|i| (i % 7) as f32 * 0.1).collect();
+            let w: Vec<f32> = (0..c_out * c_in * k * k).map(|i| (i % 5) as f32 * 0.1).collect();
+            let wp = d.pack(&w, c_out, c_in);
+            let init = vec![0f32; c_out];
+            let mut y = vec![0f32; c_out * p];
+            let reps = 200;
+            let t0 = super::super::profile::process_cpu_seconds();
+            for _ in 0..reps {
+                d.conv(&x, c_in, &wp, &init, None, &mut y, c_out);
+            }
+            let s = super::super::profile::process_cpu_seconds() - t0;
+            let flops = 2.0 * (c_out * c_in * k * k * p) as f64 * reps as f64;
+            let mut wg = WeightGrad::new(&d, c_out, c_in);
+            let t0 = super::super::profile::process_cpu_seconds();
+            for _ in 0..reps {
+                wg.add_image(&y, &x);
+            }
+            let s2 = super::super::profile::process_cpu_seconds() - t0;
+            let _ = wg.finish();
+            eprintln!(
+                "{k}x{k} {c_in}->{c_out} @{hw}: fwd {:.1} GFLOP/s, dw {:.1} GFLOP/s",
+                flops / s / 1e9,
+                flops / s2 / 1e9
+            );
+        }
+    }
+}
