@@ -96,6 +96,11 @@ fn conv2d_matches_reference_values_and_gradients() {
         (2, 3, 6, 7, 4, 2, 3, 1, 1),
         (2, 2, 4, 3, 3, 3, 3, 1, 2),
         (5, 16, 6, 6, 16, 3, 3, 1, 1),
+        // Stride 2, padding 1, even sizes: the phase-split path (`ops::strided`), also with a
+        // batch larger than the thread split and a 2x2 image.
+        (2, 4, 8, 6, 5, 3, 3, 2, 1),
+        (11, 3, 4, 4, 2, 3, 3, 2, 1),
+        (1, 2, 2, 2, 3, 3, 3, 2, 1),
         // Degenerate: a 1x1 image under a 3x3 kernel (whole kernel rows fall in the padding),
         // a 1-pixel-wide image, and a kernel as large as the padded image.
         (2, 3, 1, 1, 2, 3, 3, 1, 1),

@@ -161,6 +161,34 @@ mod tests {
         }
     }
 
+    /// Sampling calls the network on plain tensors: with weights that are plain tensors too
+    /// (as loaded for sampling), no autodiff graph is recorded, so the fused ops keep nothing
+    /// for a backward pass.
+    #[test]
+    fn sampling_records_no_graph() {
+        let cfg = UNetConfig::preset("demo", 1, 8).unwrap();
+        let (_, vm) = unet::init_params(&cfg, 1, &Device::Cpu).unwrap();
+        let tensors = vm
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        let net = unet::from_tensors(&cfg, tensors, &Device::Cpu).unwrap();
+        let d = UNetDenoiser::new(net, Schedule::named("linear", 1000).unwrap(), Prediction::Eps);
+        let x = crate::rng::Rng::new(5)
+            .randn(&[2, 1, 8, 8], &Device::Cpu)
+            .unwrap();
+        let level = NoiseLevel::from_alpha_bar(0.5);
+        let out = d.output(&x, &[level, level]).unwrap();
+        assert!(!out.track_op());
+        // the same network on Vars does record one (the check above has teeth)
+        let (trainable, _) = unet::init_params(&cfg, 1, &Device::Cpu).unwrap();
+        let t = Tensor::new(&[3f32, 3.0], &Device::Cpu).unwrap();
+        assert!(trainable.forward(&x, &t).unwrap().track_op());
+    }
+
     #[test]
     fn bad_levels_are_errors() {
         let (d, x) = setup(Prediction::Eps);

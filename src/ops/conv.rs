@@ -17,6 +17,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::cpu::{self, Read, Scratch, SyncPtr};
 use super::direct::{Direct, WeightGrad};
+use super::strided::Stride2;
 
 /// Geometry of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -345,6 +346,19 @@ fn forward(g: &Geometry, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     super::profile::add_flops("conv2d.fwd", 2.0 * (g.n * g.c_out * k * p) as f64);
     let (x_len, y_len) = (g.c_in * g.h * g.w, g.c_out * p);
     let mut y = cpu::zeros(g.n * y_len);
+    if let Some(s2) = Stride2::new(g) {
+        let f = s2.pack(w);
+        let out = SyncPtr::new(&mut y);
+        cpu::for_batch(g.n, |images, _| {
+            let mut scratch = Scratch::new(s2.scratch_len());
+            for n in images {
+                // SAFETY: image n owns y[n * y_len .. (n + 1) * y_len]; ranges are disjoint.
+                let y_n = unsafe { out.slice(n * y_len, y_len) };
+                s2.conv(&f, &x[n * x_len..(n + 1) * x_len], b, y_n, &mut scratch);
+            }
+        });
+        return y;
+    }
     if let Some(d) = Direct::new(g) {
         let wp = d.pack(w, g.c_out, g.c_in);
         let out = SyncPtr::new(&mut y);
@@ -416,6 +430,9 @@ fn backward(g: &Geometry, x: &[f32], w: &[f32], dy: &[f32], want: Grads) -> (Gra
         Vec::new()
     };
     let dx_out = SyncPtr::new(&mut dx);
+    if let Some(s2) = Stride2::new(g) {
+        return backward_stride2(&s2, g, x, w, dy, want, dx, dx_out);
+    }
     let pointwise = g.pointwise();
     let direct = Direct::new(g);
     let (wt, direct_t) = match &direct {
@@ -506,6 +523,50 @@ fn backward(g: &Geometry, x: &[f32], w: &[f32], dy: &[f32], want: Grads) -> (Gra
     };
 
     let partials = cpu::map_batch(g.n, range);
+    let mut partials = partials.into_iter();
+    let (mut dw, mut db) = partials.next().unwrap_or_default();
+    for (pw, pb) in partials {
+        dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
+    }
+    (want.x.then_some(dx), want.w.then_some(dw), want.b.then_some(db))
+}
+
+/// [`backward`] of a stride-2 convolution by pixel phases ([`Stride2`]).
+#[allow(clippy::too_many_arguments)]
+fn backward_stride2(
+    s2: &Stride2,
+    g: &Geometry,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    want: Grads,
+    dx: Vec<f32>,
+    dx_out: SyncPtr,
+) -> (Grad, Grad, Grad) {
+    let (x_len, y_len, p) = (g.c_in * g.h * g.w, g.c_out * g.p(), g.p());
+    let t = want.x.then(|| s2.pack_transposed(w));
+    let zeros = vec![0f32; 4 * g.c_in];
+    let partials = cpu::map_batch(g.n, |images, _| {
+        let mut scratch = Scratch::new(s2.scratch_len());
+        let mut wg = want.w.then(|| s2.weight_grad());
+        let mut db = vec![0f32; if want.b { g.c_out } else { 0 }];
+        for n in images {
+            let (x_n, dy_n) = (&x[n * x_len..(n + 1) * x_len], &dy[n * y_len..(n + 1) * y_len]);
+            if let Some(wg) = &mut wg {
+                s2.add_weight_grad(wg, dy_n, x_n, &mut scratch);
+            }
+            for (d, row) in db.iter_mut().zip(dy_n.chunks_exact(p)) {
+                *d += cpu::sum_lanes(row) as f32;
+            }
+            if let Some(t) = &t {
+                // SAFETY: image n owns dx[n * x_len .. (n + 1) * x_len]; ranges are disjoint.
+                let dx_n = unsafe { dx_out.slice(n * x_len, x_len) };
+                s2.input_grad(t, dy_n, dx_n, &mut scratch, &zeros);
+            }
+        }
+        (wg.map_or(Vec::new(), |wg| s2.finish_weight_grad(wg)), db)
+    });
     let mut partials = partials.into_iter();
     let (mut dw, mut db) = partials.next().unwrap_or_default();
     for (pw, pb) in partials {

@@ -47,6 +47,7 @@ pub mod profile;
 pub mod reference;
 pub mod resample;
 pub mod resnet;
+pub(crate) mod strided;
 pub mod upconv;
 
 static FAST_KERNELS: AtomicBool = AtomicBool::new(true);
