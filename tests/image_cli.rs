@@ -220,3 +220,61 @@ fn bad_input_is_a_one_line_error_with_exit_2() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn eval_samples_ranks_real_images_above_noise() {
+    use diffuse::data::{load_bundled, Split};
+    let dir = tempfile::tempdir().unwrap();
+    // 200 real training images (the reference is the test split) and 200 uniform-noise images
+    let train = load_bundled(Split::Train).unwrap();
+    let d = train.image_len();
+    let real: Vec<f32> = train.pixels()[..200 * d]
+        .iter()
+        .map(|v| (v + 1.0) / 2.0)
+        .collect();
+    let mut state = 1u64;
+    let noise: Vec<f32> = (0..200 * d)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect();
+    let real_path = dir.path().join("real.npy");
+    let noise_path = dir.path().join("noise.npy");
+    diffuse::io::write_npy_f32(&real_path, &[200, 1, 28, 28], &real).unwrap();
+    diffuse::io::write_npy_f32(&noise_path, &[200, 1, 28, 28], &noise).unwrap();
+    let score = |p: &Path| -> serde_json::Value {
+        let o = diffuse(&["eval", "samples", "--samples", p.to_str().unwrap(), "--json"]);
+        ok(&o);
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let r = score(&real_path);
+    let n = score(&noise_path);
+    for k in [
+        "fd_pixels",
+        "energy_distance",
+        "fd_pixels_real",
+        "n_samples",
+        "n_images",
+    ] {
+        assert!(r.get(k).is_some(), "{k} missing in {r}");
+    }
+    let (fr, fnoise) = (r["fd_pixels"].as_f64().unwrap(), n["fd_pixels"].as_f64().unwrap());
+    assert!(fr >= 0.0 && fr * 20.0 < fnoise, "real {fr} vs noise {fnoise}");
+    let (er, en) = (
+        r["energy_distance"].as_f64().unwrap(),
+        n["energy_distance"].as_f64().unwrap(),
+    );
+    assert!(er * 20.0 < en, "real {er} vs noise {en}");
+    // the real training images against the test split are exactly the floor's computation
+    let floor = r["fd_pixels_real"].as_f64().unwrap();
+    assert!((floor - fr).abs() < 1e-4 * fr.max(1.0), "{floor} vs {fr}");
+
+    // wrong shape: exit 2 naming the file
+    let small = dir.path().join("small.npy");
+    diffuse::io::write_npy_f32(&small, &[4, 1, 8, 7], &[0.5; 4 * 56]).unwrap();
+    let o = diffuse(&["eval", "samples", "--samples", small.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("small.npy") || err.contains("[1, 8, 7]"), "{err}");
+}

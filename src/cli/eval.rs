@@ -25,6 +25,35 @@ pub struct EvalArgs {
 enum EvalCommand {
     /// Negative log-likelihood bound in bits/dim: L_T + sum L_{t-1} + L_0 over all T steps.
     Nll(NllArgs),
+    /// Distances between generated images (a samples.npy) and real images: the Fréchet
+    /// distance of pixel moments and the energy distance, with the same figures for real
+    /// training images as the floor.
+    Samples(SamplesArgs),
+}
+
+#[derive(Args, Debug)]
+struct SamplesArgs {
+    /// The generated images: a float32 .npy of shape [N, C, H, W] in [0, 1] (what
+    /// `diffuse sample` writes as samples.npy).
+    #[arg(long, value_name = "FILE.npy")]
+    samples: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Reference split: test (default) or train.
+    #[arg(long, default_value = "test")]
+    split: Split,
+    /// Number of reference images (the first M of the split; default: as many as samples).
+    #[arg(long)]
+    n_images: Option<usize>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Write the result as JSON here.
+    #[arg(long, value_name = "FILE.json")]
+    out: Option<PathBuf>,
+    /// Print the result as one JSON object instead of the summary line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -71,7 +100,108 @@ struct NllArgs {
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     match args.command {
         EvalCommand::Nll(a) => nll(a),
+        EvalCommand::Samples(a) => samples(a),
     }
+}
+
+/// `diffuse eval samples`: pixel-space Fréchet distance and energy distance to real images.
+fn samples(a: SamplesArgs) -> anyhow::Result<()> {
+    use diffuse::eval::{distance::energy_distance, frechet::frechet_distance};
+    super::set_threads(a.threads)?;
+    let npy = match diffuse::io::read_npy(&a.samples) {
+        Ok(v) => v,
+        Err(e) => return super::usage(format!("{}: {e}", a.samples.display())),
+    };
+    if npy.shape.len() != 4 || npy.shape[0] < 2 {
+        return super::usage(format!(
+            "{}: expected shape [N, C, H, W] with N >= 2, got {:?}",
+            a.samples.display(),
+            npy.shape
+        ));
+    }
+    if let Some(i) = npy.data.iter().position(|v| !v.is_finite()) {
+        return super::usage(format!("{}: value {i} is not finite", a.samples.display()));
+    }
+    let n = npy.shape[0];
+    let shape = [npy.shape[1], npy.shape[2], npy.shape[3]];
+    let d = shape.iter().product::<usize>();
+    let mut spec = a.data.spec(a.split);
+    if spec.image_size.is_none() && shape[1] == shape[2] {
+        spec.image_size = Some(shape[1]);
+    }
+    if spec.channels.is_none() {
+        spec.channels = Some(shape[0]);
+    }
+    let ds = data::load(&spec)?;
+    if ds.shape() != shape {
+        return super::usage(format!(
+            "the samples are {:?} but the reference images are {:?}",
+            shape,
+            ds.shape()
+        ));
+    }
+    let m = a.n_images.unwrap_or(n).min(ds.len());
+    if m < 2 {
+        return super::usage("need at least 2 reference images");
+    }
+    // reference images in [0, 1], like the samples
+    let unit = |ds: &data::ImageDataset, m: usize| -> Vec<f64> {
+        ds.pixels()[..m * d]
+            .iter()
+            .map(|&v| (v as f64 + 1.0) / 2.0)
+            .collect()
+    };
+    let reference = unit(&ds, m);
+    let fd = frechet_distance(&npy.data, &reference, d)?;
+    let energy = energy_distance(&npy.data, &reference, d)?;
+    // the floor: real images of the other split against the same reference images
+    let other = if a.split == Split::Test {
+        Split::Train
+    } else {
+        Split::Test
+    };
+    // (a folder without a split of that name has no floor)
+    let ods = data::load(&spec.with_split(other)).ok();
+    let k = ods.as_ref().map_or(0, |o| n.min(o.len()));
+    let (fd_floor, energy_floor) = if let (Some(ods), true) = (&ods, k >= 2) {
+        let real = unit(ods, k);
+        (
+            Some(frechet_distance(&real, &reference, d)?),
+            Some(energy_distance(&real, &reference, d)?),
+        )
+    } else {
+        (None, None)
+    };
+    let result = json!({
+        "fd_pixels": fd,
+        "energy_distance": energy,
+        "fd_pixels_real": fd_floor,
+        "energy_distance_real": energy_floor,
+        "n_samples": n,
+        "n_images": m,
+        "n_real": k,
+        "split": a.split.to_string(),
+        "data": ds.source(),
+        "samples": a.samples.display().to_string(),
+    });
+    if let Some(path) = &a.out {
+        diffuse::io::write_json(path, &result)?;
+    }
+    if a.json {
+        println!("{result}");
+    } else {
+        let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
+        println!(
+            "{n} samples vs {m} {} images: Fréchet distance of pixels {fd:.4} (real {other} images: {}), energy distance {energy:.4} (real: {})",
+            a.split,
+            fmt(fd_floor),
+            fmt(energy_floor)
+        );
+        if let Some(path) = &a.out {
+            println!("wrote {}", path.display());
+        }
+    }
+    Ok(())
 }
 
 fn nll(a: NllArgs) -> anyhow::Result<()> {

@@ -1,4 +1,5 @@
 //! Evaluation: sample-quality distances between sample sets.
 
 pub mod distance;
+pub mod frechet;
 pub mod report;
