@@ -46,7 +46,7 @@ impl DataArgs {
 /// `--corrector-steps`, `--predictor`, `--rtol`, `--atol`, `--churn`, `--ode-variable`.
 #[derive(Args, Debug, Clone, Default)]
 pub struct SamplerFlags {
-    /// Number of sampler steps (ddpm: T, or K < T to respace; ddim 100; SDE/PC/ode-euler 1000;
+    /// Number of sampler steps (ddpm: K < T respaces the chain, default T, 100 in `diffuse sample`; ddim 100; SDE/PC/ode-euler 1000;
     /// ode-heun 200; edm-heun 18). ode-rk45 chooses its own steps and ignores this.
     #[arg(long)]
     pub steps: Option<usize>,

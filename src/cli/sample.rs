@@ -16,11 +16,13 @@ use diffuse::samplers::{draw_prior, Observer, SamplerKind, StepEvent};
 
 use super::common::{ModelSource, SamplerFlags};
 
-/// The default sampler and step count: DDIM (eta = 0, trailing spacing) with 50 steps gave the
-/// best quality per second on the demo model (README, "Sampling defaults").
-pub const DEFAULT_SAMPLER: &str = "ddim";
+/// The default sampler and step count: ancestral DDPM sampling respaced to 100 steps gave the
+/// best quality per second on the demo model, well ahead of DDIM, the probability-flow ODE and
+/// EDM at equal or lower cost (README, "Sampling defaults"). Applies to ddpm and ddim runs
+/// without --steps.
+pub const DEFAULT_SAMPLER: &str = "ddpm";
 /// See [`DEFAULT_SAMPLER`].
-pub const DEFAULT_STEPS: usize = 50;
+pub const DEFAULT_STEPS: usize = 100;
 
 #[derive(Args, Debug)]
 pub struct SampleArgs {
@@ -30,7 +32,8 @@ pub struct SampleArgs {
     #[arg(long, value_name = "FILE")]
     scheduler_config: Option<PathBuf>,
     /// Sampler: ddpm, ddim (on the ddpm process); euler-maruyama, pc, ode-euler, ode-heun, ode-rk45,
-    /// edm-heun (on vp, vp-cosine, subvp, ve). Default ddim with 50 steps.
+    /// edm-heun (on vp, vp-cosine, subvp, ve). Default ddpm (ancestral) respaced to 100 steps;
+    /// ddpm and ddim without --steps take 100 steps (--steps 1000 for the full chain).
     #[arg(long, default_value = DEFAULT_SAMPLER)]
     sampler: String,
     /// Process the sampler runs: ddpm (the model's own discrete schedule), or a continuous family
@@ -123,7 +126,7 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
     let schedule = model.schedule().clone();
     let process = Process::from_name(&a.process, || Ok(schedule.clone()))?;
     let mut opts = a.opts.clone();
-    if kind == SamplerKind::Ddim && opts.steps.is_none() {
+    if matches!(kind, SamplerKind::Ddim | SamplerKind::Ddpm) && opts.steps.is_none() {
         opts.steps = Some(DEFAULT_STEPS);
     }
     let discrete = matches!(kind, SamplerKind::Ddim | SamplerKind::Ddpm) && a.process == "ddpm";

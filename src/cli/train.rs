@@ -85,14 +85,14 @@ pub struct TrainArgs {
     /// Write a checkpoint every this many steps (also at the end and on Ctrl-C / SIGTERM).
     #[arg(long, default_value_t = 250)]
     checkpoint_every: u64,
-    /// Draw a sample grid (EMA weights, DDIM) every this many steps (0: only at the end).
+    /// Draw a sample grid (EMA weights, ancestral DDPM sampling) every this many steps (0: only at the end).
     #[arg(long, default_value_t = 500)]
     sample_every: u64,
     /// Images in the sample grid (0: none).
     #[arg(long, default_value_t = 36)]
     grid_size: usize,
-    /// DDIM steps of the sample grid.
-    #[arg(long, default_value_t = 50)]
+    /// Sampling steps of the sample grid (DDPM respaced from T).
+    #[arg(long, default_value_t = 100)]
     grid_steps: usize,
     /// Worker threads (default: all cores).
     #[arg(long)]

@@ -88,7 +88,7 @@ pub fn checksum_f32(values: &[f32]) -> String {
 pub struct GridSampling {
     /// Images in the grid (0: no grid).
     pub n: usize,
-    /// DDIM steps.
+    /// Ancestral (DDPM) sampling steps, respaced from T.
     pub steps: usize,
     /// Seed of the grid's noise (the same every time, so grids are comparable across steps).
     pub seed: u64,
@@ -204,7 +204,8 @@ impl ImageTask {
     }
 }
 
-/// `n` images from `den` by DDIM (eta = 0, trailing spacing) with `steps` steps, seeded.
+/// `n` images from `den` by ancestral DDPM sampling respaced to `steps` steps (fixed-small
+/// variance), seeded: the `diffuse sample` default (README, "Sampling defaults").
 pub fn sample_images(
     den: &UNetDenoiser,
     schedule: &Schedule,
@@ -219,10 +220,9 @@ pub fn sample_images(
     let process = Process::Ddpm(schedule.clone());
     let options = SamplerOptions {
         steps: Some(steps.min(schedule.timesteps())),
-        spacing: Some("trailing".into()),
         ..Default::default()
     };
-    let sampler = build_sampler(SamplerKind::Ddim, &process, &options)?;
+    let sampler = build_sampler(SamplerKind::Ddpm, &process, &options)?;
     let out = sample_batched(
         sampler.as_ref(),
         den,
