@@ -104,7 +104,7 @@ pub fn cholesky(a: &[f64], d: usize) -> Result<Vec<f64>> {
             let s: f64 = (0..j).map(|k| l[i * d + k] * l[j * d + k]).sum();
             if i == j {
                 let v = a[i * d + i] - s;
-                if !(v > 0.0) {
+                if v.is_nan() || v <= 0.0 {
                     return Err(Error::Numerical(format!(
                         "covariance is not positive definite (pivot {i} is {v:e})"
                     )));
