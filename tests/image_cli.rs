@@ -225,7 +225,8 @@ fn bad_input_is_a_one_line_error_with_exit_2() {
 fn eval_samples_ranks_real_images_above_noise() {
     use diffuse::data::{load_bundled, Split};
     let dir = tempfile::tempdir().unwrap();
-    // 200 real training images (the reference is the test split) and 200 uniform-noise images
+    // 200 real training images (the reference is the test split) and 200 uniform-noise images;
+    // with 200 images in 784 dimensions the real set sits at FD ~13 (sampling noise), noise at ~210
     let train = load_bundled(Split::Train).unwrap();
     let d = train.image_len();
     let real: Vec<f32> = train.pixels()[..200 * d]
@@ -260,7 +261,7 @@ fn eval_samples_ranks_real_images_above_noise() {
         assert!(r.get(k).is_some(), "{k} missing in {r}");
     }
     let (fr, fnoise) = (r["fd_pixels"].as_f64().unwrap(), n["fd_pixels"].as_f64().unwrap());
-    assert!(fr >= 0.0 && fr * 20.0 < fnoise, "real {fr} vs noise {fnoise}");
+    assert!(fr >= 0.0 && fr * 10.0 < fnoise, "real {fr} vs noise {fnoise}");
     let (er, en) = (
         r["energy_distance"].as_f64().unwrap(),
         n["energy_distance"].as_f64().unwrap(),
