@@ -235,6 +235,9 @@ pub fn loss_curve_png(path: &Path, records: &[MetricRecord]) -> Result<()> {
                     .configure_mesh()
                     .x_desc("step")
                     .y_desc("loss")
+                    .y_labels(8)
+                    .x_label_formatter(&|v| format!("{v:.0}"))
+                    .y_label_formatter(&|v| tick_label(*v))
                     .label_style(("sans-serif", 14))
                     .draw()
                     .map_err(plot_err)?;
@@ -281,9 +284,32 @@ pub fn loss_curve_png(path: &Path, records: &[MetricRecord]) -> Result<()> {
     save_rgb_png(path, w, h, buf)
 }
 
+/// A short axis label: 4 significant digits, no trailing zeros (`0.7000000000000001` -> `0.7`).
+fn tick_label(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let digits = (3 - v.abs().log10().floor() as i32).max(0) as usize;
+    let s = format!("{v:.digits$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tick_labels_are_short() {
+        assert_eq!(tick_label(0.7000000000000001), "0.7");
+        assert_eq!(tick_label(0.030000000000000002), "0.03");
+        assert_eq!(tick_label(2500.0), "2500");
+        assert_eq!(tick_label(0.12345), "0.1235");
+        assert_eq!(tick_label(1.0), "1");
+    }
 
     fn rec(step: u64, loss: f64) -> MetricRecord {
         MetricRecord {
