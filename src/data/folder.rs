@@ -229,11 +229,9 @@ pub fn load_dir(
     for d in images {
         pixels.extend(convert_channels(d.planes, d.channels, target)?);
     }
-    let n = files.len();
-    let mut source = format!("image folder {} ({n} images", root.display());
+    let mut source = format!("image folder {}", root.display());
     if let Some(names) = &class_names {
-        source.push_str(&format!(", {} classes", names.len()));
+        source.push_str(&format!(" ({} classes)", names.len()));
     }
-    source.push(')');
     ImageDataset::new(pixels, [target, height, width], labels, class_names, source)
 }
