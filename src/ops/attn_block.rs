@@ -21,7 +21,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::cpu::{self, Read, Scratch, SyncPtr};
-use super::norm::{check_groups, group_backward, group_forward, GroupIo};
+use super::norm::{check_groups, group_forward, image_backward, GroupIo};
 use super::AttentionBlockParams;
 
 /// Offsets of the packed parameters: `[gamma | beta | Wq | bq | Wk | bk | Wv | bv | Wo | bo]`.
@@ -309,26 +309,22 @@ impl AttnOp {
                 match self.norm {
                     Some((groups, eps)) => {
                         let (gamma, beta) = (part(pack, self.pack.gamma()), part(pack, self.pack.beta()));
-                        let cg = c / groups;
                         let (mut da, mut db) = (vec![0f32; c], vec![0f32; c]);
-                        for gr in 0..groups {
-                            let r = gr * cg * l..(gr + 1) * cg * l;
-                            let ch = gr * cg..(gr + 1) * cg;
-                            group_backward(
-                                GroupIo {
-                                    x: &x_n[r.clone()],
-                                    dy: &dh[r.clone()],
-                                    dx: &mut dxn[r],
-                                    da: &mut da[ch.clone()],
-                                    db: &mut db[ch.clone()],
-                                },
-                                l,
-                                &gamma[ch.clone()],
-                                &beta[ch],
-                                eps,
-                                false,
-                            );
-                        }
+                        image_backward(
+                            GroupIo {
+                                x: x_n,
+                                dy: &dh,
+                                dx: &mut dxn,
+                                da: &mut da,
+                                db: &mut db,
+                            },
+                            l,
+                            groups,
+                            &gamma[..c],
+                            &beta[..c],
+                            eps,
+                            false,
+                        );
                         dgamma.iter_mut().zip(&da).for_each(|(a, b)| *a += b);
                         dbeta.iter_mut().zip(&db).for_each(|(a, b)| *a += b);
                     }

@@ -26,7 +26,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 use super::conv::{col2im, im2col, Geometry};
 use super::cpu::{self, Read, Scratch, SyncPtr};
 use super::direct::{Direct, WeightGrad};
-use super::norm::{check_groups, group_backward, group_forward, GroupIo};
+use super::norm::{check_groups, group_forward, image_backward, GroupIo};
 use super::{ConvAdd, GroupNormSilu};
 
 /// Where each small input sits in the packed tensor: `[w | b | a | b' | cb]`.
@@ -346,27 +346,23 @@ impl ConvBlock {
                     col2im(&g, &mut dcol, target);
                 }
                 if let Some((groups, eps)) = self.norm {
-                    let cg = g.c_in / groups;
                     let mut da_local = vec![0f32; g.c_in];
                     let mut dbb_local = vec![0f32; g.c_in];
-                    for grp in 0..groups {
-                        let r = grp * cg * s..(grp + 1) * cg * s;
-                        let ch = grp * cg..(grp + 1) * cg;
-                        group_backward(
-                            GroupIo {
-                                x: &x_n[r.clone()],
-                                dy: &dh[r.clone()],
-                                dx: &mut dx_n[r],
-                                da: &mut da_local[ch.clone()],
-                                db: &mut dbb_local[ch.clone()],
-                            },
-                            s,
-                            &a_n[ch.clone()],
-                            &bb_n[ch],
-                            eps,
-                            true,
-                        );
-                    }
+                    image_backward(
+                        GroupIo {
+                            x: x_n,
+                            dy: &dh,
+                            dx: dx_n,
+                            da: &mut da_local,
+                            db: &mut dbb_local,
+                        },
+                        s,
+                        groups,
+                        &a_n[..g.c_in],
+                        &bb_n[..g.c_in],
+                        eps,
+                        true,
+                    );
                     if want.pack {
                         unsafe {
                             da_out.slice(n * g.c_in, g.c_in).copy_from_slice(&da_local);

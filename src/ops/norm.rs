@@ -220,6 +220,40 @@ pub(crate) struct GroupIo<'a> {
     pub db: &'a mut [f32],
 }
 
+/// Backward of all `groups` groups of one image (`a.len()` channels of `s` pixels each, group by
+/// group through [`group_backward`]): `io` holds the whole image's `x`, `dy`, `dx` and the
+/// per-channel `da`, `db`.
+pub(crate) fn image_backward(
+    io: GroupIo<'_>,
+    s: usize,
+    groups: usize,
+    a: &[f32],
+    b: &[f32],
+    eps: f64,
+    silu: bool,
+) {
+    let GroupIo { x, dy, dx, da, db } = io;
+    let cg = a.len() / groups;
+    for g in 0..groups {
+        let r = g * cg * s..(g + 1) * cg * s;
+        let ch = g * cg..(g + 1) * cg;
+        group_backward(
+            GroupIo {
+                x: &x[r.clone()],
+                dy: &dy[r.clone()],
+                dx: &mut dx[r],
+                da: &mut da[ch.clone()],
+                db: &mut db[ch.clone()],
+            },
+            s,
+            &a[ch.clone()],
+            &b[ch],
+            eps,
+            silu,
+        );
+    }
+}
+
 /// Backward of one group (see the module docs): writes `dx`, and `da[c] = sum dz * xhat`,
 /// `db[c] = sum dz` for the group's channels.
 pub(crate) fn group_backward(io: GroupIo<'_>, s: usize, a_g: &[f32], b_g: &[f32], eps: f64, silu: bool) {

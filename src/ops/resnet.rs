@@ -39,7 +39,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 use super::conv::Geometry;
 use super::cpu::{self, Read, Scratch, SyncPtr};
 use super::direct::{Direct, WeightGrad};
-use super::norm::{check_groups, group_backward, group_forward, GroupIo};
+use super::norm::{check_groups, group_forward, image_backward, GroupIo};
 use super::{ResnetBlockParams, TimeCondition};
 
 /// Offsets and lengths of the packed small inputs.
@@ -606,26 +606,15 @@ impl ResnetOp {
         da: &mut [f32],
         db: &mut [f32],
     ) {
-        let (p, groups) = (self.d.p(), self.d.groups);
-        let cg = c / groups;
-        for g in 0..groups {
-            let r = g * cg * p..(g + 1) * cg * p;
-            let ch = g * cg..(g + 1) * cg;
-            group_backward(
-                GroupIo {
-                    x: &x[r.clone()],
-                    dy: &dy[r.clone()],
-                    dx: &mut dx[r],
-                    da: &mut da[ch.clone()],
-                    db: &mut db[ch.clone()],
-                },
-                p,
-                &a[ch.clone()],
-                &b[ch],
-                self.d.eps,
-                true,
-            );
-        }
+        image_backward(
+            GroupIo { x, dy, dx, da, db },
+            self.d.p(),
+            self.d.groups,
+            &a[..c],
+            &b[..c],
+            self.d.eps,
+            true,
+        );
     }
 
     fn bwd_tensors(
