@@ -5,6 +5,7 @@ use std::path::Path;
 
 use candle_core::Device;
 
+use crate::data::DataSpec;
 use crate::error::{Error, Result};
 use crate::nets::diffusers;
 use crate::nets::scheduler_config::SchedulerConfig;
@@ -23,6 +24,8 @@ pub struct ImageModel {
     /// The scheduler config of a diffusers folder (its `clip_sample`, spacing, ... are the
     /// pipeline's defaults); `None` for our checkpoints.
     pub scheduler: Option<SchedulerConfig>,
+    /// The data a `diffuse train` run was trained on (`None` for diffusers folders).
+    pub data: Option<DataSpec>,
 }
 
 impl ImageModel {
@@ -59,6 +62,7 @@ pub fn load_checkpoint(dir: &Path, use_ema: bool, device: &Device) -> Result<Ima
         denoiser: UNetDenoiser::new(m.unet, schedule, m.config.prediction),
         shape: [c, h, w],
         scheduler: None,
+        data: Some(m.config.data.clone()),
     })
 }
 
@@ -83,6 +87,7 @@ pub fn load_diffusers(dir: &Path, scheduler_config: Option<&Path>, device: &Devi
         denoiser: UNetDenoiser::new(unet, schedule, scheduler.prediction_type),
         shape: [c, h, w],
         scheduler: Some(scheduler),
+        data: None,
     })
 }
 

@@ -279,3 +279,84 @@ fn eval_samples_ranks_real_images_above_noise() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("small.npy") || err.contains("[1, 8, 7]"), "{err}");
 }
+
+/// A model trained on a folder is evaluated on that folder when `--data` is not given (never
+/// silently on the bundled MNIST), by `eval nll` and by `eval samples` on its samples.
+#[test]
+fn evaluation_defaults_to_the_runs_own_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("tiles");
+    std::fs::create_dir_all(&folder).unwrap();
+    for i in 0..8u8 {
+        let img = image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([i * 30, (x * 30) as u8, (y * 30) as u8]));
+        img.save(folder.join(format!("{i}.png"))).unwrap();
+    }
+    let run = dir.path().join("run");
+    ok(&diffuse(&[
+        "train",
+        "--data",
+        folder.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--timesteps",
+        "20",
+        "--grid-size",
+        "0",
+        "--sample-every",
+        "0",
+    ]));
+    let o = diffuse(&[
+        "eval",
+        "nll",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--split",
+        "train",
+        "--n-images",
+        "2",
+        "--json",
+    ]);
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["data"].as_str().unwrap().contains("tiles"), "{v}");
+
+    let samples = dir.path().join("samples");
+    ok(&diffuse(&[
+        "sample",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--n",
+        "3",
+        "--steps",
+        "2",
+        "--out",
+        samples.to_str().unwrap(),
+    ]));
+    let o = diffuse(&[
+        "eval",
+        "samples",
+        "--samples",
+        samples.join("samples.npy").to_str().unwrap(),
+        "--split",
+        "train",
+        "--json",
+    ]);
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["data"].as_str().unwrap().contains("tiles"), "{v}");
+    // the folder has no test split: a one-line error that says what to do
+    let o = diffuse(&[
+        "eval",
+        "nll",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--n-images",
+        "2",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--split train"));
+}

@@ -16,8 +16,10 @@ use diffuse::samplers::{SamplerKind, SamplerOptions};
 pub struct DataArgs {
     /// `mnist5k` (the bundled 5,000-image MNIST subset) or a directory: IDX files
     /// (MNIST/Fashion-MNIST), CIFAR-10 `.bin` batches, or a folder of PNG/JPEG images (detected).
-    #[arg(long, default_value = "mnist5k")]
-    pub data: String,
+    /// Default: mnist5k; for a trained run (`--checkpoint`, `--resume`, a run's samples) the
+    /// data it was trained on.
+    #[arg(long)]
+    pub data: Option<String>,
     /// Override format detection: idx, cifar10 or folder.
     #[arg(long)]
     pub format: Option<Format>,
@@ -33,11 +35,25 @@ impl DataArgs {
     /// The dataset selection for `split`.
     pub fn spec(&self, split: Split) -> DataSpec {
         DataSpec {
-            data: self.data.clone(),
+            data: self.data.clone().unwrap_or_else(|| diffuse::data::BUNDLED.into()),
             format: self.format,
             split,
             image_size: self.image_size,
             channels: self.channels,
+        }
+    }
+
+    /// The selection for `split`, taking `run` (the data a model was trained on) when neither
+    /// `--data` nor `--format` is given; `--image-size` and `--channels` still override.
+    pub fn spec_or(&self, split: Split, run: Option<&DataSpec>) -> DataSpec {
+        match run {
+            Some(r) if self.data.is_none() && self.format.is_none() => DataSpec {
+                split,
+                image_size: self.image_size.or(r.image_size),
+                channels: self.channels.or(r.channels),
+                ..r.clone()
+            },
+            _ => self.spec(split),
         }
     }
 }

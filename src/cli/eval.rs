@@ -34,7 +34,8 @@ enum EvalCommand {
 #[derive(Args, Debug)]
 struct SamplesArgs {
     /// The generated images: a float32 .npy of shape [N, C, H, W] in [0, 1] (what
-    /// `diffuse sample` writes as samples.npy).
+    /// `diffuse sample` writes as samples.npy; without --data, the reference is the data the
+    /// model was trained on, read from the info.json beside it).
     #[arg(long, value_name = "FILE.npy")]
     samples: PathBuf,
     #[command(flatten)]
@@ -125,7 +126,16 @@ fn samples(a: SamplesArgs) -> anyhow::Result<()> {
     let n = npy.shape[0];
     let shape = [npy.shape[1], npy.shape[2], npy.shape[3]];
     let d = shape.iter().product::<usize>();
-    let mut spec = a.data.spec(a.split);
+    // without --data: the training data recorded in the info.json `diffuse sample` wrote beside
+    // the samples, if any
+    let run_data: Option<data::DataSpec> = a
+        .samples
+        .parent()
+        .map(|d| d.join("info.json"))
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| serde_json::from_value(v.get("training_data")?.clone()).ok());
+    let mut spec = a.data.spec_or(a.split, run_data.as_ref());
     if spec.image_size.is_none() && shape[1] == shape[2] {
         spec.image_size = Some(shape[1]);
     }
@@ -210,7 +220,7 @@ fn nll(a: NllArgs) -> anyhow::Result<()> {
         return super::usage("--n-images and --batch must be at least 1");
     }
     let model = a.model.load(!a.no_ema, a.scheduler_config.as_deref())?;
-    let mut spec = a.data.spec(a.split);
+    let mut spec = a.data.spec_or(a.split, model.data.as_ref());
     // Make the data the model's shape unless the user chose otherwise.
     let [c, h, w] = model.shape;
     if spec.image_size.is_none() && h == w {

@@ -245,6 +245,7 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
         "images_per_second": a.n as f64 / seconds.max(1e-9),
         "seed": a.seed,
         "model": model.source,
+        "training_data": model.data,
         "out": a.out,
     });
     diffuse::io::write_json(&a.out.join("info.json"), &info)?;

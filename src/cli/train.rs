@@ -124,17 +124,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         (None, None)
     };
     let st = saved_task.as_ref();
-    let data_spec = match st {
-        Some(s) if args.data.data == "mnist5k" && args.data.format.is_none() => {
-            // the data flags were not given: use the saved selection
-            if args.data.image_size.is_some() || args.data.channels.is_some() {
-                args.data.spec(Split::Train)
-            } else {
-                s.data.clone()
-            }
-        }
-        _ => args.data.spec(Split::Train),
-    };
+    // data flags not given on --resume: the saved selection
+    let data_spec = args.data.spec_or(Split::Train, st.map(|s| &s.data));
     let ds = data::load(&data_spec)?;
     let [c, h, w] = ds.shape();
     if h != w {

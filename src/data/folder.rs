@@ -104,7 +104,7 @@ fn split_root(dir: &Path, split: Split) -> Result<(PathBuf, Vec<PathBuf>)> {
         return Err(Error::bad_input(
             dir,
             "has no train/ and test/ subfolders, so the whole folder is the train split and there \
-             is no test split",
+             is no test split (use --split train)",
         ));
     }
     Ok((dir.to_path_buf(), vec![dir.to_path_buf()]))
