@@ -444,10 +444,19 @@ pub fn parameter_count(varmap: &VarMap) -> usize {
 }
 
 /// The progress bar: over steps when a step budget is set, else over the session's seconds.
+/// When stderr is not a terminal (a log file, `nohup`) the bar cannot draw; the same figures
+/// are then printed as a plain line every [`PLAIN_EVERY`].
 struct Progress {
     bar: ProgressBar,
     by_steps: bool,
+    /// Enabled but not drawable: print plain lines instead.
+    plain: bool,
+    /// Session seconds at the last plain line.
+    last_plain: std::cell::Cell<f64>,
 }
+
+/// Interval of the plain progress lines.
+const PLAIN_EVERY: Duration = Duration::from_secs(30);
 
 impl Progress {
     fn new(enabled: bool, budget: &Budget, step: u64) -> Self {
@@ -472,7 +481,13 @@ impl Progress {
         if by_steps {
             bar.set_position(step);
         }
-        Progress { bar, by_steps }
+        let plain = enabled && bar.is_hidden();
+        Progress {
+            bar,
+            by_steps,
+            plain,
+            last_plain: std::cell::Cell::new(0.0),
+        }
     }
 
     fn update(
@@ -483,10 +498,11 @@ impl Progress {
         budget: &Budget,
         records: &[MetricRecord],
     ) {
-        if self.bar.is_hidden() {
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        let plain_due = self.plain && secs - self.last_plain.get() >= PLAIN_EVERY.as_secs_f64();
+        if self.bar.is_hidden() && !plain_due {
             return;
         }
-        let secs = elapsed.as_secs_f64().max(1e-9);
         let rate = session_steps as f64 / secs;
         // a short running mean of the loss reads better than the raw batch loss
         let tail = &records[records.len().saturating_sub(50)..];
@@ -508,6 +524,15 @@ impl Progress {
         } else {
             format!("step {} | ", r.step)
         };
+        if plain_due {
+            self.last_plain.set(secs);
+            eprintln!(
+                "[{}] step {} | loss {mean:.4} | {rate:.1} steps/s | ETA {eta}",
+                HumanDuration(elapsed),
+                r.step
+            );
+            return;
+        }
         self.bar.set_message(format!(
             "| {step_part}loss {mean:.4} | {rate:.1} steps/s | ETA {eta}"
         ));
