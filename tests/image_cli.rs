@@ -133,6 +133,9 @@ fn train_resume_sample_eval() {
     ok(&out);
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["nfe"], 4);
+    // our image models' ddpm/ddim runs clip x_0 to the data range by default
+    assert_eq!(info["clip_x0"], 1.0, "{info}");
+    assert_eq!(info["sampler"], "ddpm", "{info}");
     for f in [
         "grid.png",
         "samples.npy",

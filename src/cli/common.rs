@@ -76,7 +76,8 @@ pub struct SamplerFlags {
     /// DDPM variance: small (beta~, default) or large (beta).
     #[arg(long)]
     pub variance: Option<String>,
-    /// Clip x_0 predictions to [-C, C] (ddpm, ddim; default off).
+    /// Clip x_0 predictions to [-C, C] (ddpm, ddim; default off, except `diffuse sample` on a
+    /// --checkpoint image model: 1, the data range, unless --no-clip-x0).
     #[arg(long, value_name = "C")]
     pub clip_x0: Option<f64>,
     /// PC: signal-to-noise ratio of the Langevin corrector (default 0.16).

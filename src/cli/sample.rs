@@ -23,6 +23,8 @@ use super::common::{ModelSource, SamplerFlags};
 pub const DEFAULT_SAMPLER: &str = "ddpm";
 /// See [`DEFAULT_SAMPLER`].
 pub const DEFAULT_STEPS: usize = 100;
+/// The x_0 clip of ddpm/ddim runs on our image models: the data range [-1, 1] (see `--no-clip-x0`).
+pub const IMAGE_CLIP_X0: f64 = 1.0;
 
 #[derive(Args, Debug)]
 pub struct SampleArgs {
@@ -60,6 +62,13 @@ pub struct SampleArgs {
     /// Use the raw (non-EMA) weights of a --checkpoint model.
     #[arg(long)]
     no_ema: bool,
+    /// Do not clip x_0 predictions of ddpm/ddim on a --checkpoint model. By default they are
+    /// clipped to the data range [-1, 1] (what improved-diffusion's and diffusers' pipelines do):
+    /// the exact denoiser E[x_0 | x_t] of images in [-1, 1] lies in that box, so clipping the
+    /// estimate onto it never moves it further from the exact value, and it keeps schedules
+    /// whose last beta is capped at 0.999 (cosine) from amplifying the first steps' error.
+    #[arg(long)]
+    no_clip_x0: bool,
     /// Also write trajectory.png (x_t and the predicted x_0 of the first images through the
     /// reverse process) and trajectory.gif.
     #[arg(long)]
@@ -148,11 +157,19 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
             // trailing reaches t = T (field notes, bug 1)
             opts.spacing = Some("trailing".into());
         }
+        if discrete && model.scheduler.is_none() && opts.clip_x0.is_none() && !a.no_clip_x0 {
+            opts.clip_x0 = Some(IMAGE_CLIP_X0);
+        }
         let options = opts.options(kind)?;
         (
             diffuse::samplers::build_sampler(kind, &process, &options)?,
             options.steps,
         )
+    };
+    let clip_x0 = if follow_scheduler {
+        model.default_clip_x0()
+    } else {
+        opts.clip_x0
     };
     let device = super::device()?;
     let [c, h, w] = model.shape;
@@ -240,6 +257,7 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
         "sampler": kind.name(),
         "process": process.name(),
         "steps": steps,
+        "clip_x0": clip_x0,
         "nfe": nfe,
         "seconds": seconds,
         "images_per_second": a.n as f64 / seconds.max(1e-9),

@@ -204,8 +204,9 @@ impl ImageTask {
     }
 }
 
-/// `n` images from `den` by ancestral DDPM sampling respaced to `steps` steps (fixed-small
-/// variance), seeded: the `diffuse sample` default (README, "Sampling defaults").
+/// `n` images from `den` by ancestral DDPM sampling respaced to `steps` steps (trailing
+/// spacing, fixed-small variance, x_0 clipped to [-1, 1]), seeded: the `diffuse sample` default
+/// (README, "Sampling defaults").
 pub fn sample_images(
     den: &UNetDenoiser,
     schedule: &Schedule,
@@ -220,6 +221,9 @@ pub fn sample_images(
     let process = Process::Ddpm(schedule.clone());
     let options = SamplerOptions {
         steps: Some(steps.min(schedule.timesteps())),
+        // the data range, as `diffuse sample` does by default
+        clip_x0: Some(1.0),
+        spacing: Some("trailing".into()),
         ..Default::default()
     };
     let sampler = build_sampler(SamplerKind::Ddpm, &process, &options)?;
