@@ -119,7 +119,13 @@ fn main() -> anyhow::Result<()> {
         } => {
             let m = load_diffusers(&dir, None, &dev).with_context(|| format!("loading {}", dir.display()))?;
             let cfg = m.scheduler.clone().unwrap_or_default();
-            let sampler = from_scheduler_config(&cfg, m.schedule(), SamplerKind::Ddim, steps, Some(eta))?;
+            let sampler = from_scheduler_config(
+                &cfg,
+                m.schedule(),
+                SamplerKind::from_name("ddim").unwrap(),
+                steps,
+                Some(eta),
+            )?;
             let [c, h, w] = m.shape;
             let mut noise = NoiseStreams::new(seed, 0, n);
             let x_t = match x_t {

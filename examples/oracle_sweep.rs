@@ -15,10 +15,10 @@ fn main() -> anyhow::Result<()> {
     let gmm = Gmm::from_json_file(std::path::Path::new(&path))?;
     let mut worst = 0.0f64;
     let mut all = Vec::new();
-    for kind in SamplerKind::ALL {
-        let steps = match kind {
-            SamplerKind::Ddpm | SamplerKind::EulerMaruyama => vec![1000],
-            SamplerKind::EdmHeun => vec![18],
+    for kind in SamplerKind::all() {
+        let steps = match kind.name() {
+            "ddpm" | "euler-maruyama" => vec![1000],
+            "edm-heun" => vec![18],
             _ => vec![100, 500],
         };
         for p in kind.processes() {

@@ -368,3 +368,131 @@ fn score_field_draws_a_png() {
         "--t",
     );
 }
+
+#[test]
+fn sample_from_init_noise_follows_the_file() {
+    use candle_core::{DType, Device};
+    use diffuse::process::Process;
+    use diffuse::samplers::{
+        build_sampler, sample_batched_from, InitNoise, NoObserver, SamplerKind, SamplerOptions,
+    };
+    let (dir, spec) = setup();
+    let z: Vec<f64> = (0..10).map(|i| ((i * 7 % 10) as f64 - 4.5) / 3.0).collect();
+    let zfile = p(dir.path(), "z.npy");
+    write_npy_f64(Path::new(&zfile), 5, 2, &z);
+    let out = p(dir.path(), "s.npy");
+    let json = ok(&[
+        "toy",
+        "sample",
+        "--oracle",
+        &spec,
+        "--process",
+        "ddpm",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "10",
+        "--seed",
+        "3",
+        "--init-noise",
+        &zfile,
+        "--out",
+        &out,
+        "--json",
+    ]);
+    assert!(json.contains("\"n\":5"), "{json}");
+    assert!(json.contains("z.npy"), "{json}");
+    // the same run through the library
+    let g = Gmm::from_json_file(Path::new(spec.strip_prefix("gmm:").unwrap())).unwrap();
+    let oracle = diffuse::oracle::Oracle::new(g);
+    let process = Process::from_name("ddpm", || diffuse::schedule::Schedule::named("linear", 1000)).unwrap();
+    let s = build_sampler(
+        SamplerKind::from_name("ddim").unwrap(),
+        &process,
+        &SamplerOptions {
+            steps: Some(10),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let init = InitNoise::from_npy(Path::new(&zfile), &[2]).unwrap();
+    let want = sample_batched_from(
+        s.as_ref(),
+        &oracle,
+        5,
+        &[2],
+        3,
+        5,
+        Some(&init),
+        DType::F64,
+        &Device::Cpu,
+        &mut NoObserver,
+    )
+    .unwrap()
+    .x
+    .flatten_all()
+    .unwrap()
+    .to_vec1::<f64>()
+    .unwrap();
+    let got = read_npy(Path::new(&out)).unwrap();
+    assert_eq!(got.shape, vec![5, 2]);
+    for (a, b) in got.data.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+    }
+    // bad files: wrong width, NaN, rows != --n
+    let wide = p(dir.path(), "wide.npy");
+    write_npy_f64(Path::new(&wide), 2, 3, &[0.0; 6]);
+    let base = [
+        "toy",
+        "sample",
+        "--oracle",
+        &spec,
+        "--process",
+        "ddpm",
+        "--sampler",
+        "ddim",
+        "--seed",
+        "0",
+        "--out",
+        &out,
+    ];
+    let with = |f: &str, extra: &[&str]| {
+        let mut v: Vec<String> = base.iter().map(|s| s.to_string()).collect();
+        v.push("--init-noise".into());
+        v.push(f.into());
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let args = with(&wide, &[]);
+    bad(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>(), "wide.npy");
+    let nan = p(dir.path(), "nan.npy");
+    write_npy_f64(Path::new(&nan), 2, 2, &[0.0, 1.0, f64::NAN, 0.0]);
+    let args = with(&nan, &[]);
+    bad(
+        &args.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        "flat index 2",
+    );
+    let args = with(&zfile, &["--n", "4"]);
+    bad(
+        &args.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        "holds 5 rows",
+    );
+}
+
+#[test]
+fn readme_sampler_table_is_the_registry() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let begin = readme
+        .find("<!-- samplers:begin -->\n")
+        .expect("README has the samplers:begin marker");
+    let end = readme
+        .find("<!-- samplers:end -->")
+        .expect("README has the samplers:end marker");
+    let copy = &readme[begin + "<!-- samplers:begin -->\n".len()..end];
+    assert_eq!(
+        copy,
+        diffuse::samplers::registry::markdown_table(),
+        "README's sampler table differs from the registry: paste `diffuse samplers` between the markers"
+    );
+    assert_eq!(copy, ok(&["samplers"]));
+}

@@ -103,8 +103,8 @@ fn cases() -> Vec<Case> {
         .map(|c| {
             let cfg = SchedulerConfig::from_json(&c["scheduler_config"]).unwrap();
             let kind = match cfg.class {
-                SchedulerClass::Ddpm => SamplerKind::Ddpm,
-                SchedulerClass::Ddim => SamplerKind::Ddim,
+                SchedulerClass::Ddpm => SamplerKind::from_name("ddpm").unwrap(),
+                SchedulerClass::Ddim => SamplerKind::from_name("ddim").unwrap(),
             };
             Case {
                 name: c["name"].as_str().unwrap().to_string(),
@@ -411,8 +411,8 @@ fn our_default_samplers_differ_exactly_where_diffusers_chooses_differently() {
             eta: case.eta,
             spacing: Some(spacing.into()),
             clip_x0: case.cfg.clip_sample.then_some(case.cfg.clip_sample_range),
-            variance: match case.kind {
-                SamplerKind::Ddpm => Some(
+            variance: match case.kind.name() {
+                "ddpm" => Some(
                     if case.cfg.variance_type == diffuse::nets::scheduler_config::VarianceType::FixedLarge {
                         diffuse::samplers::ddpm::Variance::FixedLarge
                     } else {

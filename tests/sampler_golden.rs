@@ -184,7 +184,7 @@ fn respaced_ddpm_takes_exactly_k_steps() {
     let den = FixedEps(Tensor::zeros((1, 2), DType::F64, &Device::Cpu).unwrap());
     for k in [1usize, 7, 37, 333, 1000] {
         let s = build_sampler(
-            SamplerKind::Ddpm,
+            SamplerKind::from_name("ddpm").unwrap(),
             &p,
             &SamplerOptions {
                 steps: Some(k),
@@ -208,7 +208,7 @@ fn respaced_ddpm_takes_exactly_k_steps() {
     }
     for k in [0usize, 1001] {
         let e = build_sampler(
-            SamplerKind::Ddpm,
+            SamplerKind::from_name("ddpm").unwrap(),
             &p,
             &SamplerOptions {
                 steps: Some(k),

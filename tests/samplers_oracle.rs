@@ -146,7 +146,7 @@ fn null_band_is_sane() {
 
 #[test]
 fn ddpm_ancestral_full_chain() {
-    let good = build(SamplerKind::Ddpm, "ddpm", Some(1000));
+    let good = build(SamplerKind::from_name("ddpm").unwrap(), "ddpm", Some(1000));
     // wrong variance: every step's noise std 1.5 times too large
     let mut bad = Ddpm::new(
         ReverseChain::discrete(&linear(), &(0..1000).rev().collect::<Vec<_>>()).unwrap(),
@@ -161,7 +161,7 @@ fn ddpm_ancestral_full_chain() {
 fn ddpm_fixed_large_and_respaced() {
     let p = Process::Ddpm(linear());
     let large = build_sampler(
-        SamplerKind::Ddpm,
+        SamplerKind::from_name("ddpm").unwrap(),
         &p,
         &SamplerOptions {
             variance: Some(Variance::FixedLarge),
@@ -169,7 +169,7 @@ fn ddpm_fixed_large_and_respaced() {
         },
     )
     .unwrap();
-    let respaced = build(SamplerKind::Ddpm, "ddpm", Some(250));
+    let respaced = build(SamplerKind::from_name("ddpm").unwrap(), "ddpm", Some(250));
     // field notes, bug 3: a "respaced" chain that keeps the original one-step posterior
     // (t -> t-1 coefficients) while jumping 4 steps at a time
     let s = linear();
@@ -199,10 +199,10 @@ fn ddpm_fixed_large_and_respaced() {
 
 #[test]
 fn ddim_eta0_and_eta1() {
-    let good = build(SamplerKind::Ddim, "ddpm", Some(200));
+    let good = build(SamplerKind::from_name("ddim").unwrap(), "ddpm", Some(200));
     let p = Process::Ddpm(linear());
     let eta1 = build_sampler(
-        SamplerKind::Ddim,
+        SamplerKind::from_name("ddim").unwrap(),
         &p,
         &SamplerOptions {
             steps: Some(200),
@@ -244,8 +244,8 @@ fn ddim_eta0_and_eta1() {
 #[test]
 fn seed_ve_ddpm_and_ddim() {
     let sde = Sde::seed_ve();
-    let ddpm = build(SamplerKind::Ddpm, "seed-ve", Some(500));
-    let ddim = build(SamplerKind::Ddim, "seed-ve", Some(200));
+    let ddpm = build(SamplerKind::from_name("ddpm").unwrap(), "seed-ve", Some(500));
+    let ddim = build(SamplerKind::from_name("ddim").unwrap(), "seed-ve", Some(200));
     let chain = ReverseChain::seed_ve(&sde, 500, sde.default_grid()).unwrap();
     let mut bad = Ddpm::new(chain.clone(), Variance::FixedSmall, sde.prior_std());
     bad.noise_scale = 0.0;
@@ -265,7 +265,11 @@ fn seed_ve_ddpm_and_ddim() {
 #[test]
 fn euler_maruyama_on_every_family() {
     for (process, steps) in [("vp", 1000), ("subvp", 1000), ("ve", 500), ("seed-ve", 500)] {
-        let good = build(SamplerKind::EulerMaruyama, process, Some(steps));
+        let good = build(
+            SamplerKind::from_name("euler-maruyama").unwrap(),
+            process,
+            Some(steps),
+        );
         let Process::Continuous(sde) = Process::from_name(process, || Schedule::named("linear", 10)).unwrap()
         else {
             unreachable!()
@@ -420,7 +424,10 @@ fn edm_heun() {
             "churn with S_noise = 2",
         );
     }
-    let (e, nfe) = run(build(SamplerKind::EdmHeun, "ve", None).as_ref(), &truth().oracle);
+    let (e, nfe) = run(
+        build(SamplerKind::from_name("edm-heun").unwrap(), "ve", None).as_ref(),
+        &truth().oracle,
+    );
     assert_eq!(
         nfe, 35,
         "18 steps: 2 * 18 - 1 evaluations (the last step to sigma = 0 is Euler)"
@@ -433,19 +440,19 @@ fn edm_heun() {
 fn samples_do_not_depend_on_the_batch_size() {
     let o = &truth().oracle;
     let pairs = [
-        (SamplerKind::Ddpm, "ddpm", Some(50)),
-        (SamplerKind::Ddim, "ddpm", Some(20)),
-        (SamplerKind::Ddpm, "seed-ve", Some(30)),
-        (SamplerKind::EulerMaruyama, "vp", Some(30)),
-        (SamplerKind::Pc, "ve", Some(30)),
-        (SamplerKind::OdeEuler, "subvp", Some(20)),
-        (SamplerKind::OdeHeun, "seed-ve", Some(20)),
-        (SamplerKind::OdeRk45, "vp", None),
-        (SamplerKind::EdmHeun, "ve", Some(10)),
+        (SamplerKind::from_name("ddpm").unwrap(), "ddpm", Some(50)),
+        (SamplerKind::from_name("ddim").unwrap(), "ddpm", Some(20)),
+        (SamplerKind::from_name("ddpm").unwrap(), "seed-ve", Some(30)),
+        (SamplerKind::from_name("euler-maruyama").unwrap(), "vp", Some(30)),
+        (SamplerKind::from_name("pc").unwrap(), "ve", Some(30)),
+        (SamplerKind::from_name("ode-euler").unwrap(), "subvp", Some(20)),
+        (SamplerKind::from_name("ode-heun").unwrap(), "seed-ve", Some(20)),
+        (SamplerKind::from_name("ode-rk45").unwrap(), "vp", None),
+        (SamplerKind::from_name("edm-heun").unwrap(), "ve", Some(10)),
     ];
     for (kind, process, steps) in pairs {
         let mut s = build(kind, process, steps);
-        if kind == SamplerKind::Ddim {
+        if kind == SamplerKind::from_name("ddim").unwrap() {
             let p = Process::Ddpm(linear());
             s = build_sampler(
                 kind,

@@ -9,6 +9,7 @@ use diffuse::pipeline::{self, ImageModel};
 use diffuse::samplers::ddpm::Variance;
 use diffuse::samplers::ode::OdeVariable;
 use diffuse::samplers::pc::Predictor;
+use diffuse::samplers::registry::Opt;
 use diffuse::samplers::{SamplerKind, SamplerOptions};
 
 /// Which images to use: `--data`, `--format`, `--split`, `--image-size`, `--channels`.
@@ -62,60 +63,51 @@ impl DataArgs {
 /// `--corrector-steps`, `--predictor`, `--rtol`, `--atol`, `--churn`, `--ode-variable`.
 #[derive(Args, Debug, Clone, Default)]
 pub struct SamplerFlags {
-    /// Number of sampler steps (ddpm: K < T respaces the chain, default T, 100 in `diffuse sample`; ddim 100; SDE/PC/ode-euler 1000;
-    /// ode-heun 200; edm-heun 18). ode-rk45 chooses its own steps and ignores this.
-    #[arg(long)]
+    #[arg(long, help = steps_help())]
     pub steps: Option<usize>,
-    /// DDIM's eta in [0, 1] (default 0: deterministic).
-    #[arg(long)]
+    #[arg(long, help = Opt::Eta.help())]
     pub eta: Option<f64>,
-    /// Timestep spacing on the ddpm process (linspace [default], leading, trailing, quadratic)
-    /// or time grid on continuous processes (uniform [default], log-snr [default for seed-ve], karras).
-    #[arg(long)]
+    #[arg(long, help = Opt::Spacing.help())]
     pub spacing: Option<String>,
-    /// DDPM variance: small (beta~, default) or large (beta).
-    #[arg(long)]
+    #[arg(long, help = Opt::Variance.help())]
     pub variance: Option<String>,
-    /// Clip x_0 predictions to [-C, C] (ddpm, ddim; default off, except `diffuse sample` on a
-    /// --checkpoint image model: 1, the data range, unless --no-clip-x0).
-    #[arg(long, value_name = "C")]
+    #[arg(long, value_name = "C", help = Opt::ClipX0.help())]
     pub clip_x0: Option<f64>,
-    /// PC: signal-to-noise ratio of the Langevin corrector (default 0.16).
-    #[arg(long)]
+    #[arg(long, help = Opt::Snr.help())]
     pub snr: Option<f64>,
-    /// PC: Langevin corrector steps per time (default 1).
-    #[arg(long)]
+    #[arg(long, help = Opt::CorrectorSteps.help())]
     pub corrector_steps: Option<usize>,
-    /// PC: predictor, reverse-diffusion (default) or euler-maruyama.
-    #[arg(long)]
+    #[arg(long, help = Opt::Predictor.help())]
     pub predictor: Option<String>,
-    /// ode-rk45: relative tolerance (default 1e-5).
-    #[arg(long)]
+    #[arg(long, help = Opt::Rtol.help())]
     pub rtol: Option<f64>,
-    /// ode-rk45: absolute tolerance (default 1e-5).
-    #[arg(long)]
+    #[arg(long, help = Opt::Atol.help())]
     pub atol: Option<f64>,
-    /// edm-heun: stochastic churn S_churn (default 0).
-    #[arg(long)]
+    #[arg(long, help = Opt::Churn.help())]
     pub churn: Option<f64>,
-    /// ode-euler/ode-heun: take the steps in t or in sigma = (noise std)/alpha (default: sigma for
-    /// ve and seed-ve, t otherwise).
-    #[arg(long, value_name = "t|sigma")]
+    #[arg(long, value_name = "t|sigma", help = Opt::OdeVariable.help())]
     pub ode_variable: Option<String>,
+}
+
+/// `--steps`' help: every sampler's default from the registry.
+fn steps_help() -> String {
+    let defaults: Vec<String> = SamplerKind::all()
+        .map(|k| format!("{} {}", k.name(), k.spec().default_steps_doc))
+        .collect();
+    format!(
+        "Number of sampler steps (ddpm: K < T respaces the chain). Defaults: {}; an adaptive sampler chooses its own and ignores this.",
+        defaults.join("; ")
+    )
 }
 
 impl SamplerFlags {
     /// The library's options for sampler `kind` (flags that do not apply to it are an error there).
     pub fn options(&self, kind: SamplerKind) -> anyhow::Result<SamplerOptions> {
-        if kind == SamplerKind::OdeRk45 && self.steps.is_some() {
+        if kind.adaptive() && self.steps.is_some() {
             eprintln!("note: ode-rk45 chooses its own steps from --rtol/--atol; --steps is ignored");
         }
         Ok(SamplerOptions {
-            steps: if kind == SamplerKind::OdeRk45 {
-                None
-            } else {
-                self.steps
-            },
+            steps: if kind.adaptive() { None } else { self.steps },
             eta: self.eta,
             spacing: self.spacing.clone(),
             variance: self.variance.as_deref().map(Variance::from_name).transpose()?,

@@ -11,6 +11,7 @@ mod eval;
 mod export;
 mod forward;
 mod sample;
+mod samplers;
 mod schedule;
 mod toy;
 mod toy_train;
@@ -34,6 +35,8 @@ enum Command {
     Toy(toy::ToyArgs),
     /// Train the U-Net on images (bundled MNIST by default) with the simple loss.
     Train(train::TrainArgs),
+    /// List every sampler: the processes it runs on, its default steps and options (the README's table).
+    Samplers(samplers::SamplersArgs),
     /// Draw images from a trained model (a `diffuse train` run or a diffusers folder).
     Sample(sample::SampleArgs),
     /// Measure a trained image model (`eval nll`: the variational bound in bits/dim).
@@ -69,6 +72,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Sample(args) => sample::run(args),
+        Command::Samplers(args) => samplers::run(args),
         Command::Export(args) => export::run(args),
         Command::Bench(args) => bench::run(args),
     }

@@ -12,7 +12,7 @@ use serde_json::json;
 use diffuse::denoiser::NoiseLevel;
 use diffuse::process::Process;
 use diffuse::rng::NoiseStreams;
-use diffuse::samplers::{draw_prior, Observer, SamplerKind, StepEvent};
+use diffuse::samplers::{draw_prior_from, InitNoise, Observer, SamplerKind, StepEvent};
 
 use super::common::{ModelSource, SamplerFlags};
 
@@ -33,10 +33,7 @@ pub struct SampleArgs {
     /// A scheduler_config.json for a --diffusers model (default: the folder's own).
     #[arg(long, value_name = "FILE")]
     scheduler_config: Option<PathBuf>,
-    /// Sampler: ddpm, ddim (on the ddpm process); euler-maruyama, pc, ode-euler, ode-heun, ode-rk45,
-    /// edm-heun (on vp, vp-cosine, subvp, ve). Default ddpm (ancestral) respaced to 100 steps;
-    /// ddpm and ddim without --steps take 100 steps (--steps 1000 for the full chain).
-    #[arg(long, default_value = DEFAULT_SAMPLER)]
+    #[arg(long, default_value = DEFAULT_SAMPLER, help = sampler_help())]
     sampler: String,
     /// Process the sampler runs: ddpm (the model's own discrete schedule), or a continuous family
     /// (vp, vp-cosine, subvp, ve) mapped onto the model by matching log-SNR.
@@ -44,9 +41,15 @@ pub struct SampleArgs {
     process: String,
     #[command(flatten)]
     opts: SamplerFlags,
-    /// Number of images.
-    #[arg(long, default_value_t = 64)]
-    n: usize,
+    /// Number of images (default 64; with --init-noise, the file's rows).
+    #[arg(long)]
+    n: Option<usize>,
+    /// Start from these standard-normal draws z instead of drawing them: a float32/float64 .npy
+    /// of shape [N, C, H, W] (or [N, C*H*W]); each sampler scales z to its own prior
+    /// (x_T = prior std * z, as diffusers' pipelines scale `latents` by `init_noise_sigma`), so the
+    /// same file reproduces a diffusers run. Later draws of stochastic samplers still come from --seed.
+    #[arg(long, value_name = "FILE.npy")]
+    init_noise: Option<PathBuf>,
     /// Seed: image i uses stream i of this seed, whatever the batch size.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -79,6 +82,16 @@ pub struct SampleArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+/// `--sampler`'s help: the registry's list and this command's defaults.
+fn sampler_help() -> String {
+    format!(
+        "{} Default ddpm (ancestral) respaced to 100 steps; ddpm and ddim without --steps take 100 \
+         steps here (--steps 1000 for the full chain). The continuous processes are mapped onto the \
+         model by matching log-SNR.",
+        diffuse::samplers::registry::sampler_help()
+    )
 }
 
 /// Records the first `rows` images' state (scaled to variance-preserving form) and x_0 prediction
@@ -124,7 +137,7 @@ fn vp_scale(l: &NoiseLevel) -> f64 {
 
 pub fn run(a: SampleArgs) -> anyhow::Result<()> {
     super::set_threads(a.threads)?;
-    if a.n == 0 || a.batch == 0 {
+    if a.n == Some(0) || a.batch == 0 {
         return super::usage("--n and --batch must be at least 1");
     }
     if a.ema && a.no_ema {
@@ -135,10 +148,11 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
     let schedule = model.schedule().clone();
     let process = Process::from_name(&a.process, || Ok(schedule.clone()))?;
     let mut opts = a.opts.clone();
-    if matches!(kind, SamplerKind::Ddim | SamplerKind::Ddpm) && opts.steps.is_none() {
+    let chain_sampler = matches!(kind.name(), "ddpm" | "ddim");
+    if chain_sampler && opts.steps.is_none() {
         opts.steps = Some(DEFAULT_STEPS);
     }
-    let discrete = matches!(kind, SamplerKind::Ddim | SamplerKind::Ddpm) && a.process == "ddpm";
+    let discrete = chain_sampler && a.process == "ddpm";
     // A diffusers model's DDPM/DDIM run follows its scheduler config exactly (spacing,
     // steps_offset, set_alpha_to_one, clip_sample, variance_type), as its pipeline would,
     // unless the user overrides one of those choices.
@@ -173,11 +187,24 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
     };
     let device = super::device()?;
     let [c, h, w] = model.shape;
+    let init = match &a.init_noise {
+        Some(p) => Some(InitNoise::from_npy(p, &[c, h, w])?),
+        None => None,
+    };
+    let n = match (a.n, &init) {
+        (Some(n), Some(z)) => {
+            z.check_rows(n)?;
+            n
+        }
+        (Some(n), None) => n,
+        (None, Some(z)) => z.rows(),
+        (None, None) => 64,
+    };
 
     let bar = if a.json {
         ProgressBar::hidden()
     } else {
-        ProgressBar::new(a.n as u64)
+        ProgressBar::new(n as u64)
     };
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} images [{elapsed_precise} < {eta_precise}] {msg}")
@@ -193,10 +220,17 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
     let mut parts = Vec::new();
     let mut nfe = 0;
     let mut first = 0;
-    while first < a.n {
-        let b = a.batch.min(a.n - first);
+    while first < n {
+        let b = a.batch.min(n - first);
         let mut noise = NoiseStreams::new(a.seed, first as u64, b);
-        let x_t = draw_prior(sampler.as_ref(), &[c, h, w], &mut noise, DType::F32, &device)?;
+        let x_t = draw_prior_from(
+            sampler.as_ref(),
+            &[c, h, w],
+            &mut noise,
+            init.as_ref().map(|z| (z, first)),
+            DType::F32,
+            &device,
+        )?;
         let out = sampler.sample(&model.denoiser, x_t, &mut noise, &mut recorder)?;
         diffuse::denoiser::check_finite(&out.x, "the samples")?;
         nfe = nfe.max(out.nfe);
@@ -212,8 +246,8 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
     // outputs
     std::fs::create_dir_all(&a.out).map_err(|e| diffuse::Error::io(&a.out, e))?;
     let unit: Vec<f32> = ((&x + 1.0)? * 0.5)?.flatten_all()?.to_vec1()?;
-    diffuse::io::write_npy_f32(&a.out.join("samples.npy"), &[a.n, c, h, w], &unit)?;
-    let shown = a.n.min(1024);
+    diffuse::io::write_npy_f32(&a.out.join("samples.npy"), &[n, c, h, w], &unit)?;
+    let shown = n.min(1024);
     let cols = (shown as f64).sqrt().ceil() as usize;
     diffuse::image_out::save_grid(&a.out.join("grid.png"), &x.narrow(0, 0, shown)?, cols)?;
     diffuse::image_out::save_images(&a.out.join("images"), &x, "")?;
@@ -252,7 +286,7 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
         diffuse::image_out::save_gif(&a.out.join("trajectory.gif"), &gif, 120)?;
     }
     let info = json!({
-        "n": a.n,
+        "n": n,
         "shape": [c, h, w],
         "sampler": kind.name(),
         "process": process.name(),
@@ -260,8 +294,9 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
         "clip_x0": clip_x0,
         "nfe": nfe,
         "seconds": seconds,
-        "images_per_second": a.n as f64 / seconds.max(1e-9),
+        "images_per_second": n as f64 / seconds.max(1e-9),
         "seed": a.seed,
+        "init_noise": a.init_noise,
         "model": model.source,
         "training_data": model.data,
         "out": a.out,
@@ -272,11 +307,11 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
     } else {
         println!(
             "{} images from {} by {} on {} (NFE {nfe}) in {seconds:.1} s ({:.2} images/s)",
-            a.n,
+            n,
             model.source,
             kind.name(),
             process.name(),
-            a.n as f64 / seconds.max(1e-9)
+            n as f64 / seconds.max(1e-9)
         );
         println!(
             "wrote {}/grid.png, {}/images/, {}/samples.npy{}",

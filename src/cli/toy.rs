@@ -20,7 +20,9 @@ use diffuse::oracle::Oracle;
 use diffuse::plot2d::{project, robust_range, samples_figure, score_field_figure, trajectory_figure};
 use diffuse::process::{ddpm_level, Process};
 use diffuse::samplers::rk45::Rk45Options;
-use diffuse::samplers::{build_sampler, sample_batched, Observer, SamplerKind, StepEvent, Trajectory};
+use diffuse::samplers::{
+    build_sampler, sample_batched_from, InitNoise, Observer, SamplerKind, StepEvent, Trajectory,
+};
 use diffuse::schedule::Schedule;
 
 use super::usage;
@@ -33,6 +35,7 @@ pub struct ToyArgs {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once per run
 enum ToyCommand {
     /// Train the MLP denoiser on 2-D toy data, points from a file, or a Gaussian mixture.
     Train(super::toy_train::ToyTrainArgs),
@@ -102,18 +105,21 @@ struct SampleArgs {
     model: ModelArgs,
     #[command(flatten)]
     process: ProcessArgs,
-    /// Sampler: ddpm, ddim (on ddpm, seed-ve); euler-maruyama, pc, ode-euler, ode-heun,
-    /// ode-rk45, edm-heun (on vp, vp-cosine, subvp, ve, seed-ve).
-    #[arg(long)]
+    #[arg(long, help = diffuse::samplers::registry::sampler_help())]
     sampler: String,
     #[command(flatten)]
     opts: super::common::SamplerFlags,
-    /// Number of samples.
-    #[arg(long)]
-    n: usize,
+    /// Number of samples (default with --init-noise: the file's rows).
+    #[arg(long, required_unless_present = "init_noise")]
+    n: Option<usize>,
     /// Seed: sample i uses stream i of this seed, whatever the batch size.
     #[arg(long)]
     seed: u64,
+    /// Start from these standard-normal draws z instead of drawing them: a float32/float64 .npy
+    /// of shape [N, D]; each sampler scales z to its own prior (x_T = prior std * z, as diffusers'
+    /// `init_noise_sigma`). Later draws of stochastic samplers still come from --seed.
+    #[arg(long, value_name = "FILE.npy")]
+    init_noise: Option<PathBuf>,
     /// Samples per batch (does not change the samples).
     #[arg(long, default_value_t = 8192)]
     batch: usize,
@@ -345,12 +351,21 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
     let model = Model::load(&a.model)?;
     let process = a.process.build()?;
     let kind = SamplerKind::from_name(&a.sampler)?;
-    if a.n == 0 {
+    let d = model.dim;
+    let init = match &a.init_noise {
+        Some(p) => Some(InitNoise::from_npy(p, &[d])?),
+        None => None,
+    };
+    let n = match (a.n, &init) {
+        (Some(n), _) => n,
+        (None, Some(z)) => z.rows(),
+        (None, None) => return usage("--n is required"),
+    };
+    if n == 0 {
         return usage("--n must be at least 1");
     }
     let options = a.opts.options(kind)?;
     let sampler = build_sampler(kind, &process, &options)?;
-    let d = model.dim;
     let bar = ProgressBar::new_spinner();
     bar.set_style(
         ProgressStyle::with_template("{spinner} {msg} step {pos} ({elapsed})")
@@ -362,13 +377,14 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let out = {
         let mut both = Both(&mut progress, &mut traj);
-        sample_batched(
+        sample_batched_from(
             sampler.as_ref(),
             model.denoiser(),
-            a.n,
+            n,
             &[d],
             a.seed,
             a.batch,
+            init.as_ref(),
             model.dtype(),
             &Device::Cpu,
             &mut both,
@@ -378,15 +394,15 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
     let seconds = start.elapsed().as_secs_f64();
     let x = out.x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     let x32: Vec<f32> = x.iter().map(|v| *v as f32).collect();
-    diffuse::io::write_npy_f32(&a.out, &[a.n, d], &x32)?;
+    diffuse::io::write_npy_f32(&a.out, &[n, d], &x32)?;
 
     // fresh true samples for an oracle; a learned model's training points otherwise
     let truth = model
         .gmm()
-        .map(|g| g.sample(a.n, a.seed ^ 0x7275_7468))
-        .or_else(|| model.data.as_ref().map(|p| p[..p.len().min(a.n * d)].to_vec()));
+        .map(|g| g.sample(n, a.seed ^ 0x7275_7468))
+        .or_else(|| model.data.as_ref().map(|p| p[..p.len().min(n * d)].to_vec()));
     let energy = match &truth {
-        Some(t) if a.n >= 2 && a.n <= 20_000 && t.len() >= 2 * d => Some(energy_distance(&x, t, d)?),
+        Some(t) if (2..=20_000).contains(&n) && t.len() >= 2 * d => Some(energy_distance(&x, t, d)?),
         _ => None,
     };
     let reference = if model.gmm().is_some() {
@@ -414,12 +430,13 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
     }
     let summary = json!({
         "out": a.out,
-        "n": a.n,
+        "n": n,
         "dim": d,
         "sampler": kind.name(),
         "process": process.name(),
         "nfe": out.nfe,
         "seconds": seconds,
+        "init_noise": a.init_noise,
         "energy_distance_to_fresh_data": if model.gmm().is_some() { energy } else { None },
         "energy_distance_to_training_data": if model.gmm().is_none() { energy } else { None },
     });
@@ -429,7 +446,7 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
         println!(
             "wrote {} ({} samples, D = {d}); {} on {}: NFE {}, {:.2} s",
             a.out.display(),
-            a.n,
+            n,
             kind.name(),
             process.name(),
             out.nfe,

@@ -55,29 +55,31 @@ pub struct ReportConfig {
 
 impl Default for ReportConfig {
     fn default() -> Self {
-        use SamplerKind::*;
         let pairs = [
-            (Ddpm, "ddpm"),
-            (Ddim, "ddpm"),
-            (Ddpm, "seed-ve"),
-            (Ddim, "seed-ve"),
-            (EulerMaruyama, "vp"),
-            (EulerMaruyama, "ve"),
-            (Pc, "vp"),
-            (Pc, "ve"),
-            (OdeEuler, "vp"),
-            (OdeEuler, "ve"),
-            (OdeHeun, "vp"),
-            (OdeHeun, "ve"),
-            (OdeRk45, "vp"),
-            (EdmHeun, "ve"),
+            ("ddpm", "ddpm"),
+            ("ddim", "ddpm"),
+            ("ddpm", "seed-ve"),
+            ("ddim", "seed-ve"),
+            ("euler-maruyama", "vp"),
+            ("euler-maruyama", "ve"),
+            ("pc", "vp"),
+            ("pc", "ve"),
+            ("ode-euler", "vp"),
+            ("ode-euler", "ve"),
+            ("ode-heun", "vp"),
+            ("ode-heun", "ve"),
+            ("ode-rk45", "vp"),
+            ("edm-heun", "ve"),
         ];
         ReportConfig {
             n: 4000,
             seed: 0,
             steps: vec![10, 20, 50, 100, 1000],
             tolerances: vec![1e-3, 1e-5],
-            pairs: pairs.iter().map(|(k, p)| (*k, p.to_string())).collect(),
+            pairs: pairs
+                .iter()
+                .filter_map(|(k, p)| Some((SamplerKind::from_name(k).ok()?, p.to_string())))
+                .collect(),
             null_repeats: 20,
         }
     }
@@ -120,7 +122,7 @@ pub fn sampler_report_models(
     for (label, den, dtype) in &models {
         for (kind, pname) in &config.pairs {
             let process = Process::from_name(pname, || Schedule::named("linear", 1000))?;
-            let settings: Vec<(Option<usize>, Option<f64>)> = if *kind == SamplerKind::OdeRk45 {
+            let settings: Vec<(Option<usize>, Option<f64>)> = if kind.adaptive() {
                 config.tolerances.iter().map(|t| (None, Some(*t))).collect()
             } else {
                 config.steps.iter().map(|s| (Some(*s), None)).collect()

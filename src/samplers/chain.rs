@@ -182,6 +182,29 @@ impl ReverseChain {
     }
 }
 
+/// The chain a discrete sampler (ddpm, ddim) walks on `process` with `steps` steps: the DDPM
+/// timestep subsequence of `spacing` (linspace by default; K < T respaces), or the seed-000
+/// chain on the time grid `spacing` (the process's default grid when `None`).
+pub fn chain_for(
+    process: &crate::process::Process,
+    steps: usize,
+    spacing: &Option<String>,
+) -> Result<ReverseChain> {
+    use super::timesteps::{timesteps, Spacing};
+    match process {
+        crate::process::Process::Ddpm(schedule) => {
+            let spacing = match spacing {
+                None => Spacing::Linspace,
+                Some(s) => Spacing::from_name(s)?,
+            };
+            ReverseChain::discrete(schedule, &timesteps(schedule.timesteps(), steps, spacing)?)
+        }
+        crate::process::Process::Continuous(sde) => {
+            ReverseChain::seed_ve(sde, steps, super::registry::time_grid(sde, spacing)?)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,9 @@
 //! (bug 4). eta = 0 is deterministic; eta = 1 on the full chain is DDPM with fixed-small
 //! variance, draw for draw (noise is drawn only when `c > 0`).
 
+use super::chain::chain_for;
+use super::registry::{check_clip, Opt, SamplerSpec, DISCRETE};
+use crate::process::Process;
 use candle_core::Tensor;
 
 use crate::denoiser::{eps_from_x0, Denoiser};
@@ -145,3 +148,24 @@ impl Sampler for Ddim {
         })
     }
 }
+
+/// The registry's declaration of `ddim`.
+pub const SPEC: SamplerSpec = SamplerSpec {
+    name: "ddim",
+    about: "DDIM (Song, Meng & Ermon 2021, eq. 12), deterministic at eta = 0",
+    processes: DISCRETE,
+    default_steps: |p| match p {
+        Process::Ddpm(s) => s.timesteps().min(100),
+        Process::Continuous(_) => 100,
+    },
+    adaptive: false,
+    default_steps_doc: "100",
+    options: &[Opt::Eta, Opt::Spacing, Opt::ClipX0],
+    stochastic: false,
+    build: |process, steps, o| {
+        let chain = chain_for(process, steps.unwrap_or(1), &o.spacing)?;
+        let mut s = Ddim::new(chain, o.eta.unwrap_or(0.0), process.prior_std())?;
+        s.clip_x0 = check_clip(o.clip_x0)?;
+        Ok(Box::new(s))
+    },
+};

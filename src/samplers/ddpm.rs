@@ -13,6 +13,9 @@
 //! had similar results"). For seed-ve, fixed-large is Nakkiran et al.'s `sigma_q^2 dt` and
 //! fixed-small is the exact Brownian-bridge variance.
 
+use super::chain::chain_for;
+use super::registry::{check_clip, Opt, SamplerSpec, DISCRETE};
+use crate::process::Process;
 use candle_core::Tensor;
 
 use crate::denoiser::Denoiser;
@@ -147,3 +150,28 @@ impl Sampler for Ddpm {
         Ok(SampleOutput { x, nfe: n })
     }
 }
+
+/// The registry's declaration of `ddpm`.
+pub const SPEC: SamplerSpec = SamplerSpec {
+    name: "ddpm",
+    about: "ancestral sampling (Ho et al. 2020, Alg. 2), respaced for K < T (Nichol & Dhariwal 2021)",
+    processes: DISCRETE,
+    default_steps: |p| match p {
+        Process::Ddpm(s) => s.timesteps(),
+        Process::Continuous(_) => 1000,
+    },
+    adaptive: false,
+    default_steps_doc: "T (ddpm; 100 in `diffuse sample`), 1000 (seed-ve)",
+    options: &[Opt::Spacing, Opt::Variance, Opt::ClipX0],
+    stochastic: true,
+    build: |process, steps, o| {
+        let chain = chain_for(process, steps.unwrap_or(1), &o.spacing)?;
+        let mut s = Ddpm::new(
+            chain,
+            o.variance.unwrap_or(Variance::FixedSmall),
+            process.prior_std(),
+        );
+        s.clip_x0 = check_clip(o.clip_x0)?;
+        Ok(Box::new(s))
+    },
+};

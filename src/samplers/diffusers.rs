@@ -2,7 +2,7 @@
 //! `set_timesteps(K)`, then `step` at every timestep), built from a parsed scheduler config so
 //! that `diffuse` reproduces `DDPMPipeline` / `DDIMPipeline` exactly (the pipelines' own
 //! loop: `x_T ~ N(0, I)`, then `x <- step(unet(x, t), t, x)`; `DDIMPipeline` turns any
-//! scheduler config into a `DDIMScheduler` first, so [`SamplerKind::Ddim`] uses the DDIM
+//! scheduler config into a `DDIMScheduler` first, so [`SamplerKind::from_name("ddim").unwrap()`] uses the DDIM
 //! fields of whatever config the folder has).
 //!
 //! The formulas are ours ([`super::ddim`], [`super::ddpm`], [`super::chain`]); diffusers makes
@@ -295,14 +295,14 @@ pub fn from_scheduler_config(
         ));
     }
     let clip_x0 = cfg.clip_sample.then_some(cfg.clip_sample_range);
-    match kind {
-        SamplerKind::Ddim => {
+    match kind.name() {
+        "ddim" => {
             let mut s = Ddim::new(ddim_chain(cfg, schedule, steps)?, eta.unwrap_or(0.0), 1.0)?;
             s.clip_x0 = clip_x0;
             s.eps_after_clip = EpsAfterClip::Unclipped;
             Ok(SchedulerSampler::Ddim(s))
         }
-        SamplerKind::Ddpm => {
+        "ddpm" => {
             if eta.is_some() {
                 return Err(Error::param(
                     "eta",
@@ -333,10 +333,7 @@ pub fn from_scheduler_config(
         }
         other => Err(Error::param(
             "sampler",
-            format!(
-                "a diffusers scheduler config describes ddpm or ddim sampling, not --sampler {}",
-                other.name()
-            ),
+            format!("a diffusers scheduler config describes ddpm or ddim sampling, not --sampler {other}"),
         )),
     }
 }
@@ -459,25 +456,52 @@ mod tests {
                 .map(|e| e.to_string())
                 .unwrap_or_default()
         };
-        assert!(e(&mk(|c| c.thresholding = true), SamplerKind::Ddim, None).contains("thresholding"));
+        assert!(e(
+            &mk(|c| c.thresholding = true),
+            SamplerKind::from_name("ddim").unwrap(),
+            None
+        )
+        .contains("thresholding"));
         assert!(e(
             &mk(|c| c.variance_type = VarianceType::LearnedRange),
-            SamplerKind::Ddpm,
+            SamplerKind::from_name("ddpm").unwrap(),
             None
         )
         .contains("variance_type"));
         assert!(e(
             &mk(|c| c.variance_type = VarianceType::FixedLargeLog),
-            SamplerKind::Ddpm,
+            SamplerKind::from_name("ddpm").unwrap(),
             None
         )
         .contains("fixed_large_log"));
-        assert!(e(&SchedulerConfig::default(), SamplerKind::Ddpm, Some(0.5)).contains("eta"));
-        assert!(e(&SchedulerConfig::default(), SamplerKind::OdeHeun, None).contains("ddpm or ddim"));
+        assert!(e(
+            &SchedulerConfig::default(),
+            SamplerKind::from_name("ddpm").unwrap(),
+            Some(0.5)
+        )
+        .contains("eta"));
+        assert!(e(
+            &SchedulerConfig::default(),
+            SamplerKind::from_name("ode-heun").unwrap(),
+            None
+        )
+        .contains("ddpm or ddim"));
         let short = Schedule::named("linear", 100).unwrap();
-        assert!(
-            from_scheduler_config(&SchedulerConfig::default(), &short, SamplerKind::Ddim, 10, None).is_err()
-        );
-        assert!(from_scheduler_config(&SchedulerConfig::default(), &s, SamplerKind::Ddim, 50, None).is_ok());
+        assert!(from_scheduler_config(
+            &SchedulerConfig::default(),
+            &short,
+            SamplerKind::from_name("ddim").unwrap(),
+            10,
+            None
+        )
+        .is_err());
+        assert!(from_scheduler_config(
+            &SchedulerConfig::default(),
+            &s,
+            SamplerKind::from_name("ddim").unwrap(),
+            50,
+            None
+        )
+        .is_ok());
     }
 }

@@ -17,6 +17,7 @@
 //! denoiser is called at the process's own level with that EDM noise
 //! ([`Sde::level_for_edm_sigma`]) on `alpha * x~`, so any continuous process works.
 
+use super::registry::{continuous, Opt, SamplerSpec, CONTINUOUS};
 use candle_core::Tensor;
 
 use crate::denoiser::{Denoiser, NoiseLevel};
@@ -181,6 +182,26 @@ impl Sampler for EdmHeun {
         Ok(SampleOutput { x, nfe })
     }
 }
+
+/// The registry's declaration of `edm-heun`.
+pub const SPEC: SamplerSpec = SamplerSpec {
+    name: "edm-heun",
+    about: "Karras et al. 2022, Alg. 2 (Heun on the sigma grid with rho = 7, optional churn)",
+    processes: CONTINUOUS,
+    default_steps: |_| 18,
+    adaptive: false,
+    default_steps_doc: "18",
+    options: &[Opt::Churn],
+    stochastic: false,
+    build: |process, steps, o| {
+        let sde = continuous(process)?;
+        let churn = Churn {
+            s_churn: o.churn.unwrap_or(0.0),
+            ..Default::default()
+        };
+        Ok(Box::new(EdmHeun::new(sde, steps.unwrap_or(1), churn)?))
+    },
+};
 
 #[cfg(test)]
 mod tests {

@@ -8,6 +8,7 @@
 //!
 //! then one denoising step `x <- E[x_0 | x_{t_eps}]`. NFE = N + 1.
 
+use super::registry::{continuous, time_grid, Opt, SamplerSpec, CONTINUOUS};
 use candle_core::Tensor;
 
 use crate::denoiser::Denoiser;
@@ -102,3 +103,20 @@ impl Sampler for EulerMaruyama {
         Ok(SampleOutput { x: x0, nfe })
     }
 }
+
+/// The registry's declaration of `euler-maruyama`.
+pub const SPEC: SamplerSpec = SamplerSpec {
+    name: "euler-maruyama",
+    about: "the reverse-time SDE by Euler–Maruyama (Song et al. 2021, eq. 6)",
+    processes: CONTINUOUS,
+    default_steps: |_| 1000,
+    adaptive: false,
+    default_steps_doc: "1000",
+    options: &[Opt::Spacing],
+    stochastic: true,
+    build: |process, steps, o| {
+        let sde = continuous(process)?;
+        let times = sde.time_grid(steps.unwrap_or(1), time_grid(&sde, &o.spacing)?)?;
+        Ok(Box::new(EulerMaruyama::new(sde, times)))
+    },
+};

@@ -191,10 +191,150 @@ pub fn draw_prior(
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
+    draw_prior_from(sampler, sample_shape, noise, None, dtype, device)
+}
+
+/// Standard-normal draws z given by the user (`--init-noise FILE.npy`), one row per sample, to
+/// start a sampler from instead of drawing them: `x_T = prior_std * z`, the sampler's own prior
+/// scale, as diffusers' pipelines scale their `latents` by `init_noise_sigma` (1 for the
+/// variance-preserving samplers, sigma_max for the variance-exploding ones). The same file thus
+/// gives the same trajectory in another framework.
+#[derive(Clone, Debug)]
+pub struct InitNoise {
+    source: std::path::PathBuf,
+    rows: usize,
+    per: usize,
+    z: Vec<f64>,
+}
+
+impl InitNoise {
+    /// Reads z from a float32 or float64 `.npy` of shape `[N, D]` (D = the product of
+    /// `sample_shape`) or `[N, sample_shape...]`. A wrong shape or dtype, or a non-finite value
+    /// (named by its index), is an input error naming the file.
+    pub fn from_npy(path: &std::path::Path, sample_shape: &[usize]) -> Result<Self> {
+        let a = crate::io::read_npy(path)?;
+        Self::from_values(path, &a.shape, a.data, sample_shape)
+    }
+
+    /// [`InitNoise::from_npy`] on values already read (`source` names them in errors).
+    pub fn from_values(
+        source: &std::path::Path,
+        shape: &[usize],
+        z: Vec<f64>,
+        sample_shape: &[usize],
+    ) -> Result<Self> {
+        let per: usize = sample_shape.iter().product();
+        let flat_ok = shape.len() == 2 && shape[1] == per;
+        let full_ok = shape.len() == sample_shape.len() + 1 && shape[1..] == *sample_shape;
+        let want = if sample_shape.len() == 1 {
+            format!("[N, {per}]")
+        } else {
+            format!(
+                "[N, {}] or [N, {per}]",
+                sample_shape
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        if !(flat_ok || full_ok) || shape[0] == 0 {
+            return Err(Error::bad_input(
+                source,
+                format!("--init-noise has shape {shape:?}, expected {want} (N >= 1) for this model"),
+            ));
+        }
+        if let Some(i) = z.iter().position(|v| !v.is_finite()) {
+            return Err(Error::bad_input(
+                source,
+                format!(
+                    "--init-noise value {} at flat index {i} (row {}) is not finite",
+                    z[i],
+                    i / per.max(1)
+                ),
+            ));
+        }
+        Ok(InitNoise {
+            source: source.to_path_buf(),
+            rows: shape[0],
+            per,
+            z,
+        })
+    }
+
+    /// The number of rows N (samples).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The values per row.
+    pub fn per_row(&self) -> usize {
+        self.per
+    }
+
+    /// The file the draws came from.
+    pub fn source(&self) -> &std::path::Path {
+        &self.source
+    }
+
+    /// Checks the file holds exactly `n` rows (one per sample asked for).
+    pub fn check_rows(&self, n: usize) -> Result<()> {
+        if self.rows != n {
+            return Err(Error::bad_input(
+                &self.source,
+                format!(
+                    "--init-noise holds {} rows, but {n} samples were asked for",
+                    self.rows
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Rows `first .. first + count`, flattened.
+    pub fn rows_slice(&self, first: usize, count: usize) -> Result<&[f64]> {
+        let end = first + count;
+        if end > self.rows {
+            return Err(Error::bad_input(
+                &self.source,
+                format!(
+                    "--init-noise holds {} rows, needed rows {first}..{end}",
+                    self.rows
+                ),
+            ));
+        }
+        Ok(&self.z[first * self.per..end * self.per])
+    }
+}
+
+/// `x_T = prior_std * z`, shape `[batch, sample_shape...]`: z from the streams, or, with
+/// `init = Some((noise, first))`, rows `first ..` of the user's draws. The streams advance by the
+/// same number of draws either way, so later draws (stochastic samplers) are the same, and a file
+/// holding the streams' own z reproduces the seeded run exactly.
+pub fn draw_prior_from(
+    sampler: &dyn Sampler,
+    sample_shape: &[usize],
+    noise: &mut NoiseStreams,
+    init: Option<(&InitNoise, usize)>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let mut shape = vec![noise.batch()];
     shape.extend_from_slice(sample_shape);
     let per: usize = sample_shape.iter().product();
-    let data = noise.normal_rows(per);
+    let drawn = noise.normal_rows(per);
+    let data = match init {
+        None => drawn,
+        Some((z, first)) => {
+            if z.per_row() != per {
+                return Err(Error::bad_input(
+                    z.source(),
+                    format!("--init-noise rows hold {} values, the samples {per}", z.per_row()),
+                ));
+            }
+            z.rows_slice(first, noise.batch())?.to_vec()
+        }
+    };
     let z = Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?;
     Ok(z.affine(sampler.prior_std(), 0.0)?)
 }
@@ -216,6 +356,38 @@ pub fn sample_batched(
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<SampleOutput> {
+    sample_batched_from(
+        sampler,
+        den,
+        n,
+        sample_shape,
+        seed,
+        batch,
+        None,
+        dtype,
+        device,
+        observer,
+    )
+}
+
+/// [`sample_batched`], starting from the user's draws `init` (`--init-noise`) when given: it
+/// must hold exactly `n` rows.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_batched_from(
+    sampler: &dyn Sampler,
+    den: &dyn Denoiser,
+    n: usize,
+    sample_shape: &[usize],
+    seed: u64,
+    batch: usize,
+    init: Option<&InitNoise>,
+    dtype: DType,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<SampleOutput> {
+    if let Some(z) = init {
+        z.check_rows(n)?;
+    }
     if n == 0 {
         return Err(Error::param("n", "got 0, expected at least 1 sample"));
     }
@@ -227,7 +399,14 @@ pub fn sample_batched(
     while start < n {
         let b = batch.min(n - start);
         let mut noise = NoiseStreams::new(seed, start as u64, b);
-        let x_t = draw_prior(sampler, sample_shape, &mut noise, dtype, device)?;
+        let x_t = draw_prior_from(
+            sampler,
+            sample_shape,
+            &mut noise,
+            init.map(|z| (z, start)),
+            dtype,
+            device,
+        )?;
         let obs: &mut dyn Observer = if start == 0 { &mut *observer } else { &mut none };
         let out = sampler.sample(den, x_t, &mut noise, obs)?;
         crate::denoiser::check_finite(&out.x, "the samples")?;

@@ -22,6 +22,8 @@
 //! Karras et al. 2022, Alg. 1 without the final-step special case since t_eps > 0): a second
 //! evaluation at the Euler prediction, the step uses the mean of the two slopes; NFE = 2N + 1.
 
+use super::registry::{continuous, time_grid, Opt, SamplerOptions, SamplerSpec, CONTINUOUS};
+use crate::process::Process;
 use candle_core::Tensor;
 
 use crate::denoiser::{Denoiser, NoiseLevel};
@@ -193,3 +195,45 @@ impl Sampler for OdeSampler {
         Ok(SampleOutput { x: x0, nfe })
     }
 }
+
+/// The probability-flow ODE sampler with `method` on `process`'s time grid.
+fn build_ode(
+    process: &Process,
+    steps: Option<usize>,
+    o: &SamplerOptions,
+    method: OdeMethod,
+) -> Result<Box<dyn Sampler>> {
+    let sde = continuous(process)?;
+    let times = sde.time_grid(steps.unwrap_or(1), time_grid(&sde, &o.spacing)?)?;
+    let mut s = OdeSampler::new(sde, times, method);
+    if let Some(v) = o.ode_variable {
+        s.variable = v;
+    }
+    Ok(Box::new(s))
+}
+
+/// The registry's declaration of `ode-euler`.
+pub const EULER_SPEC: SamplerSpec = SamplerSpec {
+    name: "ode-euler",
+    about: "the probability-flow ODE (Song et al. 2021, eq. 13) by Euler steps",
+    processes: CONTINUOUS,
+    default_steps: |_| 1000,
+    adaptive: false,
+    default_steps_doc: "1000",
+    options: &[Opt::Spacing, Opt::OdeVariable],
+    stochastic: false,
+    build: |p, steps, o| build_ode(p, steps, o, OdeMethod::Euler),
+};
+
+/// The registry's declaration of `ode-heun`.
+pub const HEUN_SPEC: SamplerSpec = SamplerSpec {
+    name: "ode-heun",
+    about: "the probability-flow ODE by Heun's method (2nd order)",
+    processes: CONTINUOUS,
+    default_steps: |_| 200,
+    adaptive: false,
+    default_steps_doc: "200",
+    options: &[Opt::Spacing, Opt::OdeVariable],
+    stochastic: false,
+    build: |p, steps, o| build_ode(p, steps, o, OdeMethod::Heun),
+};

@@ -25,6 +25,7 @@
 //! `x + (sigma_t^2 - sigma_s^2) s + sqrt(sigma_t^2 - sigma_s^2) z`) or Euler–Maruyama.
 //! NFE = N (corrector_steps + 1) + 1.
 
+use super::registry::{continuous, time_grid, Opt, SamplerSpec, CONTINUOUS};
 use candle_core::{DType, Tensor};
 
 use crate::denoiser::{score_from_eps, Denoiser, NoiseLevel};
@@ -242,3 +243,29 @@ impl Sampler for Pc {
         Ok(SampleOutput { x: x0, nfe })
     }
 }
+
+/// The registry's declaration of `pc`.
+pub const SPEC: SamplerSpec = SamplerSpec {
+    name: "pc",
+    about: "predictor–corrector with a Langevin corrector (Song et al. 2021, Alg. 1–5)",
+    processes: CONTINUOUS,
+    default_steps: |_| 1000,
+    adaptive: false,
+    default_steps_doc: "1000",
+    options: &[Opt::Spacing, Opt::Snr, Opt::CorrectorSteps, Opt::Predictor],
+    stochastic: true,
+    build: |process, steps, o| {
+        let sde = continuous(process)?;
+        let times = sde.time_grid(steps.unwrap_or(1), time_grid(&sde, &o.spacing)?)?;
+        Ok(Box::new(Pc::new(
+            sde,
+            times,
+            o.predictor.unwrap_or(Predictor::ReverseDiffusion),
+            o.snr.unwrap_or(DEFAULT_SNR),
+            o.corrector_steps.unwrap_or(1),
+        )?))
+    },
+};
+
+/// Score-SDE's snr for VE on CIFAR-10, our default for every process.
+pub const DEFAULT_SNR: f64 = 0.16;

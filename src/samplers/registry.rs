@@ -1,16 +1,9 @@
-//! Names -> samplers. The CLI (and later image sampling) builds every sampler here, so the
-//! table of which sampler runs on which process lives in one place:
-//!
-//! | `--sampler` | `--process` | `--steps` default | sampler-specific options |
-//! | --- | --- | --- | --- |
-//! | `ddpm` | `ddpm`, `seed-ve` | T (ddpm), 1000 (seed-ve) | `variance`, `spacing`, `clip_x0` |
-//! | `ddim` | `ddpm`, `seed-ve` | 100 | `eta` (0), `spacing`, `clip_x0` |
-//! | `euler-maruyama` | `vp`, `vp-cosine`, `subvp`, `ve`, `seed-ve` | 1000 | `spacing` |
-//! | `pc` | same | 1000 | `snr` (0.16), `corrector_steps` (1), `predictor`, `spacing` |
-//! | `ode-euler` | same | 1000 | `spacing`, `ode_variable` |
-//! | `ode-heun` | same | 200 | `spacing`, `ode_variable` |
-//! | `ode-rk45` | same | adaptive | `rtol`, `atol` (1e-5 each, as Score-SDE) |
-//! | `edm-heun` | same | 18 | `churn` (0) |
+//! The sampler registry: one table, [`SAMPLERS`], of every sampler's declaration
+//! ([`SamplerSpec`]: its name, the processes it runs on, its default steps, the options it takes
+//! and its builder). Each sampler declares its spec in its own file (`ddpm.rs`, `ddim.rs`, ...);
+//! `--help`, the README's sampler table (`diffuse samplers --markdown`), the "unsupported pair"
+//! and "unused option" errors are all generated from this table, so adding a sampler is one new
+//! file plus one line here.
 //!
 //! `spacing` is a DDIM timestep spacing on the `ddpm` process (`linspace` default, `leading`,
 //! `trailing`, `quadratic`; with `--steps K < T` the chain is respaced) and a time grid on the
@@ -18,113 +11,115 @@
 //! An unsupported pair or an option the sampler does not use is an error, not a guess.
 
 use crate::error::{Error, Result};
-use crate::process::{Process, Sde, TimeGrid};
+use crate::process::Process;
 
-use super::chain::ReverseChain;
-use super::ddim::Ddim;
-use super::ddpm::{Ddpm, Variance};
-use super::edm::{Churn, EdmHeun};
-use super::euler_maruyama::EulerMaruyama;
-use super::ode::{OdeMethod, OdeSampler, OdeVariable};
-use super::pc::{Pc, Predictor};
-use super::rk45::{OdeRk45, Rk45Options};
-use super::timesteps::{timesteps, Spacing};
+use super::ddpm::Variance;
+use super::ode::OdeVariable;
+use super::pc::Predictor;
 use super::Sampler;
 
-/// The sampler families.
+/// The processes with a discrete reverse chain.
+pub const DISCRETE: &[&str] = &["ddpm", "seed-ve"];
+/// The continuous-time SDE families.
+pub const CONTINUOUS: &[&str] = &["vp", "vp-cosine", "subvp", "ve", "seed-ve"];
+
+/// A sampler option: one `--flag` of `toy sample` / `sample`, one field of [`SamplerOptions`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SamplerKind {
-    /// Ancestral sampling.
-    Ddpm,
-    /// DDIM.
-    Ddim,
-    /// Reverse SDE, Euler–Maruyama.
-    EulerMaruyama,
-    /// Predictor–corrector.
-    Pc,
-    /// Probability-flow ODE, Euler.
-    OdeEuler,
-    /// Probability-flow ODE, Heun.
-    OdeHeun,
-    /// Probability-flow ODE, adaptive RK45.
-    OdeRk45,
-    /// Karras et al. (EDM) Heun.
-    EdmHeun,
+pub enum Opt {
+    /// `--eta`.
+    Eta,
+    /// `--spacing`.
+    Spacing,
+    /// `--variance`.
+    Variance,
+    /// `--clip-x0`.
+    ClipX0,
+    /// `--snr`.
+    Snr,
+    /// `--corrector-steps`.
+    CorrectorSteps,
+    /// `--predictor`.
+    Predictor,
+    /// `--rtol`.
+    Rtol,
+    /// `--atol`.
+    Atol,
+    /// `--churn`.
+    Churn,
+    /// `--ode-variable`.
+    OdeVariable,
 }
 
-const DISCRETE: &[&str] = &["ddpm", "seed-ve"];
-const CONTINUOUS: &[&str] = &["vp", "vp-cosine", "subvp", "ve", "seed-ve"];
-
-impl SamplerKind {
-    /// Every sampler.
-    pub const ALL: [SamplerKind; 8] = [
-        SamplerKind::Ddpm,
-        SamplerKind::Ddim,
-        SamplerKind::EulerMaruyama,
-        SamplerKind::Pc,
-        SamplerKind::OdeEuler,
-        SamplerKind::OdeHeun,
-        SamplerKind::OdeRk45,
-        SamplerKind::EdmHeun,
+impl Opt {
+    /// Every option, in `--help` order.
+    pub const ALL: [Opt; 11] = [
+        Opt::Eta,
+        Opt::Spacing,
+        Opt::Variance,
+        Opt::ClipX0,
+        Opt::Snr,
+        Opt::CorrectorSteps,
+        Opt::Predictor,
+        Opt::Rtol,
+        Opt::Atol,
+        Opt::Churn,
+        Opt::OdeVariable,
     ];
 
-    /// Parses a `--sampler` name.
-    pub fn from_name(name: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|k| k.name() == name).ok_or_else(|| {
-            Error::param(
-                "sampler",
-                format!(
-                    "unknown sampler '{name}', expected one of: {}",
-                    Self::ALL.map(|k| k.name()).join(", ")
-                ),
-            )
-        })
-    }
-
-    /// The `--sampler` name.
-    pub fn name(&self) -> &'static str {
+    /// The flag name, without `--`.
+    pub fn flag(&self) -> &'static str {
         match self {
-            SamplerKind::Ddpm => "ddpm",
-            SamplerKind::Ddim => "ddim",
-            SamplerKind::EulerMaruyama => "euler-maruyama",
-            SamplerKind::Pc => "pc",
-            SamplerKind::OdeEuler => "ode-euler",
-            SamplerKind::OdeHeun => "ode-heun",
-            SamplerKind::OdeRk45 => "ode-rk45",
-            SamplerKind::EdmHeun => "edm-heun",
+            Opt::Eta => "eta",
+            Opt::Spacing => "spacing",
+            Opt::Variance => "variance",
+            Opt::ClipX0 => "clip-x0",
+            Opt::Snr => "snr",
+            Opt::CorrectorSteps => "corrector-steps",
+            Opt::Predictor => "predictor",
+            Opt::Rtol => "rtol",
+            Opt::Atol => "atol",
+            Opt::Churn => "churn",
+            Opt::OdeVariable => "ode-variable",
         }
     }
 
-    /// The `--process` names this sampler runs on.
-    pub fn processes(&self) -> &'static [&'static str] {
+    /// What the option means (the `--help` text, before the list of samplers that take it).
+    pub fn about(&self) -> &'static str {
         match self {
-            SamplerKind::Ddpm | SamplerKind::Ddim => DISCRETE,
-            _ => CONTINUOUS,
+            Opt::Eta => "DDIM's eta in [0, 1] (default 0: deterministic).",
+            Opt::Spacing => {
+                "Timestep spacing on the ddpm process (linspace [default], leading, trailing, \
+                 quadratic) or time grid on continuous processes (uniform [default], log-snr \
+                 [default for seed-ve], karras)."
+            }
+            Opt::Variance => "Ancestral variance: small (beta~, default) or large (beta).",
+            Opt::ClipX0 => "Clip x_0 predictions to [-C, C] (default off; `diffuse sample` on a --checkpoint image model: 1, the data range, unless --no-clip-x0).",
+            Opt::Snr => "Signal-to-noise ratio of the Langevin corrector (default 0.16).",
+            Opt::CorrectorSteps => "Langevin corrector steps per time (default 1).",
+            Opt::Predictor => "Predictor: reverse-diffusion (default) or euler-maruyama.",
+            Opt::Rtol => "Relative tolerance of the adaptive solver (default 1e-5).",
+            Opt::Atol => "Absolute tolerance of the adaptive solver (default 1e-5).",
+            Opt::Churn => "Stochastic churn S_churn (default 0).",
+            Opt::OdeVariable => {
+                "Take the steps in t or in sigma = (noise std)/alpha (default: sigma for ve and \
+                 seed-ve, t otherwise)."
+            }
         }
     }
 
-    /// Whether the sampler runs on `process`.
-    pub fn supports(&self, process: &Process) -> bool {
-        self.processes().contains(&process.name())
-    }
-
-    /// The default number of steps on `process` (None: adaptive).
-    pub fn default_steps(&self, process: &Process) -> Option<usize> {
-        match (self, process) {
-            (SamplerKind::Ddpm, Process::Ddpm(s)) => Some(s.timesteps()),
-            (SamplerKind::Ddim, Process::Ddpm(s)) => Some(s.timesteps().min(100)),
-            (SamplerKind::Ddpm, _) => Some(1000),
-            (SamplerKind::Ddim, _) => Some(100),
-            (SamplerKind::EulerMaruyama | SamplerKind::Pc | SamplerKind::OdeEuler, _) => Some(1000),
-            (SamplerKind::OdeHeun, _) => Some(200),
-            (SamplerKind::OdeRk45, _) => None,
-            (SamplerKind::EdmHeun, _) => Some(18),
-        }
+    /// `--help` text: [`Opt::about`] and the samplers that take the option (from the table).
+    pub fn help(&self) -> String {
+        let users: Vec<&str> = SAMPLERS
+            .iter()
+            .filter(|s| s.options.contains(self))
+            .map(|s| s.name)
+            .collect();
+        format!("{} Applies to: {}.", self.about(), users.join(", "))
     }
 }
 
 /// Options of [`build_sampler`]; `None` means the sampler's default. Setting an option the
-/// sampler does not use is an error.
+/// sampler does not declare is an error.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SamplerOptions {
     /// Number of steps K (ddpm process: 1 <= K <= T; K < T respaces).
@@ -153,55 +148,178 @@ pub struct SamplerOptions {
     pub ode_variable: Option<OdeVariable>,
 }
 
-/// Score-SDE's snr for VE on CIFAR-10, our default for every process.
-pub const DEFAULT_SNR: f64 = 0.16;
+impl SamplerOptions {
+    /// Which options are set. The destructuring names every field, so a new field does not
+    /// compile until it is listed here (no option escapes the unused-option check).
+    pub fn set(&self) -> Vec<Opt> {
+        let SamplerOptions {
+            steps: _,
+            eta,
+            spacing,
+            variance,
+            clip_x0,
+            snr,
+            corrector_steps,
+            predictor,
+            rtol,
+            atol,
+            churn,
+            ode_variable,
+        } = self;
+        let flags = [
+            (Opt::Eta, eta.is_some()),
+            (Opt::Spacing, spacing.is_some()),
+            (Opt::Variance, variance.is_some()),
+            (Opt::ClipX0, clip_x0.is_some()),
+            (Opt::Snr, snr.is_some()),
+            (Opt::CorrectorSteps, corrector_steps.is_some()),
+            (Opt::Predictor, predictor.is_some()),
+            (Opt::Rtol, rtol.is_some()),
+            (Opt::Atol, atol.is_some()),
+            (Opt::Churn, churn.is_some()),
+            (Opt::OdeVariable, ode_variable.is_some()),
+        ];
+        flags.into_iter().filter(|(_, s)| *s).map(|(o, _)| o).collect()
+    }
+}
 
+/// How a sampler builds itself for a process: `steps` is the resolved step count (at least 1;
+/// `None` only for adaptive samplers); the registry has already checked the process and the options.
+pub type BuildFn =
+    fn(process: &Process, steps: Option<usize>, options: &SamplerOptions) -> Result<Box<dyn Sampler>>;
+
+/// A sampler's declaration: everything the registry, the CLI and the docs need to know about it.
+pub struct SamplerSpec {
+    /// The `--sampler` name.
+    pub name: &'static str,
+    /// One line: what it is and where it comes from.
+    pub about: &'static str,
+    /// The `--process` names it runs on.
+    pub processes: &'static [&'static str],
+    /// The default number of steps on a process (ignored for adaptive samplers).
+    pub default_steps: fn(&Process) -> usize,
+    /// Whether the sampler chooses its own steps (adaptive step size; `--steps` does not apply).
+    pub adaptive: bool,
+    /// The default-steps column of the README table.
+    pub default_steps_doc: &'static str,
+    /// The options it takes (besides `--steps`).
+    pub options: &'static [Opt],
+    /// Whether it draws fresh noise during sampling (seeded per row).
+    pub stochastic: bool,
+    /// The builder.
+    pub build: BuildFn,
+}
+
+/// Every sampler, in `--help` order. One line per sampler; the spec lives in the sampler's file.
+pub static SAMPLERS: &[&SamplerSpec] = &[
+    &super::ddpm::SPEC,
+    &super::ddim::SPEC,
+    &super::euler_maruyama::SPEC,
+    &super::pc::SPEC,
+    &super::ode::EULER_SPEC,
+    &super::ode::HEUN_SPEC,
+    &super::rk45::SPEC,
+    &super::edm::SPEC,
+];
+
+/// A handle on one sampler of [`SAMPLERS`] (compared by name).
+#[derive(Clone, Copy)]
+pub struct SamplerKind(&'static SamplerSpec);
+
+impl PartialEq for SamplerKind {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for SamplerKind {}
+
+impl std::fmt::Debug for SamplerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SamplerKind({})", self.0.name)
+    }
+}
+
+impl SamplerKind {
+    /// Every sampler, in table order.
+    pub fn all() -> impl Iterator<Item = SamplerKind> {
+        SAMPLERS.iter().map(|s| SamplerKind(s))
+    }
+
+    /// Parses a `--sampler` name.
+    pub fn from_name(name: &str) -> Result<Self> {
+        Self::all().find(|k| k.name() == name).ok_or_else(|| {
+            Error::param(
+                "sampler",
+                format!(
+                    "unknown sampler '{name}', expected one of: {}",
+                    Self::all().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })
+    }
+
+    /// The declaration.
+    pub fn spec(&self) -> &'static SamplerSpec {
+        self.0
+    }
+
+    /// The `--sampler` name.
+    pub fn name(&self) -> &'static str {
+        self.0.name
+    }
+
+    /// The `--process` names this sampler runs on.
+    pub fn processes(&self) -> &'static [&'static str] {
+        self.0.processes
+    }
+
+    /// Whether the sampler runs on `process`.
+    pub fn supports(&self, process: &Process) -> bool {
+        self.processes().contains(&process.name())
+    }
+
+    /// Whether it chooses its own steps (`--steps` does not apply).
+    pub fn adaptive(&self) -> bool {
+        self.0.adaptive
+    }
+
+    /// The default number of steps on `process` (None: adaptive).
+    pub fn default_steps(&self, process: &Process) -> Option<usize> {
+        (!self.0.adaptive).then(|| (self.0.default_steps)(process))
+    }
+
+    /// Whether it takes option `opt`.
+    pub fn takes(&self, opt: Opt) -> bool {
+        self.0.options.contains(&opt)
+    }
+}
+
+/// Rejects options `kind` does not declare, naming the samplers that do take them.
 fn reject_unused(kind: SamplerKind, o: &SamplerOptions) -> Result<()> {
-    use SamplerKind::*;
-    let checks: [(&str, bool, &[SamplerKind]); 10] = [
-        ("eta", o.eta.is_some(), &[Ddim]),
-        ("variance", o.variance.is_some(), &[Ddpm]),
-        ("clip-x0", o.clip_x0.is_some(), &[Ddpm, Ddim]),
-        ("snr", o.snr.is_some(), &[Pc]),
-        ("corrector-steps", o.corrector_steps.is_some(), &[Pc]),
-        ("predictor", o.predictor.is_some(), &[Pc]),
-        ("rtol", o.rtol.is_some(), &[OdeRk45]),
-        ("atol", o.atol.is_some(), &[OdeRk45]),
-        ("churn", o.churn.is_some(), &[EdmHeun]),
-        ("ode-variable", o.ode_variable.is_some(), &[OdeEuler, OdeHeun]),
-    ];
-    for (flag, set, users) in checks {
-        if set && !users.contains(&kind) {
+    for opt in o.set() {
+        if !kind.takes(opt) {
+            let users: Vec<&str> = SAMPLERS
+                .iter()
+                .filter(|s| s.options.contains(&opt))
+                .map(|s| s.name)
+                .collect();
+            let flag = opt.flag();
             return Err(Error::param(
                 flag,
                 format!(
                     "--{flag} applies only to {}, not to --sampler {}",
-                    users.iter().map(|k| k.name()).collect::<Vec<_>>().join(" and "),
+                    users.join(", "),
                     kind.name()
                 ),
             ));
         }
     }
-    if o.spacing.is_some() && matches!(kind, EdmHeun | OdeRk45) {
-        return Err(Error::param(
-            "spacing",
-            format!(
-                "--sampler {} chooses its own noise levels; --spacing does not apply",
-                kind.name()
-            ),
-        ));
-    }
     Ok(())
 }
 
-fn time_grid(sde: &Sde, spacing: &Option<String>) -> Result<TimeGrid> {
-    match spacing {
-        None => Ok(sde.default_grid()),
-        Some(s) => TimeGrid::from_name(s),
-    }
-}
-
-/// Builds the sampler `kind` for `process`.
+/// Builds the sampler `kind` for `process`: checks the pair and the options against the
+/// sampler's declaration, resolves the step count, and calls its builder.
 pub fn build_sampler(kind: SamplerKind, process: &Process, o: &SamplerOptions) -> Result<Box<dyn Sampler>> {
     if !kind.supports(process) {
         return Err(Error::param(
@@ -215,89 +333,95 @@ pub fn build_sampler(kind: SamplerKind, process: &Process, o: &SamplerOptions) -
         ));
     }
     reject_unused(kind, o)?;
-    let steps = o.steps.or(kind.default_steps(process));
-    if steps == Some(0) {
-        return Err(Error::param("steps", "got 0, expected at least 1"));
-    }
-    let steps = steps.unwrap_or(0);
-    let prior_std = process.prior_std();
-    match kind {
-        SamplerKind::Ddpm | SamplerKind::Ddim => {
-            let chain = match process {
-                Process::Ddpm(schedule) => {
-                    let spacing = match &o.spacing {
-                        None => Spacing::Linspace,
-                        Some(s) => Spacing::from_name(s)?,
-                    };
-                    ReverseChain::discrete(schedule, &timesteps(schedule.timesteps(), steps, spacing)?)?
-                }
-                Process::Continuous(sde) => ReverseChain::seed_ve(sde, steps, time_grid(sde, &o.spacing)?)?,
-            };
-            if let Some(c) = o.clip_x0 {
-                crate::error::check_range("clip-x0", c, (0.0, false), (f64::INFINITY, false))?;
-            }
-            if kind == SamplerKind::Ddpm {
-                let mut s = Ddpm::new(chain, o.variance.unwrap_or(Variance::FixedSmall), prior_std);
-                s.clip_x0 = o.clip_x0;
-                Ok(Box::new(s))
+    let steps = if kind.adaptive() {
+        if o.steps.is_some() {
+            return Err(Error::param(
+                "steps",
+                format!(
+                    "--sampler {} chooses its own steps; --steps does not apply",
+                    kind.name()
+                ),
+            ));
+        }
+        None
+    } else {
+        let s = o.steps.or(kind.default_steps(process));
+        if s == Some(0) {
+            return Err(Error::param("steps", "got 0, expected at least 1"));
+        }
+        s
+    };
+    (kind.spec().build)(process, steps, o)
+}
+
+/// The `--sampler` help text: every sampler with the processes it runs on.
+pub fn sampler_help() -> String {
+    let rows: Vec<String> = SAMPLERS
+        .iter()
+        .map(|s| format!("{} (on {})", s.name, s.processes.join(", ")))
+        .collect();
+    format!("Sampler: {}.", rows.join("; "))
+}
+
+/// The README's sampler table (markdown), generated from [`SAMPLERS`].
+pub fn markdown_table() -> String {
+    let mut out = String::from(
+        "| `--sampler` | what it is | `--process` | default `--steps` | options |\n| --- | --- | --- | --- | --- |\n",
+    );
+    for s in SAMPLERS {
+        let opts: Vec<String> = s.options.iter().map(|o| format!("`--{}`", o.flag())).collect();
+        out.push_str(&format!(
+            "| `{}` | {}{} | {} | {} | {} |\n",
+            s.name,
+            s.about,
+            if s.stochastic { " (stochastic)" } else { "" },
+            s.processes
+                .iter()
+                .map(|p| format!("`{p}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            s.default_steps_doc,
+            if opts.is_empty() {
+                "-".to_string()
             } else {
-                let mut s = Ddim::new(chain, o.eta.unwrap_or(0.0), prior_std)?;
-                s.clip_x0 = o.clip_x0;
-                Ok(Box::new(s))
+                opts.join(", ")
             }
-        }
-        _ => {
-            let Process::Continuous(sde) = process else {
-                // supports() admits only continuous processes for the remaining samplers
-                return Err(Error::param("process", "a continuous process is required"));
-            };
-            sde.validate()?;
-            let sde = sde.clone();
-            match kind {
-                SamplerKind::OdeRk45 => {
-                    let options = Rk45Options {
-                        rtol: o.rtol.unwrap_or(1e-5),
-                        atol: o.atol.unwrap_or(1e-5),
-                        ..Default::default()
-                    };
-                    options.validate()?;
-                    Ok(Box::new(OdeRk45 { sde, options }))
-                }
-                SamplerKind::EdmHeun => {
-                    let churn = Churn {
-                        s_churn: o.churn.unwrap_or(0.0),
-                        ..Default::default()
-                    };
-                    Ok(Box::new(EdmHeun::new(sde, steps, churn)?))
-                }
-                _ => {
-                    let times = sde.time_grid(steps, time_grid(&sde, &o.spacing)?)?;
-                    Ok(match kind {
-                        SamplerKind::EulerMaruyama => Box::new(EulerMaruyama::new(sde, times)),
-                        SamplerKind::OdeEuler | SamplerKind::OdeHeun => {
-                            let method = if kind == SamplerKind::OdeEuler {
-                                OdeMethod::Euler
-                            } else {
-                                OdeMethod::Heun
-                            };
-                            let mut s = OdeSampler::new(sde, times, method);
-                            if let Some(v) = o.ode_variable {
-                                s.variable = v;
-                            }
-                            Box::new(s)
-                        }
-                        _ => Box::new(Pc::new(
-                            sde,
-                            times,
-                            o.predictor.unwrap_or(Predictor::ReverseDiffusion),
-                            o.snr.unwrap_or(DEFAULT_SNR),
-                            o.corrector_steps.unwrap_or(1),
-                        )?),
-                    })
-                }
-            }
-        }
+        ));
     }
+    out
+}
+
+/// The time grid named by `spacing` on a continuous process (its default when `None`).
+pub(crate) fn time_grid(
+    sde: &crate::process::Sde,
+    spacing: &Option<String>,
+) -> Result<crate::process::TimeGrid> {
+    match spacing {
+        None => Ok(sde.default_grid()),
+        Some(s) => crate::process::TimeGrid::from_name(s),
+    }
+}
+
+/// The continuous SDE of `process` (for samplers declared on continuous processes only).
+pub(crate) fn continuous(process: &Process) -> Result<crate::process::Sde> {
+    match process {
+        Process::Continuous(sde) => {
+            sde.validate()?;
+            Ok(sde.clone())
+        }
+        Process::Ddpm(_) => Err(Error::param(
+            "process",
+            "this sampler needs a continuous process (vp, vp-cosine, subvp, ve, seed-ve)",
+        )),
+    }
+}
+
+/// Checks a `--clip-x0` value.
+pub(crate) fn check_clip(clip: Option<f64>) -> Result<Option<f64>> {
+    if let Some(c) = clip {
+        crate::error::check_range("clip-x0", c, (0.0, false), (f64::INFINITY, false))?;
+    }
+    Ok(clip)
 }
 
 #[cfg(test)]
@@ -309,20 +433,36 @@ mod tests {
         Process::from_name(name, || Schedule::named("linear", 1000)).unwrap()
     }
 
+    fn kind(name: &str) -> SamplerKind {
+        SamplerKind::from_name(name).unwrap()
+    }
+
     #[test]
-    fn support_matrix() {
-        for kind in SamplerKind::ALL {
+    fn names_are_unique_and_every_option_has_a_user() {
+        let mut names: Vec<&str> = SAMPLERS.iter().map(|s| s.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), SAMPLERS.len());
+        for opt in Opt::ALL {
+            assert!(
+                SAMPLERS.iter().any(|s| s.options.contains(&opt)),
+                "--{} is taken by no sampler",
+                opt.flag()
+            );
+        }
+    }
+
+    #[test]
+    fn support_matrix_follows_the_table() {
+        for k in SamplerKind::all() {
             for p in Process::NAMES {
-                let r = build_sampler(kind, &process(p), &SamplerOptions::default());
-                let expected = match kind {
-                    SamplerKind::Ddpm | SamplerKind::Ddim => p == "ddpm" || p == "seed-ve",
-                    _ => p != "ddpm",
-                };
+                let r = build_sampler(k, &process(p), &SamplerOptions::default());
+                let expected = k.processes().contains(&p);
                 assert_eq!(
                     r.is_ok(),
                     expected,
                     "{} on {p}: {:?}",
-                    kind.name(),
+                    k.name(),
                     r.err().map(|e| e.to_string())
                 );
                 if let Err(e) = r {
@@ -331,6 +471,70 @@ mod tests {
                 }
             }
         }
+        // the two families as they were before the table: chain samplers on the discrete
+        // processes, the SDE/ODE samplers on the continuous ones
+        assert_eq!(kind("ddpm").processes(), DISCRETE);
+        assert_eq!(kind("ddim").processes(), DISCRETE);
+        assert_eq!(kind("edm-heun").processes(), CONTINUOUS);
+    }
+
+    #[test]
+    fn every_option_is_checked_against_every_sampler() {
+        // Each option set on a sampler that does not declare it is an error naming the flag;
+        // on one that does, it gets past the unused-option check.
+        let example = |opt: Opt| {
+            let mut o = SamplerOptions::default();
+            match opt {
+                Opt::Eta => o.eta = Some(0.5),
+                Opt::Spacing => o.spacing = Some("trailing".into()),
+                Opt::Variance => o.variance = Some(Variance::FixedLarge),
+                Opt::ClipX0 => o.clip_x0 = Some(1.0),
+                Opt::Snr => o.snr = Some(0.1),
+                Opt::CorrectorSteps => o.corrector_steps = Some(2),
+                Opt::Predictor => o.predictor = Some(Predictor::EulerMaruyama),
+                Opt::Rtol => o.rtol = Some(1e-3),
+                Opt::Atol => o.atol = Some(1e-3),
+                Opt::Churn => o.churn = Some(1.0),
+                Opt::OdeVariable => o.ode_variable = Some(OdeVariable::Time),
+            }
+            assert_eq!(o.set(), vec![opt]);
+            o
+        };
+        for k in SamplerKind::all() {
+            let p = process(k.processes()[0]);
+            for opt in Opt::ALL {
+                let r = build_sampler(k, &p, &example(opt));
+                if k.takes(opt) {
+                    if let Err(e) = &r {
+                        assert!(!e.to_string().contains("applies only to"), "{}: {e}", k.name());
+                    }
+                } else {
+                    let e = r
+                        .err()
+                        .unwrap_or_else(|| panic!("--{} accepted by {}", opt.flag(), k.name()));
+                    assert!(
+                        e.to_string()
+                            .contains(&format!("--{} applies only to", opt.flag())),
+                        "{e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn help_and_table_come_from_the_specs() {
+        let table = markdown_table();
+        for s in SAMPLERS {
+            assert!(table.contains(&format!("| `{}` |", s.name)));
+            assert!(sampler_help().contains(s.name));
+        }
+        assert!(
+            Opt::Eta.help().ends_with("Applies to: ddim."),
+            "{}",
+            Opt::Eta.help()
+        );
+        assert!(Opt::ClipX0.help().contains("ddpm, ddim"));
     }
 
     #[test]
@@ -347,15 +551,11 @@ mod tests {
         )
         .unwrap();
         let o = Oracle::new(g);
-        for kind in SamplerKind::ALL {
-            let p = process(kind.processes()[0]);
-            let steps = if kind == SamplerKind::OdeRk45 {
-                None
-            } else {
-                Some(8)
-            };
+        for k in SamplerKind::all() {
+            let p = process(k.processes()[0]);
+            let steps = if k.adaptive() { None } else { Some(8) };
             let s = build_sampler(
-                kind,
+                k,
                 &p,
                 &SamplerOptions {
                     steps,
@@ -375,8 +575,8 @@ mod tests {
                 &mut crate::samplers::NoObserver,
             )
             .unwrap();
-            assert_eq!(out.x.dims(), &[3, 1, 2, 2], "{}", kind.name());
-            assert_eq!(out.x.dtype(), DType::F32, "{}", kind.name());
+            assert_eq!(out.x.dims(), &[3, 1, 2, 2], "{}", k.name());
+            assert_eq!(out.x.dtype(), DType::F32, "{}", k.name());
         }
     }
 
@@ -388,42 +588,44 @@ mod tests {
             f(&mut o);
             o
         };
-        let e = |k, p: &Process, o: SamplerOptions| build_sampler(k, p, &o).err().map(|e| e.to_string());
-        assert!(e(SamplerKind::Ddpm, &ddpm, opts(|o| o.steps = Some(0)))
+        let e = |k: &str, p: &Process, o: SamplerOptions| {
+            build_sampler(kind(k), p, &o).err().map(|e| e.to_string())
+        };
+        assert!(e("ddpm", &ddpm, opts(|o| o.steps = Some(0)))
             .unwrap()
             .contains("steps"));
-        assert!(e(SamplerKind::Ddpm, &ddpm, opts(|o| o.steps = Some(1001)))
+        assert!(e("ddpm", &ddpm, opts(|o| o.steps = Some(1001)))
             .unwrap()
             .contains("1001"));
-        assert!(e(SamplerKind::Ddpm, &ddpm, opts(|o| o.eta = Some(0.5)))
+        assert!(e("ddpm", &ddpm, opts(|o| o.eta = Some(0.5)))
             .unwrap()
             .contains("--eta applies only to ddim"));
-        assert!(e(SamplerKind::Ddim, &ddpm, opts(|o| o.eta = Some(1.5)))
+        assert!(e("ddim", &ddpm, opts(|o| o.eta = Some(1.5)))
             .unwrap()
             .contains("eta"));
+        assert!(e("ddim", &ddpm, opts(|o| o.spacing = Some("log-snr".into()))).is_some());
+        assert!(e("pc", &process("vp"), opts(|o| o.corrector_steps = Some(0))).is_some());
+        assert!(e("pc", &process("vp"), opts(|o| o.snr = Some(-1.0))).is_some());
+        assert!(e("ode-rk45", &process("vp"), opts(|o| o.rtol = Some(0.0))).is_some());
+        assert!(e("ode-rk45", &process("vp"), opts(|o| o.steps = Some(10)))
+            .unwrap()
+            .contains("chooses its own steps"));
         assert!(e(
-            SamplerKind::Ddim,
-            &ddpm,
-            opts(|o| o.spacing = Some("log-snr".into()))
-        )
-        .is_some());
-        assert!(e(
-            SamplerKind::Pc,
+            "edm-heun",
             &process("vp"),
-            opts(|o| o.corrector_steps = Some(0))
+            opts(|o| o.spacing = Some("uniform".into()))
         )
-        .is_some());
-        assert!(e(SamplerKind::Pc, &process("vp"), opts(|o| o.snr = Some(-1.0))).is_some());
-        assert!(e(SamplerKind::OdeRk45, &process("vp"), opts(|o| o.rtol = Some(0.0))).is_some());
+        .unwrap()
+        .contains("--spacing applies only to"));
         assert!(e(
-            SamplerKind::EulerMaruyama,
+            "euler-maruyama",
             &process("ve"),
             opts(|o| o.spacing = Some("leading".into()))
         )
         .is_some());
         assert!(SamplerKind::from_name("ddpm2").is_err());
         // K < T respaces to exactly K steps
-        let s = build_sampler(SamplerKind::Ddpm, &ddpm, &opts(|o| o.steps = Some(37))).unwrap();
+        let s = build_sampler(kind("ddpm"), &ddpm, &opts(|o| o.steps = Some(37))).unwrap();
         assert_eq!(s.name(), "ddpm");
     }
 }

@@ -10,6 +10,7 @@
 //! Hairer's heuristic (one extra evaluation). The NFE counts batched evaluations:
 //! 2 + 6 per iteration (FSAL: the 7th stage is the next step's first).
 
+use super::registry::{continuous, Opt, SamplerSpec, CONTINUOUS};
 use candle_core::{DType, Tensor};
 
 use crate::denoiser::{Denoiser, NoiseLevel};
@@ -335,6 +336,28 @@ impl Sampler for OdeRk45 {
         })
     }
 }
+
+/// The registry's declaration of `ode-rk45`.
+pub const SPEC: SamplerSpec = SamplerSpec {
+    name: "ode-rk45",
+    about: "the probability-flow ODE by adaptive Dormand–Prince 5(4), per row",
+    processes: CONTINUOUS,
+    default_steps: |_| 0,
+    adaptive: true,
+    default_steps_doc: "adaptive",
+    options: &[Opt::Rtol, Opt::Atol],
+    stochastic: false,
+    build: |process, _steps, o| {
+        let sde = continuous(process)?;
+        let options = Rk45Options {
+            rtol: o.rtol.unwrap_or(1e-5),
+            atol: o.atol.unwrap_or(1e-5),
+            ..Default::default()
+        };
+        options.validate()?;
+        Ok(Box::new(OdeRk45 { sde, options }))
+    },
+};
 
 #[cfg(test)]
 mod tests {

@@ -226,7 +226,7 @@ pub fn sample_images(
         spacing: Some("trailing".into()),
         ..Default::default()
     };
-    let sampler = build_sampler(SamplerKind::Ddpm, &process, &options)?;
+    let sampler = build_sampler(SamplerKind::from_name("ddpm")?, &process, &options)?;
     let out = sample_batched(
         sampler.as_ref(),
         den,
