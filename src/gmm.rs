@@ -7,7 +7,13 @@
 //! ```json
 //! {"weights": [0.5, 0.5], "means": [[0, 0], [3, 1]], "covariances": [[[1, 0.3], [0.3, 0.5]], [[0.2, 0], [0, 0.2]]]}
 //! {"weights": [0.5, 0.5], "means": [[0, 0], [3, 1]], "stds": [1.0, 0.1]}
+//! {"weights": [0.4, 0.4, 0.2], "means": [[0, 0], [3, 1], [0, 3]], "stds": [1, 0.1, 0.5], "labels": [0, 1, 0]}
 //! ```
+//!
+//! `labels` (optional) gives each component's class id (default: component k is class k); the
+//! class-c data distribution is the sub-mixture of the components labelled c, weights
+//! renormalised ([`Gmm::class_mixture`]), whose exact denoiser is the conditional oracle of
+//! class-conditional sampling.
 //!
 //! `stds` gives isotropic components `Sigma_k = std_k^2 I`. The weights must be positive and sum
 //! to 1 within [`WEIGHT_SUM_TOLERANCE`] (they are then renormalised exactly); covariances must
@@ -250,6 +256,10 @@ pub struct Gmm {
     means: Vec<Vec<f64>>,
     covariances: Vec<Covariance>,
     factors: Vec<Factor>,
+    /// Class id per component (component k is class k unless given).
+    labels: Vec<usize>,
+    /// Whether the labels were given (then written back by `to_json`).
+    labels_given: bool,
 }
 
 /// ln(sum_k exp(a_k)), stable (shifted by the maximum).
@@ -361,6 +371,8 @@ impl Gmm {
         }
         Ok(Gmm {
             dim,
+            labels: (0..weights.len()).collect(),
+            labels_given: false,
             weights,
             means,
             covariances: covs,
@@ -376,9 +388,9 @@ impl Gmm {
             bad("expected a JSON object with \"weights\", \"means\" and \"covariances\" or \"stds\"".into())
         })?;
         for key in obj.keys() {
-            if !["weights", "means", "covariances", "stds"].contains(&key.as_str()) {
+            if !["weights", "means", "covariances", "stds", "labels"].contains(&key.as_str()) {
                 return Err(bad(format!(
-                    "unknown field \"{key}\" (allowed: weights, means, covariances, stds)"
+                    "unknown field \"{key}\" (allowed: weights, means, covariances, stds, labels)"
                 )));
             }
         }
@@ -441,7 +453,102 @@ impl Gmm {
                 out
             }
         };
-        Self::build(weights, means, covs).map_err(bad)
+        let g = Self::build(weights, means, covs).map_err(bad)?;
+        match obj.get("labels") {
+            None => Ok(g),
+            Some(v) => {
+                let arr = v
+                    .as_array()
+                    .ok_or_else(|| bad("\"labels\" must be an array of class ids (integers >= 0)".into()))?;
+                let labels = arr
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| {
+                        x.as_u64().map(|c| c as usize).ok_or_else(|| {
+                            bad(format!("labels[{i}] = {x}, expected an integer class id >= 0"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                g.with_labels(labels).map_err(|e| bad(e.to_string()))
+            }
+        }
+    }
+
+    /// The same mixture with class ids per component. Errors: a length other than the number of
+    /// components, or a class in `0..max` with no component (every class must have data).
+    pub fn with_labels(mut self, labels: Vec<usize>) -> Result<Self> {
+        let k = self.num_components();
+        if labels.len() != k {
+            return Err(Error::param(
+                "labels",
+                format!(
+                    "\"labels\" has {} entries, expected one per component ({k})",
+                    labels.len()
+                ),
+            ));
+        }
+        let classes = labels.iter().max().map_or(0, |m| m + 1);
+        if let Some(c) = (0..classes).find(|c| !labels.contains(c)) {
+            return Err(Error::param(
+                "labels",
+                format!(
+                    "class {c} has no component (labels must cover 0..{}, each class at least once)",
+                    classes - 1
+                ),
+            ));
+        }
+        self.labels = labels;
+        self.labels_given = true;
+        Ok(self)
+    }
+
+    /// The class id of each component.
+    pub fn labels(&self) -> &[usize] {
+        &self.labels
+    }
+
+    /// The number of classes (the largest label + 1).
+    pub fn num_classes(&self) -> usize {
+        self.labels.iter().max().map_or(0, |m| m + 1)
+    }
+
+    /// The class-`c` data distribution: the components labelled `c`, weights renormalised.
+    pub fn class_mixture(&self, c: usize) -> Result<Gmm> {
+        let idx: Vec<usize> = (0..self.num_components())
+            .filter(|&k| self.labels[k] == c)
+            .collect();
+        if idx.is_empty() {
+            return Err(Error::param(
+                "class",
+                format!(
+                    "class {c} is out of range: the mixture has {} classes",
+                    self.num_classes()
+                ),
+            ));
+        }
+        let total: f64 = idx.iter().map(|&k| self.weights[k]).sum();
+        let mut g = Gmm::new(
+            idx.iter().map(|&k| self.weights[k] / total).collect(),
+            idx.iter().map(|&k| self.means[k].clone()).collect(),
+            idx.iter().map(|&k| self.covariances[k].clone()).collect(),
+        )?;
+        // every component is class c (so the sub-mixture keeps its class id)
+        g.labels = vec![c; idx.len()];
+        g.labels_given = true;
+        Ok(g)
+    }
+
+    /// `n` exact draws with their class labels: draw `i` is draw `i` of [`Gmm::sample`] (the
+    /// same stream), its label the class of the component it came from.
+    pub fn sample_labelled(&self, n: usize, seed: u64) -> (Vec<f64>, Vec<usize>) {
+        let mut out = vec![0.0; n * self.dim];
+        let mut labels = Vec::with_capacity(n);
+        for (i, row) in out.chunks_mut(self.dim).enumerate() {
+            let mut rng = Rng::stream(seed, i as u64);
+            let k = self.sample_component(&mut rng, row);
+            labels.push(self.labels[k]);
+        }
+        (out, labels)
     }
 
     /// Reads a mixture from a JSON file.
@@ -459,14 +566,23 @@ impl Gmm {
             .all(|c| matches!(c, Covariance::Isotropic(_)))
         {
             let stds: Vec<f64> = self.covariances.iter().map(|c| c.get(d, 0, 0).sqrt()).collect();
-            serde_json::json!({"weights": self.weights, "means": self.means, "stds": stds})
+            let mut v = serde_json::json!({"weights": self.weights, "means": self.means, "stds": stds});
+            if self.labels_given {
+                v["labels"] = serde_json::json!(self.labels);
+            }
+            v
         } else {
             let covs: Vec<Vec<Vec<f64>>> = self
                 .covariances
                 .iter()
                 .map(|c| (0..d).map(|i| (0..d).map(|j| c.get(d, i, j)).collect()).collect())
                 .collect();
-            serde_json::json!({"weights": self.weights, "means": self.means, "covariances": covs})
+            let mut v =
+                serde_json::json!({"weights": self.weights, "means": self.means, "covariances": covs});
+            if self.labels_given {
+                v["labels"] = serde_json::json!(self.labels);
+            }
+            v
         }
     }
 
@@ -499,7 +615,7 @@ impl Gmm {
     /// `sum_k w_k N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I)`.
     pub fn noisy(&self, alpha: f64, sigma: f64) -> Result<Gmm> {
         let d = self.dim;
-        Gmm::new(
+        let mut g = Gmm::new(
             self.weights.clone(),
             self.means
                 .iter()
@@ -509,7 +625,10 @@ impl Gmm {
                 .iter()
                 .map(|c| c.scaled_plus_identity(d, alpha * alpha, sigma * sigma))
                 .collect(),
-        )
+        )?;
+        g.labels = self.labels.clone();
+        g.labels_given = self.labels_given;
+        Ok(g)
     }
 
     /// The mixture's mean `sum_k w_k mu_k`.
@@ -577,6 +696,11 @@ impl Gmm {
 
     /// One exact draw: a component k with probability w_k, then `mu_k + L_k z`.
     pub fn sample_one(&self, rng: &mut Rng, out: &mut [f64]) {
+        self.sample_component(rng, out);
+    }
+
+    /// [`Gmm::sample_one`], returning the component drawn.
+    fn sample_component(&self, rng: &mut Rng, out: &mut [f64]) -> usize {
         let u = rng.uniform();
         let mut acc = 0.0;
         let mut k = self.num_components() - 1;
@@ -590,6 +714,7 @@ impl Gmm {
         let z = rng.normal_vec(self.dim);
         self.factors[k].color(self.dim, &z, out);
         out.iter_mut().zip(&self.means[k]).for_each(|(o, m)| *o += m);
+        k
     }
 
     /// `n` exact draws (row-major, n x D); draw `i` comes from stream `i` of `seed`, so the

@@ -20,7 +20,8 @@
 //! - [`likelihood`]: Gaussian KL, the discretized decoder, the variational bound in bits/dim.
 //! - [`process`]: forward processes: the discrete DDPM chain and the continuous SDE families.
 //! - [`denoiser`]: the `Denoiser` trait samplers call; eps / x_0 / v / score conversions.
-//! - [`gmm`], [`oracle`]: Gaussian mixtures and their exact denoiser.
+//! - [`gmm`], [`oracle`]: Gaussian mixtures and their exact (class-conditional) denoiser.
+//! - [`guidance`]: class-conditional models and classifier-free guidance, a `Denoiser` wrapper.
 //! - [`samplers`]: every sampler behind one trait, and the name -> sampler registry.
 //! - [`ode_likelihood`]: log p(x) by the probability-flow ODE.
 //! - [`eval`]: sample-quality distances (energy distance, MMD, null band).
@@ -41,6 +42,7 @@ pub mod error;
 pub mod eval;
 pub mod forward;
 pub mod gmm;
+pub mod guidance;
 pub mod image_out;
 pub mod io;
 pub mod likelihood;

@@ -407,6 +407,89 @@ impl ScoreJacobian for Oracle {
     }
 }
 
+/// The exact class-conditional denoiser of a labelled mixture: class `c` is the oracle of the
+/// sub-mixture of the components labelled `c` (weights renormalised, [`Gmm::class_mixture`]), the
+/// null class (`None`) the oracle of the whole mixture. Guided by [`crate::guidance::Guided`] it
+/// is the exact guided denoiser of Ho & Salimans (2022).
+pub struct ConditionalOracle {
+    all: Oracle,
+    classes: Vec<Oracle>,
+}
+
+impl ConditionalOracle {
+    /// The conditional oracle of `gmm` (its `labels`, by default one class per component).
+    pub fn new(gmm: Gmm) -> Result<Self> {
+        let classes = (0..gmm.num_classes())
+            .map(|c| Ok(Oracle::new(gmm.class_mixture(c)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ConditionalOracle {
+            all: Oracle::new(gmm),
+            classes,
+        })
+    }
+
+    /// The whole mixture.
+    pub fn gmm(&self) -> &Gmm {
+        self.all.gmm()
+    }
+
+    /// The oracle of `class` (`None`: the whole mixture).
+    pub fn oracle(&self, class: Option<usize>) -> Result<&Oracle> {
+        match class {
+            None => Ok(&self.all),
+            Some(c) => self.classes.get(c).ok_or_else(|| {
+                Error::param(
+                    "class",
+                    format!(
+                        "class {c} is out of range: the mixture has {} classes",
+                        self.classes.len()
+                    ),
+                )
+            }),
+        }
+    }
+}
+
+impl crate::guidance::ClassConditional for ConditionalOracle {
+    fn prediction(&self) -> Prediction {
+        Prediction::X0
+    }
+
+    fn num_classes(&self) -> usize {
+        self.classes.len()
+    }
+
+    fn has_null_class(&self) -> bool {
+        true
+    }
+
+    fn output_with_classes(
+        &self,
+        x_t: &Tensor,
+        levels: &[NoiseLevel],
+        classes: &[Option<usize>],
+    ) -> Result<Tensor> {
+        let mut out = crate::guidance::by_class(x_t, levels, classes, 1, |c, x, l| {
+            Ok(vec![self.oracle(c)?.predict_x0(x, l)?])
+        })?;
+        Ok(out.remove(0))
+    }
+
+    fn x0_eps_with_classes(
+        &self,
+        x_t: &Tensor,
+        levels: &[NoiseLevel],
+        classes: &[Option<usize>],
+    ) -> Result<(Tensor, Tensor)> {
+        let mut out = crate::guidance::by_class(x_t, levels, classes, 2, |c, x, l| {
+            let (x0, eps) = self.oracle(c)?.predict_x0_eps(x, l)?;
+            Ok(vec![x0, eps])
+        })?;
+        let eps = out.remove(1);
+        Ok((out.remove(0), eps))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

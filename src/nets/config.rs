@@ -157,6 +157,14 @@ pub struct UNetConfig {
     pub add_attention: bool,
     /// Only used by diffusers' `learned` time embedding; kept so configs round-trip.
     pub num_train_timesteps: Option<usize>,
+    /// Rows of the class-embedding table (`num_class_embeds`, with `class_embed_type = null`):
+    /// `None` for an unconditional network.
+    pub num_class_embeds: Option<usize>,
+    /// The row of the class-embedding table that means "no class" (the unconditional half of
+    /// classifier-free guidance), stored as `_diffuse_null_class` (diffusers ignores keys that
+    /// start with `_`). `diffuse train` makes it the last row, `num_class_embeds - 1`; a
+    /// class-conditional diffusers model without it has no null class and cannot be guided.
+    pub null_class: Option<usize>,
 }
 
 impl Default for UNetConfig {
@@ -189,6 +197,8 @@ impl Default for UNetConfig {
             resnet_time_scale_shift: TimeScaleShift::Default,
             add_attention: true,
             num_train_timesteps: None,
+            num_class_embeds: None,
+            null_class: None,
         }
     }
 }
@@ -411,6 +421,24 @@ impl UNetConfig {
         if self.attn_norm_num_groups == Some(0) {
             return bad("attn_norm_num_groups", "must be at least 1 (or null)".into());
         }
+        if self.num_class_embeds == Some(0) {
+            return bad("num_class_embeds", "must be at least 1 (or null)".into());
+        }
+        match (self.null_class, self.num_class_embeds) {
+            (Some(c), None) => {
+                return bad(
+                    "_diffuse_null_class",
+                    format!("null class {c} given for a network without num_class_embeds"),
+                )
+            }
+            (Some(c), Some(k)) if c >= k => {
+                return bad(
+                    "_diffuse_null_class",
+                    format!("null class {c} is past the {k} class embeddings"),
+                )
+            }
+            _ => {}
+        }
         if self.time_embedding_dim == Some(0) {
             return bad("time_embedding_dim", "must be at least 1 (or null)".into());
         }
@@ -471,8 +499,9 @@ impl UNetConfig {
             },
             "add_attention": self.add_attention,
             "class_embed_type": Value::Null,
-            "num_class_embeds": Value::Null,
+            "num_class_embeds": self.num_class_embeds,
             "num_train_timesteps": self.num_train_timesteps,
+            "_diffuse_null_class": self.null_class,
         })
     }
 
@@ -552,7 +581,12 @@ mod tests {
             ),
             (r#"{"act_fn": "gelu"}"#, "act_fn"),
             (r#"{"class_embed_type": "timestep"}"#, "class_embed_type"),
-            (r#"{"num_class_embeds": 10}"#, "num_class_embeds"),
+            (r#"{"num_class_embeds": 0}"#, "num_class_embeds"),
+            (
+                r#"{"num_class_embeds": 10, "_diffuse_null_class": 10}"#,
+                "_diffuse_null_class",
+            ),
+            (r#"{"_diffuse_null_class": 3}"#, "_diffuse_null_class"),
             (
                 r#"{"down_block_types": ["DownBlock2D", "SkipDownBlock2D"]}"#,
                 "down_block_types[1]: 'SkipDownBlock2D'",

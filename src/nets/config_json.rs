@@ -85,12 +85,7 @@ pub(crate) fn parse_object(value: &Value) -> Parse<UNetConfig> {
     }
     if let Some(v) = f.get("class_embed_type") {
         return Err(format!(
-            "class_embed_type: {v} is not supported; class-conditional U-Nets are not implemented (expected null)"
-        ));
-    }
-    if let Some(v) = f.get("num_class_embeds") {
-        return Err(format!(
-            "num_class_embeds: {v} is not supported; class-conditional U-Nets are not implemented (expected null)"
+            "class_embed_type: {v} is not supported; only null (an embedding table of num_class_embeds rows) is implemented"
         ));
     }
     let mid_block = match f.get("mid_block_type") {
@@ -215,6 +210,8 @@ pub(crate) fn parse_object(value: &Value) -> Parse<UNetConfig> {
         resnet_time_scale_shift,
         add_attention: f.bool("add_attention", d.add_attention)?,
         num_train_timesteps: f.opt_usize("num_train_timesteps", d.num_train_timesteps)?,
+        num_class_embeds: f.opt_usize("num_class_embeds", None)?,
+        null_class: f.opt_usize("_diffuse_null_class", None)?,
     })
 }
 

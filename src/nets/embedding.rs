@@ -102,6 +102,53 @@ impl TimestepEmbedding {
     }
 }
 
+/// A class-embedding table, diffusers' `class_embedding = nn.Embedding(num_class_embeds,
+/// time_embed_dim)` of `UNet2DModel` (`class_embed_type = None`): row `c` is added to the time
+/// embedding of every sample of class `c`, `emb = time_embedding(t) + class_embedding[c]`
+/// (Ho & Salimans 2022 condition on the class this way; one extra row is the null class of
+/// classifier-free guidance). Initialised as PyTorch's `nn.Embedding`, N(0, 1).
+#[derive(Clone, Debug)]
+pub struct ClassEmbedding {
+    weight: Tensor,
+}
+
+impl ClassEmbedding {
+    /// Parameter `weight` `[num_class_embeds, dim]`.
+    pub fn new(vb: VarBuilder, num_class_embeds: usize, dim: usize) -> Result<Self> {
+        Ok(ClassEmbedding {
+            weight: vb.get_with_hints(
+                (num_class_embeds, dim),
+                "weight",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )?,
+        })
+    }
+
+    /// The number of rows (classes, the null class included).
+    pub fn rows(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// Rows `labels` (`[B]`, u32 class ids) -> `[B, dim]`; an id past the table is an error.
+    pub fn forward(&self, labels: &Tensor) -> Result<Tensor> {
+        let ids: Vec<u32> = labels.to_dtype(DType::U32)?.to_vec1()?;
+        if let Some(bad) = ids.iter().find(|&&c| c as usize >= self.rows()) {
+            return Err(Error::param(
+                "class label",
+                format!(
+                    "got class {bad}, the model has {} class embeddings (0..{})",
+                    self.rows(),
+                    self.rows() - 1
+                ),
+            ));
+        }
+        Ok(self.weight.embedding(&labels.to_dtype(DType::U32)?)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

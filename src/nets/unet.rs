@@ -4,6 +4,7 @@
 //! ```text
 //! x        <- 2 x - 1                                   (center_input_sample only)
 //! temb     = time_embedding(sinusoid(t))                [B, 4 * ch0]
+//! temb     = temb + class_embedding[c]                  (class-conditional networks only)
 //! h        = conv_in(x);  skips = [h]
 //! for each level:  h = down_block(h, temb), pushing every resnet/attention output and the
 //!                  downsampler output onto skips
@@ -26,7 +27,7 @@ use candle_nn::{Init, VarBuilder, VarMap};
 use crate::error::{Error, Result};
 use crate::nets::blocks::{AttentionParams, DownBlock, MidBlock, ResnetParams, UpBlock};
 use crate::nets::config::{ResampleType, TimeScaleShift, UNetConfig};
-use crate::nets::embedding::{timestep_embedding, TimestepEmbedding};
+use crate::nets::embedding::{timestep_embedding, ClassEmbedding, TimestepEmbedding};
 use crate::nets::layers::{Conv2d, GroupNorm};
 use crate::rng::Rng;
 
@@ -37,6 +38,7 @@ pub struct UNet {
     config: UNetConfig,
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
+    class_embedding: Option<ClassEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
@@ -69,6 +71,10 @@ impl UNet {
 
         let conv_in = Conv2d::new(vb.pp("conv_in"), config.in_channels, ch[0], 3, 1, 1)?;
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch[0], temb_dim)?;
+        let class_embedding = match config.num_class_embeds {
+            Some(k) => Some(ClassEmbedding::new(vb.pp("class_embedding"), k, temb_dim)?),
+            None => None,
+        };
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut c_out = ch[0];
@@ -149,6 +155,7 @@ impl UNet {
             config: config.clone(),
             conv_in,
             time_embedding,
+            class_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -171,16 +178,35 @@ impl UNet {
     /// `[B]` (or `[1]`, broadcast) as diffusers' timestep index (index 0 is t = 1; fractional
     /// values allowed) -> `[B, out_channels, H, W]`.
     pub fn forward(&self, x: &Tensor, timesteps: &Tensor) -> Result<Tensor> {
-        self.forward_t(x, timesteps, None)
+        self.forward_t(x, timesteps, None, None)
+    }
+
+    /// Evaluation-mode forward pass of a class-conditional network: `class_labels` `[B]` (u32
+    /// rows of the class-embedding table; the null class for the unconditional half).
+    pub fn forward_class(&self, x: &Tensor, timesteps: &Tensor, class_labels: &Tensor) -> Result<Tensor> {
+        self.forward_t(x, timesteps, Some(class_labels), None)
     }
 
     /// Training-mode forward pass: dropout masks are drawn from `rng`.
     pub fn forward_train(&self, x: &Tensor, timesteps: &Tensor, rng: &mut Rng) -> Result<Tensor> {
-        self.forward_t(x, timesteps, Some(rng))
+        self.forward_t(x, timesteps, None, Some(rng))
     }
 
-    /// Forward pass, training mode when `rng` is given (see [`UNet::forward`]).
-    pub fn forward_t(&self, x: &Tensor, timesteps: &Tensor, mut rng: Option<&mut Rng>) -> Result<Tensor> {
+    /// The number of class embeddings (`None`: unconditional network).
+    pub fn num_class_embeds(&self) -> Option<usize> {
+        self.class_embedding.as_ref().map(|e| e.rows())
+    }
+
+    /// Forward pass, training mode when `rng` is given (see [`UNet::forward`]). A
+    /// class-conditional network needs `class_labels` (`[B]`), an unconditional one refuses them,
+    /// as diffusers' `UNet2DModel.forward` does.
+    pub fn forward_t(
+        &self,
+        x: &Tensor,
+        timesteps: &Tensor,
+        class_labels: Option<&Tensor>,
+        mut rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let (b, c, h, w) = x.dims4().map_err(|_| {
             Error::param(
@@ -218,7 +244,31 @@ impl UNet {
 
         let t_emb = timestep_embedding(&t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)?
             .to_dtype(x.dtype())?;
-        let temb = self.time_embedding.forward(&t_emb)?;
+        let mut temb = self.time_embedding.forward(&t_emb)?;
+        match (&self.class_embedding, class_labels) {
+            (Some(table), Some(labels)) => {
+                if labels.dims() != [b] {
+                    return Err(Error::param(
+                        "class labels",
+                        format!("expected shape [{b}] (one per sample), got {:?}", labels.dims()),
+                    ));
+                }
+                temb = (temb + table.forward(labels)?.to_dtype(x.dtype())?)?;
+            }
+            (Some(_), None) => {
+                return Err(Error::param(
+                    "class labels",
+                    "the network is class-conditional (num_class_embeds is set): class labels are required",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::param(
+                    "class labels",
+                    "class labels were given to an unconditional network (no num_class_embeds)",
+                ))
+            }
+            (None, None) => {}
+        }
         // Every ResnetBlock2D applies silu to temb before its projection: compute it once.
         let temb_act = crate::ops::silu(&temb)?;
 

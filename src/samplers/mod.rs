@@ -385,39 +385,107 @@ pub fn sample_batched_from(
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<SampleOutput> {
-    if let Some(z) = init {
-        z.check_rows(n)?;
-    }
-    if n == 0 {
-        return Err(Error::param("n", "got 0, expected at least 1 sample"));
-    }
-    let batch = batch.max(1);
-    let mut parts = Vec::new();
-    let mut nfe = 0;
-    let mut start = 0;
-    let mut none = NoObserver;
-    while start < n {
-        let b = batch.min(n - start);
-        let mut noise = NoiseStreams::new(seed, start as u64, b);
-        let x_t = draw_prior_from(
-            sampler,
-            sample_shape,
-            &mut noise,
-            init.map(|z| (z, start)),
-            dtype,
-            device,
-        )?;
-        let obs: &mut dyn Observer = if start == 0 { &mut *observer } else { &mut none };
-        let out = sampler.sample(den, x_t, &mut noise, obs)?;
-        crate::denoiser::check_finite(&out.x, "the samples")?;
-        nfe = nfe.max(out.nfe);
-        parts.push(out.x);
-        start += b;
-    }
-    Ok(SampleOutput {
-        x: Tensor::cat(&parts, 0)?,
-        nfe,
+    let batches = Batches {
+        n,
+        sample_shape,
+        seed,
+        batch,
+        init,
+        dtype,
+        device,
+    };
+    batches.run(sampler, observer, |_, _, x_t, noise, obs| {
+        sampler.sample(den, x_t, noise, obs)
     })
+}
+
+/// [`sample_batched_from`] with classifier-free guidance: sample `i` is drawn towards class
+/// `classes[i]` (`None`: unconditional) at guidance scale `scale`, each batch through one
+/// [`crate::guidance::Guided`] denoiser (both halves in one forward of the doubled batch).
+#[allow(clippy::too_many_arguments)]
+pub fn sample_batched_guided(
+    sampler: &dyn Sampler,
+    model: &dyn crate::guidance::ClassConditional,
+    classes: &[Option<usize>],
+    scale: f64,
+    sample_shape: &[usize],
+    seed: u64,
+    batch: usize,
+    init: Option<&InitNoise>,
+    dtype: DType,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<SampleOutput> {
+    crate::guidance::check_request(model, classes, scale)?;
+    let batches = Batches {
+        n: classes.len(),
+        sample_shape,
+        seed,
+        batch,
+        init,
+        dtype,
+        device,
+    };
+    batches.run(sampler, observer, |start, b, x_t, noise, obs| {
+        let den = crate::guidance::Guided::new(model, classes[start..start + b].to_vec(), scale)?;
+        sampler.sample(&den, x_t, noise, obs)
+    })
+}
+
+/// How `n` samples are split into batches and started (see [`sample_batched`]).
+struct Batches<'a> {
+    n: usize,
+    sample_shape: &'a [usize],
+    seed: u64,
+    batch: usize,
+    init: Option<&'a InitNoise>,
+    dtype: DType,
+    device: &'a Device,
+}
+
+impl Batches<'_> {
+    /// Runs `step(first_row, rows, x_T, noise, observer)` on every batch and concatenates.
+    fn run(
+        &self,
+        sampler: &dyn Sampler,
+        observer: &mut dyn Observer,
+        mut step: impl FnMut(usize, usize, Tensor, &mut NoiseStreams, &mut dyn Observer) -> Result<SampleOutput>,
+    ) -> Result<SampleOutput> {
+        let n = self.n;
+        if let Some(z) = self.init {
+            z.check_rows(n)?;
+        }
+        if n == 0 {
+            return Err(Error::param("n", "got 0, expected at least 1 sample"));
+        }
+        let batch = self.batch.max(1);
+        let mut parts = Vec::new();
+        let mut nfe = 0;
+        let mut start = 0;
+        let mut none = NoObserver;
+        while start < n {
+            let b = batch.min(n - start);
+            let mut noise = NoiseStreams::new(self.seed, start as u64, b);
+            let x_t = draw_prior_from(
+                sampler,
+                self.sample_shape,
+                &mut noise,
+                self.init.map(|z| (z, start)),
+                self.dtype,
+                self.device,
+            )?;
+            let obs: &mut dyn Observer = if start == 0 { &mut *observer } else { &mut none };
+            let out = step(start, b, x_t, &mut noise, obs)?;
+            crate::denoiser::check_finite(&out.x, "the samples")?;
+            nfe = nfe.max(out.nfe);
+            parts.push(out.x);
+            start += b;
+        }
+        Ok(SampleOutput {
+            x: Tensor::cat(&parts, 0)?,
+            nfe,
+        })
+    }
 }
 
 /// The same level for every row.
