@@ -230,7 +230,7 @@ fn main() -> diffuse::Result<()> {
         std::fs::remove_dir_all(&out).map_err(|e| diffuse::Error::io(&out, e))?;
     }
     let t0 = std::time::Instant::now();
-    let mut run = ToyRun::setup(&out, &points, &cfg, &tcfg, false, &dev)?;
+    let mut run = ToyRun::setup(&out, &points, None, &cfg, &tcfg, false, &dev)?;
     let outcome = run.run(
         &Budget {
             steps: Some(steps),

@@ -36,7 +36,7 @@ fn main() -> diffuse::Result<()> {
         &cfg.model,
         diffuse::train::init::seeded_var_builder(&varmap, 1, &dev),
     )?;
-    let mut task = diffuse::train::toy::ToyTask::new(&points, mlp, &cfg, 2, &dev)?;
+    let mut task = diffuse::train::toy::ToyTask::new(&points, None, mlp, &cfg, 2, &dev)?;
     let mut opt = AdamW::new(&varmap, AdamWConfig::default())?;
     let mut ema = Ema::new(&varmap, EmaConfig::default())?;
     let mut rng = Rng::new(0);

@@ -502,6 +502,11 @@ impl Gmm {
         Ok(self)
     }
 
+    /// Whether the spec gave `labels` (a labelled mixture trains class-conditional models).
+    pub fn has_labels(&self) -> bool {
+        self.labels_given
+    }
+
     /// The class id of each component.
     pub fn labels(&self) -> &[usize] {
         &self.labels

@@ -25,6 +25,7 @@ fn train(dir: &Path, spec: &DataSpec, points: &Points, steps: u64) -> MlpDenoise
         hidden: 64,
         layers: 2,
         embed_dim: 32,
+        num_classes: None,
     };
     let cfg = toy_config(spec, points, model, 256, LogSnrSampling::default());
     let tcfg = TrainerConfig {
@@ -35,7 +36,7 @@ fn train(dir: &Path, spec: &DataSpec, points: &Points, steps: u64) -> MlpDenoise
             warmup: true,
         },
     };
-    let mut run = ToyRun::setup(dir, points, &cfg, &tcfg, false, &Device::Cpu).unwrap();
+    let mut run = ToyRun::setup(dir, points, None, &cfg, &tcfg, false, &Device::Cpu).unwrap();
     let opts = LoopOptions {
         checkpoint_every: 0,
         hook_every: 0,

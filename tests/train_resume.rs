@@ -29,6 +29,7 @@ fn configs() -> (Points, ToyTrainConfig, TrainerConfig) {
         hidden: 16,
         layers: 2,
         embed_dim: 8,
+        num_classes: None,
     };
     let task = toy_config(&spec, &points, model, 32, LogSnrSampling::default());
     let trainer = TrainerConfig {
@@ -51,7 +52,7 @@ fn configs() -> (Points, ToyTrainConfig, TrainerConfig) {
 
 fn setup(dir: &Path, resume: bool) -> diffuse::Result<ToyRun> {
     let (points, task, trainer) = configs();
-    ToyRun::setup(dir, &points, &task, &trainer, resume, &Device::Cpu)
+    ToyRun::setup(dir, &points, None, &task, &trainer, resume, &Device::Cpu)
 }
 
 fn options() -> LoopOptions {
@@ -297,7 +298,7 @@ fn configuration_mismatch_and_existing_checkpoint_are_refused() {
     let (points, mut task, mut trainer) = configs();
     trainer.optimizer.lr = 1e-2;
     task.model.hidden = 32;
-    let e = ToyRun::setup(&a, &points, &task, &trainer, true, &Device::Cpu)
+    let e = ToyRun::setup(&a, &points, None, &task, &trainer, true, &Device::Cpu)
         .err()
         .unwrap();
     let msg = e.to_string();
@@ -322,7 +323,7 @@ fn same_seed_same_losses_other_seed_other_losses_and_time_budget() {
     assert_eq!(records(&a), records(&b));
     let (points, task, mut trainer) = configs();
     trainer.seed = 8;
-    let mut run = ToyRun::setup(&c, &points, &task, &trainer, false, &Device::Cpu).unwrap();
+    let mut run = ToyRun::setup(&c, &points, None, &task, &trainer, false, &Device::Cpu).unwrap();
     run.run(&steps(5), &options(), &Interrupt::new()).unwrap();
     assert_ne!(records(&a)[..5], records(&c)[..5]);
 

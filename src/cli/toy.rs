@@ -15,13 +15,16 @@ use diffuse::denoiser::{Denoiser, NoiseLevel};
 use diffuse::eval::distance::energy_distance;
 use diffuse::eval::report::{report_markdown, sampler_report_models, ReportConfig};
 use diffuse::gmm::{Covariance, Gmm};
+use diffuse::guidance::{parse_classes, ClassConditional};
+use diffuse::nets::mlp::MlpDenoiser;
 use diffuse::ode_likelihood::{log_likelihood, Divergence, LikelihoodOptions, Probe, ScoreJacobian};
-use diffuse::oracle::Oracle;
+use diffuse::oracle::{ConditionalOracle, Oracle};
 use diffuse::plot2d::{project, robust_range, samples_figure, score_field_figure, trajectory_figure};
 use diffuse::process::{ddpm_level, Process};
 use diffuse::samplers::rk45::Rk45Options;
 use diffuse::samplers::{
-    build_sampler, sample_batched_from, InitNoise, Observer, SamplerKind, StepEvent, Trajectory,
+    build_sampler, sample_batched_from, sample_batched_guided, InitNoise, Observer, SamplerKind, StepEvent,
+    Trajectory,
 };
 use diffuse::schedule::Schedule;
 
@@ -120,6 +123,15 @@ struct SampleArgs {
     /// `init_noise_sigma`). Later draws of stochastic samplers still come from --seed.
     #[arg(long, value_name = "FILE.npy")]
     init_noise: Option<PathBuf>,
+    /// Class-conditional sampling: a class id (7), a list cycled over the samples (0,3,9), all
+    /// (the classes in turn) or none (unconditional). An --oracle mixture's classes are its
+    /// "labels" (default: one per component); a --checkpoint model must be class-conditional.
+    #[arg(long)]
+    class: Option<String>,
+    /// Classifier-free guidance scale w: eps = eps_uncond + w (eps_cond - eps_uncond) (1: the
+    /// conditional model, the default; 0: unconditional; > 1 guides past it). Needs --class.
+    #[arg(long, allow_hyphen_values = true)]
+    guidance_scale: Option<f64>,
     /// Samples per batch (does not change the samples).
     #[arg(long, default_value_t = 8192)]
     batch: usize,
@@ -235,16 +247,16 @@ pub fn run(args: ToyArgs) -> anyhow::Result<()> {
 
 /// A learned toy model from `dir` (a `diffuse toy train` run): the MLP with its EMA weights,
 /// and the data dimension.
-pub fn resolve_checkpoint(dir: &Path) -> anyhow::Result<(Box<dyn Denoiser>, usize)> {
-    let net = diffuse::nets::mlp::MlpDenoiser::load(dir, true)?;
+pub fn resolve_checkpoint(dir: &Path) -> anyhow::Result<(MlpDenoiser, usize)> {
+    let net = MlpDenoiser::load(dir, true)?;
     let dim = net.mlp().config().dim;
-    Ok((Box::new(net), dim))
+    Ok((net, dim))
 }
 
 /// The denoiser a command runs on.
 struct Model {
     oracle: Option<Oracle>,
-    net: Option<Box<dyn Denoiser>>,
+    net: Option<MlpDenoiser>,
     dim: usize,
     /// A learned model's training points (row-major, n x dim), when they can be regenerated.
     data: Option<Vec<f64>>,
@@ -254,7 +266,7 @@ impl Model {
     fn denoiser(&self) -> &dyn Denoiser {
         match (&self.oracle, &self.net) {
             (Some(o), _) => o,
-            (None, Some(n)) => n.as_ref(),
+            (None, Some(n)) => n,
             // Model::load sets one of the two
             (None, None) => unreachable!("a model has an oracle or a network"),
         }
@@ -374,21 +386,61 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
     bar.set_message(format!("{} on {}", kind.name(), process.name()));
     let mut progress = Progress { bar };
     let mut traj = Trajectory::new(12, 1);
+    if a.guidance_scale.is_some() && a.class.is_none() {
+        return usage("--guidance-scale needs --class (the class to guide towards)");
+    }
+    let cond_oracle = match (&a.class, model.gmm()) {
+        (Some(_), Some(g)) => Some(ConditionalOracle::new(g.clone())?),
+        _ => None,
+    };
+    let cond: Option<&dyn ClassConditional> = match (&a.class, &cond_oracle, &model.net) {
+        (None, _, _) => None,
+        (Some(_), Some(o), _) => Some(o),
+        (Some(_), None, Some(net)) => {
+            if net.mlp().config().num_classes.is_none() {
+                return usage(
+                    "--class: the model is unconditional (trained without labels); --class and --guidance-scale need a class-conditional --checkpoint or an --oracle",
+                );
+            }
+            Some(net)
+        }
+        (Some(_), None, None) => None,
+    };
+    let classes = match (&a.class, cond) {
+        (Some(spec), Some(m)) => Some(parse_classes(spec, n, m.num_classes())?),
+        _ => None,
+    };
+    let scale = a.guidance_scale.unwrap_or(1.0);
     let start = Instant::now();
     let out = {
         let mut both = Both(&mut progress, &mut traj);
-        sample_batched_from(
-            sampler.as_ref(),
-            model.denoiser(),
-            n,
-            &[d],
-            a.seed,
-            a.batch,
-            init.as_ref(),
-            model.dtype(),
-            &Device::Cpu,
-            &mut both,
-        )?
+        match (cond, &classes) {
+            (Some(m), Some(classes)) => sample_batched_guided(
+                sampler.as_ref(),
+                m,
+                classes,
+                scale,
+                &[d],
+                a.seed,
+                a.batch,
+                init.as_ref(),
+                model.dtype(),
+                &Device::Cpu,
+                &mut both,
+            )?,
+            _ => sample_batched_from(
+                sampler.as_ref(),
+                model.denoiser(),
+                n,
+                &[d],
+                a.seed,
+                a.batch,
+                init.as_ref(),
+                model.dtype(),
+                &Device::Cpu,
+                &mut both,
+            )?,
+        }
     };
     progress.bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
@@ -396,9 +448,21 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
     let x32: Vec<f32> = x.iter().map(|v| *v as f32).collect();
     diffuse::io::write_npy_f32(&a.out, &[n, d], &x32)?;
 
-    // fresh true samples for an oracle; a learned model's training points otherwise
-    let truth = model
-        .gmm()
+    // fresh true samples for an oracle (of the requested class when one class was asked for);
+    // a learned model's training points otherwise
+    let one_class = classes.as_ref().and_then(|c| {
+        c.first()
+            .copied()
+            .flatten()
+            .filter(|&c0| c.iter().all(|&x| x == Some(c0)))
+    });
+    let target = match (model.gmm(), one_class) {
+        (Some(g), Some(c)) => Some(g.class_mixture(c)?),
+        (Some(g), None) => Some(g.clone()),
+        _ => None,
+    };
+    let truth = target
+        .as_ref()
         .map(|g| g.sample(n, a.seed ^ 0x7275_7468))
         .or_else(|| model.data.as_ref().map(|p| p[..p.len().min(n * d)].to_vec()));
     let energy = match &truth {
@@ -410,23 +474,15 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
     } else {
         "training points"
     };
+    let title = match (&a.class, classes.is_some()) {
+        (Some(c), true) => format!("{} on {}, class {c}, w = {scale}", kind.name(), process.name()),
+        _ => format!("{} on {}", kind.name(), process.name()),
+    };
     if let Some(path) = &a.plot {
-        samples_figure(
-            path,
-            &x,
-            truth.as_deref(),
-            d,
-            &format!("{} on {}", kind.name(), process.name()),
-        )?;
+        samples_figure(path, &x, truth.as_deref(), d, &title)?;
     }
     if let Some(path) = &a.trajectory {
-        trajectory_figure(
-            path,
-            &traj,
-            truth.as_deref(),
-            d,
-            &format!("{} on {}", kind.name(), process.name()),
-        )?;
+        trajectory_figure(path, &traj, truth.as_deref(), d, &title)?;
     }
     let summary = json!({
         "out": a.out,
@@ -437,6 +493,8 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
         "nfe": out.nfe,
         "seconds": seconds,
         "init_noise": a.init_noise,
+        "class": a.class,
+        "guidance_scale": classes.as_ref().map(|_| scale),
         "energy_distance_to_fresh_data": if model.gmm().is_some() { energy } else { None },
         "energy_distance_to_training_data": if model.gmm().is_none() { energy } else { None },
     });
@@ -657,7 +715,7 @@ fn report(a: ReportArgs) -> anyhow::Result<()> {
     };
     let learned: Vec<(String, &dyn Denoiser)> = learned
         .as_ref()
-        .map(|n| vec![("learned MLP".to_string(), n.as_ref())])
+        .map(|n| vec![("learned MLP".to_string(), n as &dyn Denoiser)])
         .unwrap_or_default();
     let report = sampler_report_models(&gmm, &config, &learned, &mut |label| eprintln!("{label}"))?;
     let md = report_markdown(&report);

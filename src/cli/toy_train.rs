@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 
-use diffuse::data::toy2d::DataSpec;
+use diffuse::data::toy2d::{load_labels, DataSpec};
 use diffuse::nets::mlp::MlpConfig;
 use diffuse::train::metrics::smooth;
-use diffuse::train::toy::{load_data, toy_config, LogSnrSampling, ToyRun};
+use diffuse::train::toy::{
+    labels_checksum, load_data, toy_config, LogSnrSampling, ToyRun, ToySeeds, DEFAULT_COND_DROP,
+};
 use diffuse::train::{
     parameter_count, AdamWConfig, Budget, EmaConfig, Interrupt, LoopOptions, StopReason, TrainerConfig,
     LOSS_CURVE_FILE, METRICS_FILE,
@@ -82,6 +84,17 @@ pub struct ToyTrainArgs {
     /// Upper end of the training log-SNR range.
     #[arg(long, default_value_t = 12.0, allow_hyphen_values = true)]
     log_snr_max: f64,
+    /// Class labels of npy:/csv: points, one integer per point (a text file, one per line, or a
+    /// .npy vector): trains a class-conditional model (a mixture with "labels" does so by itself).
+    #[arg(long, value_name = "FILE")]
+    labels: Option<PathBuf>,
+    /// Class-conditional runs: probability that a label is replaced by the null class during
+    /// training (classifier-free guidance's label dropout; default 0.1).
+    #[arg(long)]
+    cond_drop: Option<f64>,
+    /// Train unconditionally even on labelled data.
+    #[arg(long)]
+    unconditional: bool,
     /// Write a checkpoint every this many steps (0: only at the end and on Ctrl-C/SIGTERM).
     #[arg(long, default_value_t = 1000)]
     checkpoint_every: u64,
@@ -110,15 +123,39 @@ pub fn run(args: ToyTrainArgs) -> anyhow::Result<()> {
         }),
         minutes: args.minutes,
     };
-    let points = load_data(&spec, args.n_data.unwrap_or(DEFAULT_N_DATA), args.seed)?;
+    let n_data = args.n_data.unwrap_or(DEFAULT_N_DATA);
+    let points = load_data(&spec, n_data, args.seed)?;
+    let labels = if args.unconditional {
+        if args.labels.is_some() {
+            return super::usage("--labels and --unconditional contradict each other");
+        }
+        None
+    } else {
+        load_labels(
+            &spec,
+            n_data,
+            ToySeeds::from_seed(args.seed).data,
+            args.labels.as_deref(),
+            points.len(),
+        )?
+    };
+    if labels.is_none() && args.cond_drop.is_some() {
+        return super::usage("--cond-drop applies to class-conditional training (labelled data)");
+    }
+    let num_classes = labels.as_ref().map(|l| l.iter().max().map_or(1, |m| m + 1));
     let model = MlpConfig {
         dim: points.dim(),
         hidden: args.hidden,
         layers: args.layers,
         embed_dim: args.embed_dim,
+        num_classes,
     };
     let log_snr = LogSnrSampling::from_name(&args.log_snr_sampling, args.log_snr_min, args.log_snr_max)?;
-    let config = toy_config(&spec, &points, model, args.batch, log_snr);
+    let mut config = toy_config(&spec, &points, model, args.batch, log_snr);
+    if let Some(l) = &labels {
+        config.cond_drop = Some(args.cond_drop.unwrap_or(DEFAULT_COND_DROP));
+        config.labels_checksum = Some(labels_checksum(l));
+    }
     let trainer_config = TrainerConfig {
         seed: args.seed,
         optimizer: AdamWConfig {
@@ -135,7 +172,15 @@ pub fn run(args: ToyTrainArgs) -> anyhow::Result<()> {
     };
     let device = candle_core::Device::Cpu;
     let interrupt = Interrupt::from_signals()?;
-    let mut run = ToyRun::setup(&args.out, &points, &config, &trainer_config, args.resume, &device)?;
+    let mut run = ToyRun::setup(
+        &args.out,
+        &points,
+        labels.as_deref(),
+        &config,
+        &trainer_config,
+        args.resume,
+        &device,
+    )?;
     let params = parameter_count(&run.varmap);
 
     let (mean, std) = points.mean_std();
@@ -148,8 +193,13 @@ pub fn run(args: ToyTrainArgs) -> anyhow::Result<()> {
             round3(&std)
         );
         println!(
-            "model: MLP, {} residual blocks of width {}, {params} parameters",
-            args.layers, args.hidden
+            "model: MLP, {} residual blocks of width {}, {params} parameters{}",
+            args.layers,
+            args.hidden,
+            match (num_classes, config.cond_drop) {
+                (Some(k), Some(p)) => format!("; class-conditional, {k} classes, label dropout {p}"),
+                _ => String::new(),
+            }
         );
         if args.resume {
             println!("resuming at step {}", run.trainer.step());

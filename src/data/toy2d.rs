@@ -425,6 +425,84 @@ pub fn read_csv_points(path: &Path) -> Result<Points> {
     }
 }
 
+/// The class labels of the points of `spec` (`n` points drawn with `seed`, as
+/// [`DataSpec::load`]): for a mixture with `labels`, the class of the component each draw came
+/// from; for `npy:`/`csv:` points, the `labels` file (one integer class id per point); `None`
+/// for unlabelled data. Errors: a labels file for synthetic data or a mixture, a count that
+/// differs from the points, a value that is not a class id.
+pub fn load_labels(
+    spec: &DataSpec,
+    n: usize,
+    seed: u64,
+    labels: Option<&Path>,
+    n_points: usize,
+) -> Result<Option<Vec<usize>>> {
+    match (spec, labels) {
+        (DataSpec::Npy(_) | DataSpec::Csv(_), Some(file)) => {
+            let l = read_labels(file)?;
+            if l.len() != n_points {
+                return Err(Error::bad_input(
+                    file,
+                    format!("holds {} labels, the data {spec} has {n_points} points (one label per point)", l.len()),
+                ));
+            }
+            Ok(Some(l))
+        }
+        (_, Some(file)) => Err(Error::param(
+            "labels",
+            format!(
+                "--labels {} applies to npy:/csv: points; {spec} brings its own labels (a mixture's \"labels\") or none",
+                file.display()
+            ),
+        )),
+        (DataSpec::Gmm(p), None) => {
+            let gmm = crate::gmm::Gmm::from_json_file(p)?;
+            Ok(gmm.has_labels().then(|| gmm.sample_labelled(n, seed).1))
+        }
+        (_, None) => Ok(None),
+    }
+}
+
+/// Class ids from a file: a `.npy` of integer-valued floats, or text with one integer per line
+/// (commas and whitespace also separate). Every id must be a non-negative integer.
+pub fn read_labels(path: &Path) -> Result<Vec<usize>> {
+    let values: Vec<f64> = if path.extension().is_some_and(|e| e == "npy") {
+        let a = crate::io::read_npy(path)?;
+        if a.shape.len() != 1 && !(a.shape.len() == 2 && a.shape[1] == 1) {
+            return Err(Error::bad_input(
+                path,
+                format!("labels must be a vector [N] (or [N, 1]), got shape {:?}", a.shape),
+            ));
+        }
+        a.data
+    } else {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        text.split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|s| !s.is_empty())
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse::<f64>().map_err(|_| {
+                    Error::bad_input(path, format!("label {i} is '{s}', expected an integer class id"))
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v < 1e9 {
+                Ok(v as usize)
+            } else {
+                Err(Error::bad_input(
+                    path,
+                    format!("label {i} is {v}, expected an integer class id >= 0"),
+                ))
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,7 @@
 //!           f_k = f_min * (f_max / f_min)^(k / (K - 1)), K = embed_dim / 2,
 //!           f_min = 1/64, f_max = 4
 //! temb    = time_embed.linear_2(silu(time_embed.linear_1(emb)))                  [B, H]
+//! temb    = temb + class_embed[c]        (class-conditional: K + 1 rows, row K the null class)
 //! h       = input(x_vp)                                                          [B, H]
 //! h       = h + blocks.i.linear_2(silu(blocks.i.linear_1(silu(h)) + blocks.i.time_proj(silu(temb))))
 //! eps_hat = output(silu(h))                   (output weights start at zero)       [B, D]
@@ -64,6 +65,10 @@ pub struct MlpConfig {
     pub layers: usize,
     /// Size of the sinusoidal log-SNR embedding (even, >= 4).
     pub embed_dim: usize,
+    /// Number of classes K of a class-conditional model (`None`: unconditional). The class
+    /// table has K + 1 rows; row K is the null class (classifier-free guidance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_classes: Option<usize>,
 }
 
 impl MlpConfig {
@@ -74,6 +79,7 @@ impl MlpConfig {
             hidden: 128,
             layers: 3,
             embed_dim: 32,
+            num_classes: None,
         }
     }
 
@@ -84,6 +90,12 @@ impl MlpConfig {
         }
         if self.hidden == 0 {
             return Err(Error::param("hidden", "got 0, expected a width >= 1"));
+        }
+        if self.num_classes == Some(0) {
+            return Err(Error::param(
+                "num_classes",
+                "got 0, expected at least 1 class (or unconditional)",
+            ));
         }
         if self.embed_dim < 4 || self.embed_dim % 2 != 0 {
             return Err(Error::param(
@@ -149,6 +161,8 @@ pub struct Mlp {
     input: Linear,
     blocks: Vec<Block>,
     output: Linear,
+    /// `[K + 1, H]` class embeddings (class-conditional models).
+    class_embed: Option<Tensor>,
 }
 
 impl Mlp {
@@ -178,6 +192,17 @@ impl Mlp {
             input: Linear::new(config.dim, h, false, vb.pp("input"))?,
             blocks,
             output: Linear::new(h, config.dim, true, vb.pp("output"))?,
+            class_embed: match config.num_classes {
+                Some(k) => Some(vb.pp("class_embed").get_with_hints(
+                    (k + 1, h),
+                    "weight",
+                    Init::Randn {
+                        mean: 0.0,
+                        stdev: 1.0,
+                    },
+                )?),
+                None => None,
+            },
             config: config.clone(),
         })
     }
@@ -207,6 +232,7 @@ impl Mlp {
                 })
                 .collect(),
             output: self.output.detach(),
+            class_embed: self.class_embed.as_ref().map(|t| t.detach()),
         }
     }
 
@@ -220,11 +246,46 @@ impl Mlp {
         Ok(Tensor::cat(&[args.sin()?, args.cos()?], 1)?)
     }
 
-    /// `eps_hat` for variance-preserving inputs `x_vp` [B, D] at log-SNR `log_snr` [B] (f32).
+    /// `eps_hat` for variance-preserving inputs `x_vp` [B, D] at log-SNR `log_snr` [B] (f32);
+    /// a class-conditional model takes `classes` [B] (u32, `K` the null class), and without them
+    /// runs unconditionally (the null class).
     pub fn forward(&self, x_vp: &Tensor, log_snr: &Tensor) -> Result<Tensor> {
-        let temb = self
+        self.forward_class(x_vp, log_snr, None)
+    }
+
+    /// [`Mlp::forward`] with class labels (see there).
+    pub fn forward_class(&self, x_vp: &Tensor, log_snr: &Tensor, classes: Option<&Tensor>) -> Result<Tensor> {
+        let mut temb = self
             .time_2
             .forward(&ops::silu(&self.time_1.forward(&self.embed(log_snr)?)?)?)?;
+        match (&self.class_embed, classes) {
+            (Some(table), labels) => {
+                let k = table.dim(0)? - 1;
+                let b = x_vp.dim(0)?;
+                let labels = match labels {
+                    Some(l) => l.to_dtype(DType::U32)?,
+                    None => Tensor::from_vec(vec![k as u32; b], b, x_vp.device())?,
+                };
+                let ids: Vec<u32> = labels.to_vec1()?;
+                if let Some(bad) = ids.iter().find(|&&c| c as usize > k) {
+                    return Err(Error::param(
+                        "class",
+                        format!(
+                            "class {bad} is out of range: the model has {k} classes (0..{})",
+                            k - 1
+                        ),
+                    ));
+                }
+                temb = (temb + table.embedding(&labels)?)?;
+            }
+            (None, Some(_)) => {
+                return Err(Error::param(
+                    "class",
+                    "class labels given to an unconditional model",
+                ));
+            }
+            (None, None) => {}
+        }
         let temb_act = ops::silu(&temb)?;
         let mut h = self.input.forward(x_vp)?;
         for b in &self.blocks {
@@ -316,14 +377,10 @@ impl MlpDenoiser {
     }
 }
 
-impl Denoiser for MlpDenoiser {
-    fn prediction(&self) -> Prediction {
-        Prediction::Eps
-    }
-
-    /// `eps_hat(x_t) = net(x_t / r, lambda)` for `x_t` of shape [B, D] (any float dtype; the
-    /// output has the input's dtype).
-    fn output(&self, x_t: &Tensor, levels: &[NoiseLevel]) -> Result<Tensor> {
+impl MlpDenoiser {
+    /// `eps_hat(x_t) = net(x_t / r, lambda, classes)` for `x_t` of shape [B, D] (any float dtype;
+    /// the output has the input's dtype). `classes`: one per row, `None` the null class.
+    fn eps(&self, x_t: &Tensor, levels: &[NoiseLevel], classes: Option<&[Option<usize>]>) -> Result<Tensor> {
         let (b, d) = x_t.dims2()?;
         if d != self.mlp.config.dim {
             return Err(Error::param(
@@ -345,10 +402,58 @@ impl Denoiser for MlpDenoiser {
         let lam: Vec<f32> = views.iter().map(|v| v.1 as f32).collect();
         let x = x_t.to_device(&self.device)?.to_dtype(DType::F32)?;
         let x_vp = x.broadcast_mul(&Tensor::from_vec(inv_r, (b, 1), &self.device)?)?;
+        let labels = match classes {
+            Some(c) => Some(crate::guidance::label_tensor(
+                c,
+                self.mlp.config.num_classes,
+                &self.device,
+            )?),
+            None => None,
+        };
         let eps = self
             .mlp
-            .forward(&x_vp, &Tensor::from_vec(lam, b, &self.device)?)?;
+            .forward_class(&x_vp, &Tensor::from_vec(lam, b, &self.device)?, labels.as_ref())?;
         Ok(eps.to_dtype(x_t.dtype())?.to_device(x_t.device())?)
+    }
+}
+
+impl Denoiser for MlpDenoiser {
+    fn prediction(&self) -> Prediction {
+        Prediction::Eps
+    }
+
+    /// `eps_hat(x_t) = net(x_t / r, lambda)` (a class-conditional model: its null class).
+    fn output(&self, x_t: &Tensor, levels: &[NoiseLevel]) -> Result<Tensor> {
+        self.eps(x_t, levels, None)
+    }
+}
+
+impl crate::guidance::ClassConditional for MlpDenoiser {
+    fn prediction(&self) -> Prediction {
+        Prediction::Eps
+    }
+
+    fn num_classes(&self) -> usize {
+        self.mlp.config.num_classes.unwrap_or(0)
+    }
+
+    fn has_null_class(&self) -> bool {
+        self.mlp.config.num_classes.is_some()
+    }
+
+    fn output_with_classes(
+        &self,
+        x_t: &Tensor,
+        levels: &[NoiseLevel],
+        classes: &[Option<usize>],
+    ) -> Result<Tensor> {
+        if self.mlp.config.num_classes.is_none() {
+            return Err(Error::param(
+                "class",
+                "the model is unconditional (trained without labels): --class and --guidance-scale do not apply",
+            ));
+        }
+        self.eps(x_t, levels, Some(classes))
     }
 }
 
@@ -364,6 +469,7 @@ mod tests {
             hidden: 16,
             layers: 2,
             embed_dim: 8,
+            num_classes: None,
         };
         let mlp = Mlp::new(&cfg, seeded_var_builder(&varmap, seed, &Device::Cpu)).unwrap();
         (varmap, mlp)

@@ -141,6 +141,25 @@ pub struct ToyTrainConfig {
     pub batch: usize,
     /// The training distribution of log-SNR.
     pub log_snr: LogSnrSampling,
+    /// Class-conditional runs: the probability that a training example's label is replaced by
+    /// the null class (classifier-free guidance's label dropout; Ho & Salimans 2022 use 0.1-0.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cond_drop: Option<f64>,
+    /// Class-conditional runs: FNV-1a 64 of the labels, so a resume notices changed labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels_checksum: Option<String>,
+}
+
+/// FNV-1a (64-bit) of class labels (as little-endian u64), as 16 hex digits.
+pub fn labels_checksum(labels: &[usize]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in labels {
+        for b in (*v as u64).to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
 }
 
 /// FNV-1a (64-bit) of the points' little-endian f64 bytes, as 16 hex digits.
@@ -185,6 +204,8 @@ pub fn load_data(spec: &DataSpec, n_data: usize, seed: u64) -> Result<Points> {
 /// The [`TrainTask`] of the toy trainer.
 pub struct ToyTask {
     points: Tensor,
+    /// Class ids (u32) per point, and the label-dropout probability (conditional runs).
+    labels: Option<(Tensor, f64)>,
     order: EpochSampler,
     mlp: Mlp,
     batch: usize,
@@ -193,9 +214,10 @@ pub struct ToyTask {
 }
 
 impl ToyTask {
-    /// A task over `points` for `mlp`.
+    /// A task over `points` for `mlp` (with one class id per point for a class-conditional model).
     pub fn new(
         points: &Points,
+        labels: Option<&[usize]>,
         mlp: Mlp,
         config: &ToyTrainConfig,
         order_seed: u64,
@@ -215,7 +237,28 @@ impl ToyTask {
                 ),
             ));
         }
+        let labels = match (labels, mlp.config().num_classes) {
+            (Some(l), Some(k)) => {
+                if l.len() != points.len() {
+                    return Err(Error::param(
+                        "labels",
+                        format!("{} labels for {} points", l.len(), points.len()),
+                    ));
+                }
+                if let Some(c) = l.iter().find(|&&c| c >= k) {
+                    return Err(Error::param("labels", format!("label {c} is outside 0..{k}")));
+                }
+                let p = config.cond_drop.unwrap_or(DEFAULT_COND_DROP);
+                check_range("cond-drop", p, (0.0, true), (1.0, false))?;
+                let ids: Vec<u32> = l.iter().map(|&c| c as u32).collect();
+                Some((Tensor::from_vec(ids, l.len(), device)?, p))
+            }
+            (None, None) => None,
+            (Some(_), None) => return Err(Error::param("labels", "labels given for an unconditional model")),
+            (None, Some(_)) => return Err(Error::param("labels", "a class-conditional model needs labels")),
+        };
         Ok(ToyTask {
+            labels,
             points: points.to_tensor(device)?,
             order: EpochSampler::new(order_seed, points.len())?,
             mlp,
@@ -236,9 +279,8 @@ impl TrainTask for ToyTask {
         let b = self.batch;
         let d = self.mlp.config().dim;
         let idx: Vec<u32> = self.order.next_batch(b).into_iter().map(|i| i as u32).collect();
-        let x0 = self
-            .points
-            .index_select(&Tensor::from_vec(idx, b, &self.device)?, 0)?;
+        let idx = Tensor::from_vec(idx, b, &self.device)?;
+        let x0 = self.points.index_select(&idx, 0)?;
         let lam: Vec<f64> = (0..b).map(|_| self.log_snr.sample(rng)).collect();
         let eps = rng.randn(&[b, d], &self.device)?;
         let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
@@ -248,9 +290,26 @@ impl TrainTask for ToyTask {
         let sigma = Tensor::from_vec(sigma, (b, 1), &self.device)?;
         let x_vp = (x0.broadcast_mul(&alpha)? + eps.broadcast_mul(&sigma)?)?;
         let lam32: Vec<f32> = lam.iter().map(|&l| l as f32).collect();
-        let eps_hat = self
-            .mlp
-            .forward(&x_vp, &Tensor::from_vec(lam32, b, &self.device)?)?;
+        // label dropout: each label becomes the null class (row K) with probability p, drawn
+        // after the noise so unconditional runs keep their random stream
+        let classes = match &self.labels {
+            Some((labels, p)) => {
+                let k = self.mlp.config().num_classes.unwrap_or(0) as u32;
+                let mut c: Vec<u32> = labels.index_select(&idx, 0)?.to_vec1()?;
+                for ci in c.iter_mut() {
+                    if rng.uniform() < *p {
+                        *ci = k;
+                    }
+                }
+                Some(Tensor::from_vec(c, b, &self.device)?)
+            }
+            None => None,
+        };
+        let eps_hat = self.mlp.forward_class(
+            &x_vp,
+            &Tensor::from_vec(lam32, b, &self.device)?,
+            classes.as_ref(),
+        )?;
         Ok((eps_hat - eps)?.sqr()?.mean_all()?)
     }
 
@@ -293,6 +352,7 @@ impl ToyRun {
     pub fn setup(
         run_dir: &Path,
         points: &Points,
+        labels: Option<&[usize]>,
         config: &ToyTrainConfig,
         trainer_config: &TrainerConfig,
         resume: bool,
@@ -301,7 +361,7 @@ impl ToyRun {
         let seeds = ToySeeds::from_seed(trainer_config.seed);
         let varmap = VarMap::new();
         let mlp = Mlp::new(&config.model, seeded_var_builder(&varmap, seeds.init, device))?;
-        let mut task = ToyTask::new(points, mlp, config, seeds.order, device)?;
+        let mut task = ToyTask::new(points, labels, mlp, config, seeds.order, device)?;
         let task_config = serde_json::to_value(config)
             .map_err(|e| Error::Numerical(format!("cannot encode the toy config: {e}")))?;
         let trainer = if resume {
@@ -342,8 +402,13 @@ pub fn toy_config(
         model,
         batch,
         log_snr,
+        cond_drop: None,
+        labels_checksum: None,
     }
 }
+
+/// Label dropout when `--cond-drop` is not given: 0.1 (Ho & Salimans 2022 found 0.1-0.2 best).
+pub const DEFAULT_COND_DROP: f64 = 0.1;
 
 /// The training points of a toy run (regenerated from the run's saved data spec and seed, or
 /// re-read from its file), e.g. to draw them beside samples.
