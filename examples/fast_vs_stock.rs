@@ -89,6 +89,7 @@ fn train(a: &Args, fast: bool) -> Result<(Vec<f64>, f64)> {
         prediction: Prediction::Eps,
         batch: a.batch,
         flip: false,
+        cond_drop: None,
     };
     let trainer = TrainerConfig {
         seed: a.seed,
@@ -108,6 +109,7 @@ fn train(a: &Args, fast: bool) -> Result<(Vec<f64>, f64)> {
         n: 0,
         steps: 0,
         seed: 0,
+        guidance_scale: 1.0,
     };
     let mut run = ImageRun::setup(&dir, ds, &config, &trainer, grid, false, &Device::Cpu)?;
     let options = LoopOptions {

@@ -28,6 +28,10 @@ use candle_core::{DType, Tensor};
 use crate::denoiser::{eps_from_v, eps_from_x0, x0_from_eps, x0_from_v, Denoiser, NoiseLevel, Prediction};
 use crate::error::{Error, Result};
 
+/// The guidance scale `diffuse sample` and the training grids use for a class-conditional image
+/// model when none is given (measured on the default run: README, "Class-conditional sampling").
+pub const DEFAULT_GUIDANCE_SCALE: f64 = 2.0;
+
 /// A model of the reverse process conditioned on one class per row.
 pub trait ClassConditional {
     /// The parameterisation of the output.

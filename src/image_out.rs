@@ -219,6 +219,33 @@ pub fn grid_image(images: &Tensor, opts: &GridOptions) -> Result<DynamicImage> {
     render(&[b], &cells, rows, cols, scale, opts.gutter)
 }
 
+/// Saves a grid with one row per class: `images` `[K * columns, C, H, W]` row-major, row `r`
+/// labelled `row_labels[r]` in a left margin, under `title`.
+pub fn save_labelled_grid(
+    path: &Path,
+    images: &Tensor,
+    columns: usize,
+    row_labels: &[String],
+    title: &str,
+) -> Result<()> {
+    let pic = grid_image(
+        images,
+        &GridOptions {
+            columns: Some(columns),
+            ..Default::default()
+        },
+    )?
+    .to_rgb8();
+    let rows = row_labels.len().max(1);
+    let h = pic.height() as f64 / rows as f64;
+    let labels: Vec<(i32, String)> = row_labels
+        .iter()
+        .enumerate()
+        .map(|(r, l)| (((r as f64 + 0.5) * h) as i32, l.clone()))
+        .collect();
+    crate::plot::save_annotated(path, &pic, &labels, &[], title)
+}
+
 /// The strip picture of `frames` (each `[N, C, H, W]`, all the same shape): row `i` shows image
 /// `i` of every frame from left to right (e.g. x_t and the predicted x_0 across the reverse
 /// process).

@@ -62,6 +62,7 @@ fn losses(fast: bool, dir: &std::path::Path) -> Vec<f64> {
         prediction: Prediction::Eps,
         batch: 12,
         flip: false,
+        cond_drop: None,
     };
     let trainer = TrainerConfig {
         seed: 3,
@@ -78,6 +79,7 @@ fn losses(fast: bool, dir: &std::path::Path) -> Vec<f64> {
         n: 0,
         steps: 0,
         seed: 0,
+        guidance_scale: 1.0,
     };
     let mut run = ImageRun::setup(dir, ds, &config, &trainer, grid, false, &Device::Cpu).unwrap();
     let options = LoopOptions {

@@ -7,9 +7,10 @@ use serde_json::json;
 
 use diffuse::data::{self, Split};
 use diffuse::denoiser::Prediction;
+use diffuse::guidance::DEFAULT_GUIDANCE_SCALE;
 use diffuse::nets::{unet, UNetConfig};
 use diffuse::schedule::BetaSchedule;
-use diffuse::train::image::{checksum_f32, GridSampling, ImageRun, ImageTrainConfig};
+use diffuse::train::image::{checksum_f32, GridSampling, ImageRun, ImageTrainConfig, DEFAULT_COND_DROP};
 use diffuse::train::{
     checkpoint, AdamWConfig, Budget, EmaConfig, Interrupt, LoopOptions, StopReason, TrainerConfig,
     LOSS_CURVE_FILE, METRICS_FILE,
@@ -94,6 +95,18 @@ pub struct TrainArgs {
     /// Sampling steps of the sample grid (DDPM respaced from T).
     #[arg(long, default_value_t = 100)]
     grid_steps: usize,
+    /// Class-conditional runs (labelled data: the bundled mnist5k, IDX with labels, class
+    /// subfolders): probability that a training label is replaced by the null class, so the one
+    /// network is also the unconditional model classifier-free guidance needs (default 0.1).
+    #[arg(long)]
+    cond_drop: Option<f64>,
+    /// Train an unconditional model even on labelled data (unlabelled data always trains
+    /// unconditional).
+    #[arg(long)]
+    unconditional: bool,
+    /// Guidance scale of a class-conditional run's sample grids (default: the sampling default).
+    #[arg(long)]
+    grid_guidance_scale: Option<f64>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -134,12 +147,44 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         ));
     }
     let preset = pick(&args.preset, st.map(|s| s.preset.clone()), "demo".into());
+    // class-conditional when the data has labels, unless --unconditional (or a resumed
+    // unconditional run)
+    let saved_conditional = st.map(|s| s.cond_drop.is_some());
+    let num_classes = match (ds.labels(), args.unconditional, saved_conditional) {
+        (_, true, _) | (_, _, Some(false)) | (None, _, _) => None,
+        (Some(l), false, _) => Some(
+            ds.class_names()
+                .map(|n| n.len())
+                .unwrap_or(0)
+                .max(l.iter().max().map_or(0, |m| *m as usize + 1)),
+        ),
+    };
+    if args.unconditional && saved_conditional == Some(true) {
+        return super::usage("--unconditional: the run being resumed is class-conditional");
+    }
+    if num_classes.is_none() && args.cond_drop.is_some() {
+        return super::usage(if ds.labels().is_none() {
+            "--cond-drop: the data has no labels, so the run is unconditional"
+        } else {
+            "--cond-drop applies to class-conditional runs, not with --unconditional"
+        });
+    }
     let unet_json = match st {
         Some(s) if args.preset.is_none() || args.preset.as_deref() == Some(s.preset.as_str()) => {
             s.unet.clone()
         }
-        _ => UNetConfig::preset(&preset, c, h)?.to_json(),
+        _ => {
+            let mut cfg = UNetConfig::preset(&preset, c, h)?;
+            if let Some(k) = num_classes {
+                // K classes and one null row
+                cfg.num_class_embeds = Some(k + 1);
+                cfg.null_class = Some(k);
+            }
+            cfg.to_json()
+        }
     };
+    let cond_drop =
+        num_classes.map(|_| pick(&args.cond_drop, st.and_then(|s| s.cond_drop), DEFAULT_COND_DROP));
     let schedule_name = pick(
         &args.schedule,
         st.map(|s| s.schedule.name().to_string()),
@@ -164,6 +209,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         prediction,
         batch: pick(&args.batch, st.map(|s| s.batch), 64),
         flip: args.flip || st.is_some_and(|s| s.flip),
+        cond_drop,
     };
     let so = saved_trainer.as_ref();
     let default_opt = AdamWConfig::default();
@@ -209,12 +255,18 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             config.timesteps,
             config.prediction.name()
         );
+        if let (Some(k), Some(p)) = (num_classes, cond_drop) {
+            println!(
+                "class-conditional: {k} classes, label dropout {p} (--unconditional to train without labels)"
+            );
+        }
     }
     let interrupt = Interrupt::from_signals()?;
     let grid = GridSampling {
         n: args.grid_size,
         steps: args.grid_steps,
         seed: trainer_config.seed,
+        guidance_scale: args.grid_guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE),
     };
     let mut run = ImageRun::setup(&run_dir, ds, &config, &trainer_config, grid, resume, &device)?;
     if resume && !args.json {

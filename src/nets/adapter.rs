@@ -70,23 +70,89 @@ impl UNetDenoiser {
     }
 }
 
-impl Denoiser for UNetDenoiser {
-    fn prediction(&self) -> Prediction {
-        self.prediction
-    }
-
-    fn output(&self, x_t: &Tensor, levels: &[NoiseLevel]) -> Result<Tensor> {
+impl UNetDenoiser {
+    /// The network's output at the caller's levels (see the module docs), with one class per
+    /// row for a class-conditional network (`None` rows: its null class).
+    fn output_classes(
+        &self,
+        x_t: &Tensor,
+        levels: &[NoiseLevel],
+        classes: Option<&[Option<usize>]>,
+    ) -> Result<Tensor> {
         let (ts, rs) = self.timesteps_and_scales(levels)?;
         let inv_r: Vec<f64> = rs.iter().map(|r| 1.0 / r).collect();
         let x_vp = x_t
             .broadcast_mul(&per_sample(&inv_r, x_t)?)?
             .to_dtype(DType::F32)?;
         let t = Tensor::from_vec(ts, levels.len(), x_t.device())?;
-        let out = self.unet.forward(&x_vp, &t)?.to_dtype(x_t.dtype())?;
+        let out = match (self.unet.num_class_embeds(), classes) {
+            (None, None) => self.unet.forward(&x_vp, &t)?,
+            (None, Some(_)) => return Err(Error::param(
+                "class",
+                "the model is unconditional (no class embedding): --class and --guidance-scale do not apply",
+            )),
+            (Some(_), c) => {
+                // no classes asked: the unconditional model (the null class)
+                let b = levels.len();
+                let all_null = vec![None; b];
+                let labels = crate::guidance::label_tensor(
+                    c.unwrap_or(&all_null),
+                    self.unet.config().null_class,
+                    x_t.device(),
+                )?;
+                self.unet.forward_class(&x_vp, &t, &labels)?
+            }
+        }
+        .to_dtype(x_t.dtype())?;
         match self.prediction {
             Prediction::Eps | Prediction::X0 => Ok(out),
             Prediction::V => Ok(out.broadcast_mul(&per_sample(&rs, x_t)?)?),
         }
+    }
+
+    /// The number of real classes of a class-conditional network: the class-embedding rows
+    /// less the null row (`None`: unconditional).
+    pub fn num_classes(&self) -> Option<usize> {
+        let k = self.unet.num_class_embeds()?;
+        Some(if self.unet.config().null_class.is_some() {
+            k - 1
+        } else {
+            k
+        })
+    }
+}
+
+impl Denoiser for UNetDenoiser {
+    fn prediction(&self) -> Prediction {
+        self.prediction
+    }
+
+    /// The output; a class-conditional network runs unconditionally (its null class).
+    fn output(&self, x_t: &Tensor, levels: &[NoiseLevel]) -> Result<Tensor> {
+        self.output_classes(x_t, levels, None)
+    }
+}
+
+impl crate::guidance::ClassConditional for UNetDenoiser {
+    fn prediction(&self) -> Prediction {
+        self.prediction
+    }
+
+    fn num_classes(&self) -> usize {
+        UNetDenoiser::num_classes(self).unwrap_or(0)
+    }
+
+    fn has_null_class(&self) -> bool {
+        self.unet.config().null_class.is_some()
+    }
+
+    fn output_with_classes(
+        &self,
+        x_t: &Tensor,
+        levels: &[NoiseLevel],
+        classes: &[Option<usize>],
+    ) -> Result<Tensor> {
+        self.output_classes(x_t, levels, Some(classes))
     }
 }
 

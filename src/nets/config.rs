@@ -431,10 +431,13 @@ impl UNetConfig {
                     format!("null class {c} given for a network without num_class_embeds"),
                 )
             }
-            (Some(c), Some(k)) if c >= k => {
+            (Some(c), Some(k)) if c + 1 != k => {
                 return bad(
                     "_diffuse_null_class",
-                    format!("null class {c} is past the {k} class embeddings"),
+                    format!(
+                        "null class {c}: expected the last of the {k} class embeddings ({})",
+                        k - 1
+                    ),
                 )
             }
             _ => {}

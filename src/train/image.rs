@@ -10,6 +10,10 @@
 //! loss = mean || target - net(x_t, t) ||^2                      (L_simple, eq. 14, as a mean)
 //! ```
 //!
+//! A class-conditional network (`num_class_embeds` set) also sees each image's label `c`, replaced
+//! by the null class with probability `cond_drop` (label dropout, Ho & Salimans 2022, Alg. 1), so
+//! one network learns both `eps(x_t, c)` and `eps(x_t)` for classifier-free guidance.
+//!
 //! where `target` is `eps` (the DDPM paper), `x_0`, or `v = sqrt(alpha_bar_t) eps -
 //! sqrt(1 - alpha_bar_t) x_0` (Salimans & Ho 2022), as configured. The network sees the
 //! diffusers timestep `t - 1` (index convention of [`crate::schedule`]), so a trained model is
@@ -57,7 +61,14 @@ pub struct ImageTrainConfig {
     pub batch: usize,
     /// Random horizontal flips.
     pub flip: bool,
+    /// Class-conditional runs: the probability that a label is replaced by the null class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cond_drop: Option<f64>,
 }
+
+/// Label dropout of `diffuse train` when `--cond-drop` is not given: 0.1 (Ho & Salimans 2022
+/// report 0.1 and 0.2 best).
+pub const DEFAULT_COND_DROP: f64 = 0.1;
 
 impl ImageTrainConfig {
     /// The U-Net config.
@@ -92,6 +103,8 @@ pub struct GridSampling {
     pub steps: usize,
     /// Seed of the grid's noise (the same every time, so grids are comparable across steps).
     pub seed: u64,
+    /// Guidance scale of a class-conditional model's grid (one row per class).
+    pub guidance_scale: f64,
 }
 
 /// The [`TrainTask`] of the image trainer.
@@ -106,6 +119,8 @@ pub struct ImageTask {
     flip: bool,
     device: Device,
     grid: GridSampling,
+    /// Class-conditional runs: the label dropout probability and the null class.
+    cond: Option<(f64, u32)>,
 }
 
 impl ImageTask {
@@ -135,7 +150,37 @@ impl ImageTask {
         unet_config
             .check_input_size(h, w)
             .map_err(|m| Error::param("image-size", m))?;
+        let cond = match (unet_config.num_class_embeds, unet_config.null_class) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(Error::param(
+                    "num_class_embeds",
+                    "a class-conditional training run needs a null class (_diffuse_null_class)",
+                ))
+            }
+            (Some(_), Some(null)) => {
+                let labels = data.labels().ok_or_else(|| {
+                    Error::param(
+                        "data",
+                        format!(
+                            "{} has no labels to train a class-conditional model on",
+                            data.source()
+                        ),
+                    )
+                })?;
+                if let Some(c) = labels.iter().find(|&&c| c as usize >= null) {
+                    return Err(Error::param(
+                        "labels",
+                        format!("label {c} is outside the model's {null} classes"),
+                    ));
+                }
+                let p = config.cond_drop.unwrap_or(DEFAULT_COND_DROP);
+                crate::error::check_range("cond-drop", p, (0.0, true), (1.0, false))?;
+                Some((p, null as u32))
+            }
+        };
         Ok(ImageTask {
+            cond,
             order: EpochSampler::new(order_seed, data.len())?,
             data,
             unet,
@@ -164,7 +209,24 @@ impl ImageTask {
         let x_t = q_sample(&self.schedule, &x0, &t_index, &eps)?;
         let timesteps: Vec<f32> = t_index.iter().map(|&i| i as f32).collect();
         let timesteps = Tensor::from_vec(timesteps, b, &self.device)?;
-        let out = self.unet.forward_train(&x_t, &timesteps, rng)?;
+        let out = match self.cond {
+            None => self.unet.forward_train(&x_t, &timesteps, rng)?,
+            Some((p, null)) => {
+                // labels, each dropped to the null class with probability p (drawn after the
+                // noise, before the dropout masks)
+                let mut labels = self
+                    .data
+                    .batch_labels(&idx)
+                    .ok_or_else(|| Error::param("data", "the images have no labels"))?;
+                for l in labels.iter_mut() {
+                    if rng.uniform() < p {
+                        *l = null;
+                    }
+                }
+                let labels = Tensor::from_vec(labels, b, &self.device)?;
+                self.unet.forward_t(&x_t, &timesteps, Some(&labels), Some(rng))?
+            }
+        };
         let target = match self.prediction {
             Prediction::Eps => eps,
             Prediction::X0 => x0,
@@ -187,26 +249,66 @@ impl ImageTask {
         }
         let ema = unet::from_tensors(&self.unet_config, ctx.ema.tensor_map(), &self.device)?;
         let den = UNetDenoiser::new(ema, self.schedule.clone(), self.prediction);
-        let images = sample_images(
-            &den,
-            &self.schedule,
-            self.data.shape(),
-            self.grid.n,
-            self.grid.steps,
-            self.grid.seed,
-            &self.device,
-        )?;
         let dir = ctx.run_dir.join("samples");
-        let cols = (self.grid.n as f64).sqrt().ceil() as usize;
-        crate::image_out::save_grid(&dir.join(format!("step_{:07}.png", ctx.step)), &images, cols)?;
-        crate::image_out::save_grid(&ctx.run_dir.join("samples.png"), &images, cols)?;
+        let step_file = dir.join(format!("step_{:07}.png", ctx.step));
+        match den.num_classes() {
+            None => {
+                let images = sample_images(
+                    &den,
+                    &self.schedule,
+                    self.data.shape(),
+                    self.grid.n,
+                    self.grid.steps,
+                    self.grid.seed,
+                    None,
+                    &self.device,
+                )?;
+                let cols = (self.grid.n as f64).sqrt().ceil() as usize;
+                crate::image_out::save_grid(&step_file, &images, cols)?;
+                crate::image_out::save_grid(&ctx.run_dir.join("samples.png"), &images, cols)?;
+            }
+            Some(k) => {
+                // one row per class
+                let per = self.grid.n.div_ceil(k).max(4);
+                let classes: Vec<Option<usize>> = (0..k * per).map(|i| Some(i / per)).collect();
+                let images = sample_images(
+                    &den,
+                    &self.schedule,
+                    self.data.shape(),
+                    classes.len(),
+                    self.grid.steps,
+                    self.grid.seed,
+                    Some((&classes, self.grid.guidance_scale)),
+                    &self.device,
+                )?;
+                let names = self.data.class_names();
+                let labels: Vec<String> = (0..k)
+                    .map(|c| {
+                        names
+                            .and_then(|n| n.get(c).cloned())
+                            .unwrap_or_else(|| c.to_string())
+                    })
+                    .collect();
+                let title = format!("step {}, guidance scale {}", ctx.step, self.grid.guidance_scale);
+                crate::image_out::save_labelled_grid(&step_file, &images, per, &labels, &title)?;
+                crate::image_out::save_labelled_grid(
+                    &ctx.run_dir.join("samples.png"),
+                    &images,
+                    per,
+                    &labels,
+                    &title,
+                )?;
+            }
+        }
         Ok(())
     }
 }
 
 /// `n` images from `den` by ancestral DDPM sampling respaced to `steps` steps (trailing
 /// spacing, fixed-small variance, x_0 clipped to [-1, 1]), seeded: the `diffuse sample` default
-/// (README, "Sampling defaults").
+/// (README, "Sampling defaults"). `guided = Some((classes, w))`: one class per image (`n` of
+/// them) at guidance scale `w`.
+#[allow(clippy::too_many_arguments)]
 pub fn sample_images(
     den: &UNetDenoiser,
     schedule: &Schedule,
@@ -214,6 +316,7 @@ pub fn sample_images(
     n: usize,
     steps: usize,
     seed: u64,
+    guided: Option<(&[Option<usize>], f64)>,
     device: &Device,
 ) -> Result<Tensor> {
     use crate::process::Process;
@@ -227,17 +330,32 @@ pub fn sample_images(
         ..Default::default()
     };
     let sampler = build_sampler(SamplerKind::from_name("ddpm")?, &process, &options)?;
-    let out = sample_batched(
-        sampler.as_ref(),
-        den,
-        n,
-        &shape,
-        seed,
-        n,
-        DType::F32,
-        device,
-        &mut NoObserver,
-    )?;
+    let out = match guided {
+        None => sample_batched(
+            sampler.as_ref(),
+            den,
+            n,
+            &shape,
+            seed,
+            n,
+            DType::F32,
+            device,
+            &mut NoObserver,
+        )?,
+        Some((classes, w)) => crate::samplers::sample_batched_guided(
+            sampler.as_ref(),
+            den,
+            classes,
+            w,
+            &shape,
+            seed,
+            n,
+            None,
+            DType::F32,
+            device,
+            &mut NoObserver,
+        )?,
+    };
     Ok(out.x)
 }
 
