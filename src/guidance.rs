@@ -141,9 +141,10 @@ impl<'a> Guided<'a> {
         Ok(b)
     }
 
-    /// Whether the step needs both halves (some row has a class and the scale is not 1).
+    /// Whether the step needs both halves (some row has a class and the scale is neither 1,
+    /// the conditional half alone, nor 0, the unconditional half alone).
     fn needs_both(&self) -> bool {
-        self.scale != 1.0 && self.classes.iter().any(Option::is_some)
+        self.scale != 1.0 && self.scale != 0.0 && self.classes.iter().any(Option::is_some)
     }
 
     /// The classes of the one forward that computes the step: `[c; null]` when both halves are
@@ -431,7 +432,8 @@ mod tests {
         }
         let x = Tensor::new(&[[0.3f64, -1.2], [2.0, 0.5]], &Device::Cpu).unwrap();
         let levels = vec![NoiseLevel::from_alpha_bar(0.3), NoiseLevel::new(1.0, 2.5)];
-        let runs: Vec<(Vec<Vec<f64>>, Vec<Vec<f64>>)> = [Prediction::Eps, Prediction::X0, Prediction::V]
+        type Rows = Vec<Vec<f64>>;
+        let runs: Vec<(Rows, Rows)> = [Prediction::Eps, Prediction::X0, Prediction::V]
             .iter()
             .map(|p| {
                 let m = As(*p);

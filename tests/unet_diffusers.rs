@@ -257,3 +257,63 @@ fn export_is_loadable_and_reproduces_outputs() {
     let out = back.unet.forward(&io["sample"], &io["timesteps"]).unwrap();
     assert!(rel_err(&out, &io["output"]) < 1e-4);
 }
+
+#[test]
+fn class_conditional_unet_reproduces_diffusers() {
+    // UNet2DModel(num_class_embeds = 11) made by make_class_fixture.py; labels include row 10
+    let dir = fixtures().join("class_cond_1ch16");
+    let model = diffusers::load(&dir, &Device::Cpu).unwrap();
+    assert_eq!(model.config.num_class_embeds, Some(11));
+    // a foreign diffusers model: no null-class marker, so all 11 rows are classes
+    assert_eq!(model.config.null_class, None);
+    let io = candle_core::safetensors::load(dir.join("io.safetensors"), &Device::Cpu).unwrap();
+    let labels = io["class_labels"].to_dtype(DType::U32).unwrap();
+    let out = model
+        .unet
+        .forward_class(&io["sample"], &io["timesteps"], &labels)
+        .unwrap();
+    let e = rel_err(&out, &io["output"]);
+    println!("class_cond_1ch16: max |ours - diffusers| / max |diffusers| = {e:.2e}");
+    assert!(e < 1e-4, "relative error {e:.2e}");
+    // teeth: other labels give another output; no labels is an error on a conditional net
+    let shifted = Tensor::new(&[6u32, 1, 9, 4], &Device::Cpu).unwrap();
+    let other = model
+        .unet
+        .forward_class(&io["sample"], &io["timesteps"], &shifted)
+        .unwrap();
+    assert!(rel_err(&other, &io["output"]) > 1e-2);
+    let e = model.unet.forward(&io["sample"], &io["timesteps"]).unwrap_err();
+    assert!(e.to_string().contains("class labels are required"), "{e}");
+    // a label past the table
+    let bad = Tensor::new(&[11u32, 0, 0, 0], &Device::Cpu).unwrap();
+    let e = model
+        .unet
+        .forward_class(&io["sample"], &io["timesteps"], &bad)
+        .unwrap_err();
+    assert!(e.to_string().contains("class 11"), "{e}");
+}
+
+#[test]
+fn class_conditional_export_round_trips_with_its_null_class() {
+    let src = diffusers::load(&fixtures().join("class_cond_1ch16"), &Device::Cpu).unwrap();
+    let (_, tensors) = diffusers::load_tensors(&src.files).unwrap();
+    let mut config = src.config.clone();
+    config.null_class = Some(10);
+    let dir = tempfile::tempdir().unwrap();
+    diffusers::export_unet(dir.path(), &config, &tensors).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["num_class_embeds"], 11);
+    assert_eq!(cfg["class_embed_type"], serde_json::Value::Null);
+    assert_eq!(cfg["_diffuse_null_class"], 10);
+    let back = diffusers::load(dir.path(), &Device::Cpu).unwrap();
+    assert_eq!(back.config, config);
+    let io = candle_core::safetensors::load(fixtures().join("class_cond_1ch16/io.safetensors"), &Device::Cpu)
+        .unwrap();
+    let labels = io["class_labels"].to_dtype(DType::U32).unwrap();
+    let out = back
+        .unet
+        .forward_class(&io["sample"], &io["timesteps"], &labels)
+        .unwrap();
+    assert!(rel_err(&out, &io["output"]) < 1e-4);
+}

@@ -84,6 +84,10 @@ struct NllArgs {
     /// Use the raw weights instead of the EMA weights (--checkpoint models).
     #[arg(long)]
     no_ema: bool,
+    /// Class-conditional models: labels (the bound of p(x | c) given each image's true label,
+    /// the default) or none (the unconditional model's bound, the null class).
+    #[arg(long)]
+    condition: Option<String>,
     /// Seed of the forward-process noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -238,6 +242,25 @@ fn nll(a: NllArgs) -> anyhow::Result<()> {
         ));
     }
     let n = a.n_images.min(ds.len());
+    let conditional = match (model.denoiser.num_classes(), a.condition.as_deref()) {
+        (None, None) => false,
+        (None, Some(_)) => {
+            return super::usage("--condition applies to class-conditional models; this one is unconditional")
+        }
+        (Some(_), None | Some("labels")) => {
+            if ds.labels().is_none() {
+                return super::usage(format!(
+                    "{} has no labels for the conditional bound; use --condition none",
+                    ds.source()
+                ));
+            }
+            true
+        }
+        (Some(_), Some("none")) => false,
+        (Some(_), Some(other)) => {
+            return super::usage(format!("--condition {other}: expected labels or none"))
+        }
+    };
     let variance = ReverseVariance::from_name(&a.variance)?;
     let schedule = model.schedule().clone();
     let device = super::device()?;
@@ -270,9 +293,23 @@ fn nll(a: NllArgs) -> anyhow::Result<()> {
             first_index: start as u64,
         };
         bar.set_message(format!("images {}..{}", start, start + b));
-        let bound = variational_bound(&model.denoiser, &schedule, &x0, &config, &mut |_| {
-            bar.inc(b as u64)
-        })?;
+        let guided = if conditional {
+            let labels = ds
+                .batch_labels(&idx)
+                .ok_or_else(|| anyhow::anyhow!("the images have no labels"))?;
+            Some(diffuse::guidance::Guided::new(
+                &model.denoiser,
+                labels.iter().map(|&l| Some(l as usize)).collect(),
+                1.0,
+            )?)
+        } else {
+            None
+        };
+        let den: &dyn diffuse::denoiser::Denoiser = match &guided {
+            Some(g) => g,
+            None => &model.denoiser,
+        };
+        let bound = variational_bound(den, &schedule, &x0, &config, &mut |_| bar.inc(b as u64))?;
         images.extend(bound.images);
         start += b;
     }
@@ -299,6 +336,7 @@ fn nll(a: NllArgs) -> anyhow::Result<()> {
         "model": model.source,
         "data": ds.source(),
         "seed": a.seed,
+        "condition": model.denoiser.num_classes().map(|_| if conditional { "labels" } else { "none" }),
     });
     if let Some(path) = &a.out {
         diffuse::io::write_json(path, &result)?;
@@ -307,12 +345,17 @@ fn nll(a: NllArgs) -> anyhow::Result<()> {
         println!("{result}");
     } else {
         println!(
-            "NLL bound: {total:.4} +- {stderr:.4} bits/dim (L_T {:.5} + sum L_t-1 {:.4} + L_0 {:.4}) on {n} {} images, T = {t_max}, variance {}",
+            "NLL bound: {total:.4} +- {stderr:.4} bits/dim (L_T {:.5} + sum L_t-1 {:.4} + L_0 {:.4}) on {n} {} images, T = {t_max}, variance {}{}",
             result["l_t"].as_f64().unwrap_or(f64::NAN),
             result["l_sum"].as_f64().unwrap_or(f64::NAN),
             result["l_0"].as_f64().unwrap_or(f64::NAN),
             a.split,
-            variance.name()
+            variance.name(),
+            match (model.denoiser.num_classes(), conditional) {
+                (Some(_), true) => ", conditional on the true labels",
+                (Some(_), false) => ", unconditional (null class)",
+                _ => "",
+            }
         );
         if let Some(path) = &a.out {
             println!("wrote {}", path.display());

@@ -155,13 +155,19 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
         return super::usage("--ema and --no-ema contradict each other");
     }
     let model = a.model.load(!a.no_ema, a.scheduler_config.as_deref())?;
+    if model.denoiser.num_classes().is_none() && (a.class.is_some() || a.guidance_scale.is_some()) {
+        return super::usage(format!(
+            "--class and --guidance-scale need a class-conditional model; {} is unconditional",
+            model.source
+        ));
+    }
     let kind = SamplerKind::from_name(&a.sampler)?;
     let schedule = model.schedule().clone();
     let process = Process::from_name(&a.process, || Ok(schedule.clone()))?;
     let mut opts = a.opts.clone();
     let chain_sampler = matches!(kind.name(), "ddpm" | "ddim");
     if chain_sampler && opts.steps.is_none() {
-        opts.steps = Some(DEFAULT_STEPS);
+        opts.steps = Some(DEFAULT_STEPS.min(schedule.timesteps()));
     }
     let discrete = chain_sampler && a.process == "ddpm";
     // A diffusers model's DDPM/DDIM run follows its scheduler config exactly (spacing,
@@ -225,7 +231,13 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
         Some(k) => {
             let spec = a.class.as_deref().unwrap_or("all");
             let classes = diffuse::guidance::parse_classes(spec, n, k)?;
-            let scale = a.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
+            // a conditional model without a null class (a foreign diffusers model) cannot be guided
+            let default_scale = if diffuse::guidance::ClassConditional::has_null_class(&model.denoiser) {
+                DEFAULT_GUIDANCE_SCALE
+            } else {
+                1.0
+            };
+            let scale = a.guidance_scale.unwrap_or(default_scale);
             diffuse::guidance::check_request(&model.denoiser, &classes, scale)?;
             (Some(classes), scale)
         }
