@@ -48,8 +48,9 @@ fn json_has_every_figure_for_every_preset_and_workload() {
         assert_eq!(p["image"], serde_json::json!([1, 8, 8]));
         assert!(p["forward_flops_per_image"]["conv"].as_u64().unwrap() > 0);
         let ws = p["workloads"].as_array().unwrap();
-        assert_eq!(ws.len(), 2);
-        for (w, (kind, batch)) in ws.iter().zip([("train", 2), ("sample", 3)]) {
+        assert_eq!(ws.len(), 3);
+        // guided: half the sample batch (3 / 2 = 1), one forward of the doubled batch
+        for (w, (kind, batch)) in ws.iter().zip([("train", 2), ("sample", 3), ("guided", 1)]) {
             assert_eq!(w["workload"], kind);
             assert_eq!(w["batch"], batch);
             assert_eq!(w["threads"], serde_json::json!([1, 1]));
@@ -69,7 +70,7 @@ fn bad_flags_exit_2_with_one_line() {
     let cases: [(&[&str], &str); 4] = [
         (&["--presets", "huge"], "unknown U-Net preset 'huge'"),
         (&["--image-size", "30"], "divisible by"),
-        (&["--workloads", "infer"], "expected train or sample"),
+        (&["--workloads", "infer"], "expected train, sample or guided"),
         (&["--threads", "0"], "--threads"),
     ];
     for (args, want) in cases {

@@ -77,17 +77,22 @@ pub enum Workload {
     Train,
     /// One evaluation-mode forward pass without an autodiff graph.
     Sample,
+    /// One classifier-free-guided denoiser call at batch B of a class-conditional copy of the
+    /// network (10 classes + null): both halves in one forward of 2B rows, then the combination.
+    /// Compare with `sample` at batch 2B (the bar: at most 1.1x).
+    Guided,
 }
 
 impl Workload {
     /// Both workloads, in report order.
-    pub const ALL: [Workload; 2] = [Workload::Train, Workload::Sample];
+    pub const ALL: [Workload; 3] = [Workload::Train, Workload::Sample, Workload::Guided];
 
     /// `train` or `sample` (also the reference script's `--workload`).
     pub fn name(&self) -> &'static str {
         match self {
             Workload::Train => "train",
             Workload::Sample => "sample",
+            Workload::Guided => "guided",
         }
     }
 
@@ -96,6 +101,7 @@ impl Workload {
         match self {
             Workload::Train => flops::TRAIN_STEP_FORWARDS,
             Workload::Sample => 1,
+            Workload::Guided => 2,
         }
     }
 }
@@ -107,9 +113,10 @@ impl FromStr for Workload {
         match s {
             "train" => Ok(Workload::Train),
             "sample" => Ok(Workload::Sample),
+            "guided" => Ok(Workload::Guided),
             other => Err(Error::param(
                 "workload",
-                format!("unknown workload '{other}', expected train or sample"),
+                format!("unknown workload '{other}', expected train, sample or guided"),
             )),
         }
     }
@@ -264,6 +271,38 @@ pub fn run_workload(cfg: &UNetConfig, spec: &WorkloadSpec, device: &Device) -> R
                 Ok(())
             })?
         }
+        Workload::Guided => {
+            drop(net);
+            let cond_cfg = UNetConfig {
+                num_class_embeds: Some(11),
+                null_class: Some(10),
+                ..cfg.clone()
+            };
+            let (_, cond_vars) = unet::init_params(&cond_cfg, spec.seed, device)?;
+            // detached weights, as the sample workload: the forward records no graph
+            let tensors: HashMap<String, Tensor> = cond_vars
+                .data()
+                .lock()
+                .map_err(|_| Error::Numerical("VarMap lock poisoned".into()))?
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+                .collect();
+            let net = unet::from_tensors(&cond_cfg, tensors, device)?;
+            let schedule = crate::schedule::Schedule::named("linear", TIMESTEPS)?;
+            let levels: Vec<crate::denoiser::NoiseLevel> = t
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|&ti| crate::process::ddpm_level(&schedule, ti as usize))
+                .collect();
+            let den = crate::nets::UNetDenoiser::new(net, schedule, crate::denoiser::Prediction::Eps);
+            let classes: Vec<Option<usize>> = (0..b).map(|i| Some(i % 10)).collect();
+            let guided = crate::guidance::Guided::new(&den, classes, 2.0)?;
+            time_steps(spec, || {
+                use crate::denoiser::Denoiser;
+                guided.output(&x, &levels)?;
+                Ok(())
+            })?
+        }
     };
     Ok(WorkloadRun {
         workload: spec.workload,
@@ -343,7 +382,7 @@ mod tests {
             assert_eq!(w.name().parse::<Workload>().unwrap(), w);
         }
         let e = "infer".parse::<Workload>().unwrap_err().to_string();
-        assert!(e.contains("train or sample"), "{e}");
+        assert!(e.contains("sample or guided"), "{e}");
     }
 
     /// A tiny network with attention and dropout, one step of each workload (no timing

@@ -463,7 +463,7 @@ mod tests {
         let table = report.table();
         assert_eq!(
             table.lines().filter(|l| l.starts_with("bench ")).count(),
-            2,
+            Workload::ALL.len(),
             "{table}"
         );
         assert!(table.contains("214.7 GFLOP/s"), "{table}");

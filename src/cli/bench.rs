@@ -26,8 +26,10 @@ pub struct BenchArgs {
     /// demo, mnist, cifar10.
     #[arg(long, default_value = "bench,demo,mnist")]
     presets: String,
-    /// Workloads, comma-separated: train (forward + MSE + backward + AdamW), sample (one no-grad forward).
-    #[arg(long, default_value = "train,sample")]
+    /// Workloads, comma-separated: train (forward + MSE + backward + AdamW), sample (one no-grad
+    /// forward), guided (one classifier-free-guided step at half the sample batch: one forward of
+    /// the doubled batch of a class-conditional copy of the net; no PyTorch counterpart).
+    #[arg(long, default_value = "train,sample,guided")]
     workloads: String,
     /// Image channels.
     #[arg(long, default_value_t = 1)]
@@ -108,6 +110,8 @@ impl BenchArgs {
         match w {
             Workload::Train => self.train_batch,
             Workload::Sample => self.sample_batch,
+            // one forward of 2B rows: compared with `sample` at the same rows
+            Workload::Guided => (self.sample_batch / 2).max(1),
         }
     }
 
@@ -269,6 +273,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             )?;
             eprint!("{:.1} ms", ours.median_ms);
             let theirs: Option<TorchRun> = match (&torch, &config_path) {
+                // the reference script has no guided workload: ours is compared with our own
+                // unguided step at twice the batch (printed below the table)
+                _ if w == Workload::Guided => None,
                 (Some(t), Some(path)) => {
                     let r = t
                         .run(path, &args.spec(w), threads)
@@ -316,6 +323,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", report.to_json());
     } else {
         print!("{}", report.table());
+        for p in &report.presets {
+            let find = |w: Workload| p.workloads.iter().find(|r| r.workload == w.name());
+            if let (Some(g), Some(s)) = (find(Workload::Guided), find(Workload::Sample)) {
+                println!(
+                    "{}: guided step at batch {} (one forward of {} rows) / unguided step at batch {}: {:.3}",
+                    p.preset,
+                    g.batch,
+                    2 * g.batch,
+                    s.batch,
+                    g.ours.median_ms / s.ours.median_ms
+                );
+            }
+        }
     }
     Ok(())
 }
