@@ -91,7 +91,19 @@ fn ind3(t: f64, b: f64, c: f64, d: f64) -> f64 {
 
 impl Deis {
     /// DEIS for `steps` steps on `process`.
+    /// An order that `steps` never reaches (warm-up and `lower_order_final` lower the first
+    /// and last orders) is an error saying how many steps it needs.
     pub fn new(process: &Process, steps: usize, options: &DeisOptions) -> Result<Self> {
+        Self::build(process, steps, options, true)
+    }
+
+    /// As [`Deis::new`], but a step count too small for the order runs at the lower orders
+    /// without complaint, as diffusers does (`from_scheduler_config` uses this).
+    pub fn new_as_diffusers(process: &Process, steps: usize, options: &DeisOptions) -> Result<Self> {
+        Self::build(process, steps, options, false)
+    }
+
+    fn build(process: &Process, steps: usize, options: &DeisOptions, strict: bool) -> Result<Self> {
         let o = options;
         if !(1..=3).contains(&o.order) {
             return Err(Error::param(
@@ -117,7 +129,9 @@ impl Deis {
         let grid = build_grid(process, steps, &o.grid, &rules)?;
         let schedule = |k: usize| multistep_orders(k, o.order, o.lower_order_final, false, false);
         let orders = schedule(steps);
-        check_order_reached("deis", o.order, steps, &orders, min_steps_for(o.order, schedule))?;
+        if strict {
+            check_order_reached("deis", o.order, steps, &orders, min_steps_for(o.order, schedule))?;
+        }
         Ok(Deis {
             options: o.clone(),
             grid,
@@ -195,7 +209,7 @@ impl Deis {
             thresholding: Thresholding::from_scheduler_config(cfg),
         };
         cfg.check_schedule_matches(schedule)?;
-        Deis::new(&Process::Ddpm(schedule.clone()), steps, &o)
+        Deis::new_as_diffusers(&Process::Ddpm(schedule.clone()), steps, &o)
     }
 }
 

@@ -283,7 +283,19 @@ pub(crate) fn combo(terms: &[(f64, &Tensor)]) -> Result<Tensor> {
 
 impl DpmSolver {
     /// The solver for `steps` steps on `process` (the ddpm process or any continuous family).
+    /// An order that `steps` never reaches (warm-up and `lower_order_final` lower the first
+    /// and last orders) is an error saying how many steps it needs.
     pub fn new(process: &Process, steps: usize, options: &DpmSolverOptions) -> Result<Self> {
+        Self::build(process, steps, options, true)
+    }
+
+    /// As [`DpmSolver::new`], but a step count too small for the order runs at the lower orders
+    /// without complaint, as diffusers does (`from_scheduler_config` uses this).
+    pub fn new_as_diffusers(process: &Process, steps: usize, options: &DpmSolverOptions) -> Result<Self> {
+        Self::build(process, steps, options, false)
+    }
+
+    fn build(process: &Process, steps: usize, options: &DpmSolverOptions, strict: bool) -> Result<Self> {
         let o = options;
         if !(1..=3).contains(&o.order) {
             return Err(Error::param(
@@ -323,7 +335,9 @@ impl DpmSolver {
             Method::Singlestep => singlestep_orders(k, o.order, o.lower_order_final, final_zero),
         };
         let orders = schedule(steps);
-        check_order_reached(o.name(), o.order, steps, &orders, min_steps_for(o.order, schedule))?;
+        if strict {
+            check_order_reached(o.name(), o.order, steps, &orders, min_steps_for(o.order, schedule))?;
+        }
         Ok(DpmSolver {
             options: o.clone(),
             grid,
@@ -525,7 +539,7 @@ impl DpmSolver {
             ));
         }
         cfg.check_schedule_matches(schedule)?;
-        DpmSolver::new(&Process::Ddpm(schedule.clone()), steps, &o)
+        DpmSolver::new_as_diffusers(&Process::Ddpm(schedule.clone()), steps, &o)
     }
 }
 

@@ -643,7 +643,15 @@ pub fn build_grid(process: &Process, steps: usize, opts: &GridOptions, rules: &G
         Process::Ddpm(schedule) => ddpm_grid(process, schedule, steps, opts, rules, final_sigma)?,
         Process::Continuous(sde) => continuous_grid(process, sde, steps, opts, rules, final_sigma)?,
     };
+    let mut grid = grid;
     let k = grid.steps();
+    // a sigma-min final level equal to the grid's last sigma up to rounding is the same level
+    // (diffusers' zero-length last step)
+    if grid.sigmas[k] > grid.sigmas[k - 1] && grid.sigmas[k] <= grid.sigmas[k - 1] * (1.0 + 1e-12) {
+        grid.sigmas[k] = grid.sigmas[k - 1];
+        grid.levels[k] = grid.levels[k - 1];
+        grid.times[k] = grid.times[k - 1];
+    }
     let s = &grid.sigmas;
     if s.iter().any(|v| !v.is_finite() || *v < 0.0)
         || s[..k].windows(2).any(|w| w[1] >= w[0])

@@ -167,7 +167,19 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Result<Vec<f64>> {
 
 impl UniPc {
     /// UniPC for `steps` steps on `process`.
+    /// An order that `steps` never reaches (warm-up and `lower_order_final` lower the first
+    /// and last orders) is an error saying how many steps it needs.
     pub fn new(process: &Process, steps: usize, options: &UniPcOptions) -> Result<Self> {
+        Self::build(process, steps, options, true)
+    }
+
+    /// As [`UniPc::new`], but a step count too small for the order runs at the lower orders
+    /// without complaint, as diffusers does (`from_scheduler_config` uses this).
+    pub fn new_as_diffusers(process: &Process, steps: usize, options: &UniPcOptions) -> Result<Self> {
+        Self::build(process, steps, options, false)
+    }
+
+    fn build(process: &Process, steps: usize, options: &UniPcOptions, strict: bool) -> Result<Self> {
         let o = options;
         if !(1..=3).contains(&o.order) {
             return Err(Error::param(
@@ -187,7 +199,9 @@ impl UniPc {
         let grid = build_grid(process, steps, &o.grid, &rules)?;
         let orders = unipc_orders(steps, o.order, o.lower_order_final);
         let schedule = |k: usize| unipc_orders(k, o.order, o.lower_order_final);
-        check_order_reached("unipc", o.order, steps, &orders, min_steps_for(o.order, schedule))?;
+        if strict {
+            check_order_reached("unipc", o.order, steps, &orders, min_steps_for(o.order, schedule))?;
+        }
         if grid.sigmas[steps] == 0.0 {
             if !o.predict_x0 {
                 return Err(Error::param(
@@ -366,7 +380,7 @@ impl UniPc {
             thresholding: Thresholding::from_scheduler_config(cfg),
         };
         cfg.check_schedule_matches(schedule)?;
-        UniPc::new(&Process::Ddpm(schedule.clone()), steps, &o)
+        UniPc::new_as_diffusers(&Process::Ddpm(schedule.clone()), steps, &o)
     }
 }
 
