@@ -55,11 +55,13 @@
 //! denoiser at the solver's own level (a U-Net adapter maps it to the fractional timestep of the
 //! same log-SNR), so with a real network the two differ by that rounding.
 //!
-//! **Continuous processes** (t in [t_eps, t_max]): `spacing` is DPM-Solver's `time_uniform`
-//! (K + 1 times uniform in t from t_max to t_eps for the multistep solvers, the last one being
-//! the `sigma-min` final level; K times from t_max to t_eps for the Euler family); the sigma grids
-//! use `s_min = s(t_eps)`, `s_max = s(t_max)`. `--spacing` other than `linspace` applies to the
-//! ddpm process only.
+//! **Continuous processes** (t in [t_eps, t_max]): `spacing` is the process's default time
+//! grid ([`Sde::default_grid`]): DPM-Solver's `time_uniform` (K + 1 times uniform in t from t_max
+//! to t_eps for the multistep solvers, the last one being the `sigma-min` final level; K times
+//! from t_max to t_eps for the Euler family), and `logsnr` for seed-ve, where uniform t spends
+//! every step at high noise; the sigma grids use `s_min = s(t_eps)`, `s_max = s(t_max)`; the
+//! time-power grids are uniform in `t^(1/p)` on [t_eps, t_max]. `--spacing` other than
+//! `linspace` applies to the ddpm process only.
 
 use crate::denoiser::NoiseLevel;
 use crate::error::{Error, Result};
@@ -88,11 +90,23 @@ pub enum SigmaGrid {
     Beta,
     /// K + 1 levels uniform in log-SNR (DPM-Solver's `logSNR` skip type).
     LogSnr,
+    /// K + 1 times uniform in `t^(1/p)` (DPM-Solver's `time_quadratic` skip type for p = 2,
+    /// its `t_order` generalised): finer steps at low noise the larger p.
+    TimePower(u32),
 }
 
 impl SigmaGrid {
     /// The names the options accept.
-    pub const NAMES: [&'static str; 5] = ["spacing", "karras", "exponential", "beta", "logsnr"];
+    pub const NAMES: [&'static str; 8] = [
+        "spacing",
+        "karras",
+        "exponential",
+        "beta",
+        "logsnr",
+        "time-quadratic",
+        "time-cubic",
+        "time-quartic",
+    ];
 
     /// Parses a grid name (`default` is `spacing`; `log-snr` is `logsnr`).
     pub fn from_name(name: &str) -> Result<Self> {
@@ -102,6 +116,9 @@ impl SigmaGrid {
             "exponential" => Ok(SigmaGrid::Exponential),
             "beta" => Ok(SigmaGrid::Beta),
             "logsnr" | "log-snr" | "log_snr" => Ok(SigmaGrid::LogSnr),
+            "time-quadratic" | "time_quadratic" => Ok(SigmaGrid::TimePower(2)),
+            "time-cubic" => Ok(SigmaGrid::TimePower(3)),
+            "time-quartic" => Ok(SigmaGrid::TimePower(4)),
             other => Err(Error::param(
                 "sigmas",
                 format!(
@@ -120,6 +137,10 @@ impl SigmaGrid {
             SigmaGrid::Exponential => "exponential",
             SigmaGrid::Beta => "beta",
             SigmaGrid::LogSnr => "logsnr",
+            SigmaGrid::TimePower(2) => "time-quadratic",
+            SigmaGrid::TimePower(3) => "time-cubic",
+            SigmaGrid::TimePower(4) => "time-quartic",
+            SigmaGrid::TimePower(_) => "time-power",
         }
     }
 }
@@ -638,6 +659,9 @@ pub fn build_grid(process: &Process, steps: usize, opts: &GridOptions, rules: &G
             crate::error::check_range(name, v, (0.0, false), (f64::INFINITY, false))?;
         }
     }
+    if opts.sigmas == SigmaGrid::TimePower(0) {
+        return Err(Error::param("sigmas", "a time-power grid needs an order >= 1"));
+    }
     let final_sigma = opts.final_sigma.unwrap_or(rules.default_final);
     let grid = match process {
         Process::Ddpm(schedule) => ddpm_grid(process, schedule, steps, opts, rules, final_sigma)?,
@@ -681,20 +705,45 @@ fn range(opts: &GridOptions, min: f64, max: f64) -> Result<(f64, f64)> {
     Ok((lo, hi))
 }
 
-/// The K evaluation sigmas of a sigma grid and its final sigma-min value (before the rule).
-fn sigma_grid(grid: SigmaGrid, k: usize, lo: f64, hi: f64, final_sigma: FinalSigma) -> (Vec<f64>, Option<f64>) {
+/// `n` times uniform in `t^(1/p)` from `t_hi` down to `t_lo` (DPM-Solver's `time_quadratic`
+/// for p = 2: `linspace(t_T^(1/p), t_0^(1/p), n)^p`).
+pub fn power_times(n: usize, t_lo: f64, t_hi: f64, p: u32) -> Vec<f64> {
+    let e = 1.0 / p as f64;
+    linspace(t_hi.powf(e), t_lo.powf(e), n)
+        .into_iter()
+        .map(|r| r.powi(p as i32))
+        .collect()
+}
+
+/// The K evaluation sigmas of a sigma grid and its final sigma-min value (before the rule);
+/// `time_quadratic` maps the range (in sigma) to the process's sigma at quadratically spaced
+/// times: `(t_of_sigma, sigma_of_t)`.
+fn sigma_grid(
+    grid: SigmaGrid,
+    k: usize,
+    lo: f64,
+    hi: f64,
+    final_sigma: FinalSigma,
+    time_map: (&dyn Fn(f64) -> f64, &dyn Fn(f64) -> f64),
+) -> (Vec<f64>, Option<f64>) {
+    let with_final = |n: usize, f: &dyn Fn(usize) -> Vec<f64>| match final_sigma {
+        FinalSigma::SigmaMin => {
+            let mut s = f(n + 1);
+            let last = s.pop();
+            (s, last)
+        }
+        FinalSigma::Zero => (f(n), None),
+    };
     match grid {
+        SigmaGrid::TimePower(p) => {
+            let (t_of, s_of) = time_map;
+            let (t_lo, t_hi) = (t_of(lo), t_of(hi));
+            with_final(k, &|n| power_times(n, t_lo, t_hi, p).into_iter().map(s_of).collect())
+        }
         SigmaGrid::Karras => (karras_sigmas(k, lo, hi), None),
         SigmaGrid::Exponential => (exponential_sigmas(k, lo, hi), None),
         SigmaGrid::Beta => (beta_sigmas(k, lo, hi), None),
-        SigmaGrid::LogSnr => match final_sigma {
-            FinalSigma::SigmaMin => {
-                let mut s = exponential_sigmas(k + 1, lo, hi);
-                let last = s.pop();
-                (s, last)
-            }
-            FinalSigma::Zero => (exponential_sigmas(k, lo, hi), None),
-        },
+        SigmaGrid::LogSnr => with_final(k, &|n| exponential_sigmas(n, lo, hi)),
         SigmaGrid::Spacing => unreachable!("handled by the callers"),
     }
 }
@@ -721,14 +770,19 @@ fn ddpm_grid(
         }
         grid => {
             let (min, max) = match (grid, rules.style) {
-                (SigmaGrid::LogSnr, _) | (_, GridStyle::Multistep) => (table[0], table[n - 1]),
+                (SigmaGrid::LogSnr | SigmaGrid::TimePower(_), _) | (_, GridStyle::Multistep) => {
+                    (table[0], table[n - 1])
+                }
                 (_, GridStyle::Sigma) => {
                     let ts = spaced(opts)?;
                     (interp(ts[k - 1], &table), interp(ts[0], &table))
                 }
             };
             let (lo, hi) = range(opts, min, max)?;
-            let (s, grid_min) = sigma_grid(grid, k, lo, hi, final_sigma);
+            // ddpm time t = (index + 1) / T
+            let t_of = |v: f64| (sigma_to_t(v, &log_sigmas) + 1.0) / n as f64;
+            let s_of = |t: f64| interp(t * n as f64 - 1.0, &table);
+            let (s, grid_min) = sigma_grid(grid, k, lo, hi, final_sigma, (&t_of, &s_of));
             let ts = s
                 .iter()
                 .map(|&v| {
@@ -742,7 +796,7 @@ fn ddpm_grid(
                 })
                 .collect();
             let last = match (grid, rules.sigma_min_rule) {
-                (SigmaGrid::LogSnr, _) => grid_min,
+                (SigmaGrid::LogSnr | SigmaGrid::TimePower(_), _) => grid_min,
                 (_, SigmaMinRule::LastGridSigma) => s.last().copied(),
                 (_, SigmaMinRule::FirstTrainingStep) => None,
             };
@@ -794,7 +848,12 @@ fn continuous_grid(
     let (t_max, t_eps) = (sde.t_max(), sde.t_eps());
     let edm = |t: f64| sde.level(t).edm_sigma();
     let zero = NoiseLevel::new(1.0, 0.0);
-    let (mut levels, mut times) = match opts.sigmas {
+    // the spacing grid is the process's default time grid: uniform in t, log-SNR for seed-ve
+    let sigmas = match (opts.sigmas, sde.default_grid()) {
+        (SigmaGrid::Spacing, crate::process::TimeGrid::UniformLogSnr) => SigmaGrid::LogSnr,
+        (g, _) => g,
+    };
+    let (mut levels, mut times) = match sigmas {
         SigmaGrid::Spacing => {
             let times: Vec<f64> = match rules.style {
                 GridStyle::Multistep => {
@@ -808,9 +867,11 @@ fn continuous_grid(
         }
         grid => {
             let (lo, hi) = range(opts, edm(t_eps), edm(t_max))?;
-            let (s, grid_min) = sigma_grid(grid, k, lo, hi, final_sigma);
+            let t_of = |v: f64| sde.t_for_log_snr(-2.0 * v.ln());
+            let s_of = |t: f64| sde.level(t).edm_sigma();
+            let (s, grid_min) = sigma_grid(grid, k, lo, hi, final_sigma, (&t_of, &s_of));
             let last = match (grid, rules.sigma_min_rule) {
-                (SigmaGrid::LogSnr, _) => grid_min,
+                (SigmaGrid::LogSnr | SigmaGrid::TimePower(_), _) => grid_min,
                 (_, SigmaMinRule::LastGridSigma) => s.last().copied(),
                 (_, SigmaMinRule::FirstTrainingStep) => None,
             };
