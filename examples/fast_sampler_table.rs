@@ -54,7 +54,11 @@ fn main() -> anyhow::Result<()> {
         (SamplerKind::OdeHeun, "vp"),
         (SamplerKind::EdmHeun, "vp"),
     ] {
-        let p = if process == "ddpm" { ddpm.clone() } else { vp.clone() };
+        let p = if process == "ddpm" {
+            ddpm.clone()
+        } else {
+            vp.clone()
+        };
         rows.push((
             format!("`{}` on {process} (existing)", kind.name()),
             Box::new(move |k| {
@@ -78,7 +82,10 @@ fn main() -> anyhow::Result<()> {
         sigmas: SigmaGrid::Karras,
         ..Default::default()
     };
-    for (label, grid) in [("diffusers' default grid", GridOptions::default()), ("time-quartic, sigma-min", quartic)] {
+    for (label, grid) in [
+        ("diffusers' default grid", GridOptions::default()),
+        ("time-quartic, sigma-min", quartic),
+    ] {
         for (name, o) in [
             ("dpm-solver", DpmSolverOptions::dpm_solver()),
             ("dpmpp-2m", DpmSolverOptions::dpmpp_2m()),
@@ -89,38 +96,84 @@ fn main() -> anyhow::Result<()> {
             let (p, grid) = (ddpm.clone(), grid.clone());
             rows.push((
                 format!("`{name}`, {label}"),
-                Box::new(move |k| Ok(Box::new(DpmSolver::new_as_diffusers(&p, k, &DpmSolverOptions { grid: grid.clone(), ..o.clone() })?) as Box<dyn Sampler>)),
+                Box::new(move |k| {
+                    Ok(Box::new(DpmSolver::new_as_diffusers(
+                        &p,
+                        k,
+                        &DpmSolverOptions {
+                            grid: grid.clone(),
+                            ..o.clone()
+                        },
+                    )?) as Box<dyn Sampler>)
+                }),
             ));
         }
         let (p, g) = (ddpm.clone(), grid.clone());
         rows.push((
             format!("`unipc`, {label}"),
-            Box::new(move |k| Ok(Box::new(UniPc::new_as_diffusers(&p, k, &UniPcOptions { grid: g.clone(), ..Default::default() })?) as Box<dyn Sampler>)),
+            Box::new(move |k| {
+                Ok(Box::new(UniPc::new_as_diffusers(
+                    &p,
+                    k,
+                    &UniPcOptions {
+                        grid: g.clone(),
+                        ..Default::default()
+                    },
+                )?) as Box<dyn Sampler>)
+            }),
         ));
         let (p, g) = (ddpm.clone(), grid.clone());
         rows.push((
             format!("`deis`, {label}"),
-            Box::new(move |k| Ok(Box::new(Deis::new_as_diffusers(&p, k, &DeisOptions { grid: g.clone(), ..Default::default() })?) as Box<dyn Sampler>)),
+            Box::new(move |k| {
+                Ok(Box::new(Deis::new_as_diffusers(
+                    &p,
+                    k,
+                    &DeisOptions {
+                        grid: g.clone(),
+                        ..Default::default()
+                    },
+                )?) as Box<dyn Sampler>)
+            }),
         ));
     }
-    for (label, grid) in [("diffusers' default grid", GridOptions::default()), ("karras", karras)] {
+    for (label, grid) in [
+        ("diffusers' default grid", GridOptions::default()),
+        ("karras", karras),
+    ] {
         let o = SigmaSamplerOptions {
             grid,
             ..Default::default()
         };
         let (p, o1) = (ddpm.clone(), o.clone());
-        rows.push((format!("`euler`, {label}"), Box::new(move |k| Ok(Box::new(Euler::new(&p, k, &o1)?) as Box<dyn Sampler>))));
+        rows.push((
+            format!("`euler`, {label}"),
+            Box::new(move |k| Ok(Box::new(Euler::new(&p, k, &o1)?) as Box<dyn Sampler>)),
+        ));
         let (p, o2) = (ddpm.clone(), o.clone());
         rows.push((
             format!("`euler-ancestral`, {label}"),
             Box::new(move |k| Ok(Box::new(EulerAncestral::new(&p, k, &o2)?) as Box<dyn Sampler>)),
         ));
         let (p, o3) = (ddpm.clone(), o.clone());
-        rows.push((format!("`heun`, {label}"), Box::new(move |k| Ok(Box::new(Heun::new(&p, k, &o3)?) as Box<dyn Sampler>))));
+        rows.push((
+            format!("`heun`, {label}"),
+            Box::new(move |k| Ok(Box::new(Heun::new(&p, k, &o3)?) as Box<dyn Sampler>)),
+        ));
     }
 
     let run = |s: &dyn Sampler, n: usize| -> diffuse::Result<(Vec<f64>, usize)> {
-        let out = sample_batched(s, &oracle, n, &[d], 0, n, DType::F64, &Device::Cpu, &mut NoObserver)?;
+        let out = sample_batched(
+            s,
+            &oracle,
+            n,
+            &[d],
+            0,
+            n,
+            DType::F64,
+            &Device::Cpu,
+            &mut NoObserver,
+        )?;
         Ok((out.x.flatten_all()?.to_vec1::<f64>()?, out.nfe))
     };
     println!(
@@ -151,7 +204,11 @@ fn main() -> anyhow::Result<()> {
                 Some((s, nfe)) => {
                     let (x, _) = run(s.as_ref(), N)?;
                     let r = energy_distance(&x, &fresh, d)? / band.p95;
-                    let v = if r <= 1.0 { format!("**{r:.2}**") } else { format!("{r:.2}") };
+                    let v = if r <= 1.0 {
+                        format!("**{r:.2}**")
+                    } else {
+                        format!("{r:.2}")
+                    };
                     if nfe == target {
                         v
                     } else {

@@ -30,7 +30,8 @@ use serde_json::Value;
 fn fixture() -> &'static Value {
     static V: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
     V.get_or_init(|| {
-        let p: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fast_samplers/conformance.json");
+        let p: PathBuf =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fast_samplers/conformance.json");
         serde_json::from_str(&fs::read_to_string(p).unwrap()).unwrap()
     })
 }
@@ -40,7 +41,13 @@ fn f64s(v: &Value) -> Vec<f64> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|x| if x.is_null() { f64::NAN } else { x.as_f64().unwrap() })
+        .map(|x| {
+            if x.is_null() {
+                f64::NAN
+            } else {
+                x.as_f64().unwrap()
+            }
+        })
         .collect()
 }
 
@@ -181,8 +188,12 @@ fn cases() -> Vec<Case> {
         .iter()
         .map(|c| {
             let name = c["name"].as_str().unwrap().to_string();
-            let cfg = SchedulerConfig::from_json(&c["scheduler_config"]).unwrap_or_else(|e| panic!("{name}: {e}"));
-            let rows = |k: &str| c.get(k).map(|a| a.as_array().unwrap().iter().map(f64s).collect::<Vec<_>>());
+            let cfg =
+                SchedulerConfig::from_json(&c["scheduler_config"]).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let rows = |k: &str| {
+                c.get(k)
+                    .map(|a| a.as_array().unwrap().iter().map(f64s).collect::<Vec<_>>())
+            };
             Case {
                 steps: c["num_inference_steps"].as_u64().unwrap() as usize,
                 schedule: schedule_from_alphas_cumprod(&f64s(&tables[c["alphas_cumprod"].as_str().unwrap()])),
@@ -222,7 +233,12 @@ fn replay(noise: &[&Vec<f64>]) -> NoiseStreams {
     let sh = shape();
     let per = sh[1..].iter().product::<usize>();
     let rows = (0..sh[0])
-        .map(|i| noise.iter().flat_map(|n| n[i * per..(i + 1) * per].to_vec()).collect())
+        .map(|i| {
+            noise
+                .iter()
+                .flat_map(|n| n[i * per..(i + 1) * per].to_vec())
+                .collect()
+        })
         .collect();
     NoiseStreams::replay(rows)
 }
@@ -247,7 +263,8 @@ fn diffusers_grid(case: &Case) -> (Vec<f64>, Vec<f64>) {
 fn grids_and_priors_are_diffusers() {
     let mut worst = 0.0f64;
     for case in cases() {
-        let ours = Ours::build(&case.cfg, &case.schedule, case.steps).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let ours = Ours::build(&case.cfg, &case.schedule, case.steps)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
         let g = ours.grid();
         let (sig, ts) = diffusers_grid(&case);
         assert_eq!(g.sigmas.len(), sig.len(), "{}", case.name);
@@ -265,7 +282,11 @@ fn grids_and_priors_are_diffusers() {
         // the model timesteps: integers exactly; the Euler family's fractional ones to float32
         assert_eq!(g.timesteps.len(), ts.len(), "{}", case.name);
         for (k, (a, b)) in g.timesteps.iter().zip(&ts).enumerate() {
-            assert!((a - b).abs() <= 1e-4 * b.max(1.0), "{} timestep {k}: ours {a} diffusers {b}", case.name);
+            assert!(
+                (a - b).abs() <= 1e-4 * b.max(1.0),
+                "{} timestep {k}: ours {a} diffusers {b}",
+                case.name
+            );
         }
         let p = ours.sampler().prior_std();
         assert!(
@@ -305,7 +326,13 @@ impl<'a> Stepper<'a> {
         }
     }
 
-    fn step(&mut self, k: usize, x: &Tensor, den: &dyn Denoiser, noise: &mut NoiseStreams) -> (Tensor, Tensor) {
+    fn step(
+        &mut self,
+        k: usize,
+        x: &Tensor,
+        den: &dyn Denoiser,
+        noise: &mut NoiseStreams,
+    ) -> (Tensor, Tensor) {
         match self.ours {
             Ours::Dpm(s) => s.step(self.dpm.as_mut().unwrap(), k, x, den, noise).unwrap(),
             Ours::Uni(s) => s.step(self.uni.as_mut().unwrap(), k, x, den).unwrap(),
@@ -344,7 +371,12 @@ fn every_step_from_diffusers_state() {
         };
         let x_in = tensor(&case.samples[0]).affine(scale, 0.0).unwrap();
         let m0 = vec_of(&den.output(&x_in, &[l0; 2]).unwrap());
-        assert!(err(&m0, &case.model_output_0) < 1e-6, "{}: dummy model {m0:?} vs {:?}", case.name, case.model_output_0);
+        assert!(
+            err(&m0, &case.model_output_0) < 1e-6,
+            "{}: dummy model {m0:?} vs {:?}",
+            case.name,
+            case.model_output_0
+        );
         den.calls.borrow_mut().clear();
         let mut st = Stepper::new(&ours);
         let mut case_worst = 0.0f64;
@@ -356,8 +388,16 @@ fn every_step_from_diffusers_state() {
             let (x, x0) = st.step(k, &tensor(&case.samples[c0]), &den, &mut noise);
             if want.iter().any(|v| v.is_nan()) {
                 // diffusers' NaN (UniPC bh1 to sigma = 0): ours is the data-prediction DDIM limit x_0
-                assert!(case.final_has_nan && k + 1 == case.steps, "{} step {k}", case.name);
-                assert!(err(&vec_of(&x), &vec_of(&x0)) < 1e-12, "{}: the last step returns x_0", case.name);
+                assert!(
+                    case.final_has_nan && k + 1 == case.steps,
+                    "{} step {k}",
+                    case.name
+                );
+                assert!(
+                    err(&vec_of(&x), &vec_of(&x0)) < 1e-12,
+                    "{}: the last step returns x_0",
+                    case.name
+                );
                 continue;
             }
             let e = err(&vec_of(&x), want);
@@ -366,7 +406,10 @@ fn every_step_from_diffusers_state() {
             }
             case_worst = case_worst.max(e);
         }
-        println!("{}: one step from diffusers' state, max relative error {case_worst:.1e}", case.name);
+        println!(
+            "{}: one step from diffusers' state, max relative error {case_worst:.1e}",
+            case.name
+        );
         // diffusers' float32 steps: a few roundings (6e-8 each) of terms of the size of the state
         // (its own float64 step differs by <= 1e-6 in every case but two), plus twice that
         // measured gap where float32 cancels worse: DEIS's third-order coefficients (5.4e-6) and
@@ -394,7 +437,12 @@ fn whole_trajectories_from_the_recorded_noise() {
         let drawn: Vec<&Vec<f64>> = case
             .noise
             .iter()
-            .flat_map(|n| n.iter().enumerate().filter(|(k, _)| g.sigmas[k + 1] > 0.0).map(|(_, v)| v))
+            .flat_map(|n| {
+                n.iter()
+                    .enumerate()
+                    .filter(|(k, _)| g.sigmas[k + 1] > 0.0)
+                    .map(|(_, v)| v)
+            })
             .collect();
         let mut noise = replay(&drawn);
         let mut traj = Trajectory::new(shape()[0], 1);
@@ -402,7 +450,11 @@ fn whole_trajectories_from_the_recorded_noise() {
         let calls = den.calls.borrow().len();
         assert_eq!(out.nfe, calls, "{}: NFE counts denoiser calls", case.name);
         let diffusers_calls = case.samples.len() - 1;
-        assert_eq!(calls, diffusers_calls, "{}: as many model calls as diffusers", case.name);
+        assert_eq!(
+            calls, diffusers_calls,
+            "{}: as many model calls as diffusers",
+            case.name
+        );
         let mut e = 0.0f64;
         for k in 0..case.steps {
             let (_, c1) = calls_of(&case, k);
@@ -414,7 +466,10 @@ fn whole_trajectories_from_the_recorded_noise() {
             }
             e = e.max(err(&traj.points[k + 1].x, want));
         }
-        println!("{}: whole trajectory ({} steps), max relative error {e:.1e}", case.name, case.steps);
+        println!(
+            "{}: whole trajectory ({} steps), max relative error {e:.1e}",
+            case.name, case.steps
+        );
         // diffusers' float32 rounding of each state (~1e-7) re-enters every later step; plus
         // twice diffusers' own float32-vs-float64 gap where that is larger (see the step bound)
         let bound = 1e-5 + 2.0 * case.trajectory_gap;
@@ -441,7 +496,12 @@ fn our_f64_tables_reproduce_the_trajectories_to_float32_rounding() {
         let drawn: Vec<&Vec<f64>> = case
             .noise
             .iter()
-            .flat_map(|n| n.iter().enumerate().filter(|(k, _)| g.sigmas[k + 1] > 0.0).map(|(_, v)| v))
+            .flat_map(|n| {
+                n.iter()
+                    .enumerate()
+                    .filter(|(k, _)| g.sigmas[k + 1] > 0.0)
+                    .map(|(_, v)| v)
+            })
             .collect();
         let out = ours
             .sampler()
@@ -476,7 +536,12 @@ fn diffusers_pitfalls_are_fixed() {
     };
     let z = f64s(&v["z"]);
     let out = s
-        .sample(&den, tensor(&z), &mut NoiseStreams::new(0, 0, 2), &mut diffuse::samplers::NoObserver)
+        .sample(
+            &den,
+            tensor(&z),
+            &mut NoiseStreams::new(0, 0, 2),
+            &mut diffuse::samplers::NoObserver,
+        )
         .unwrap();
     assert!(vec_of(&out.x).iter().all(|x| x.is_finite()), "1000 steps: finite");
     // ... and on the exact same grid but rounded with Rust's round() (half away from zero)
@@ -486,6 +551,9 @@ fn diffusers_pitfalls_are_fixed() {
     let c6 = cases().into_iter().find(|c| c.name == "dpmpp2m_6").unwrap();
     assert_eq!(c6.timesteps, s6.grid.timesteps);
     // UniPC bh1 with the default final sigma zero: NaN in diffusers, finite here
-    let c = cases().into_iter().find(|c| c.name == "unipc_bh1_zero_10").unwrap();
+    let c = cases()
+        .into_iter()
+        .find(|c| c.name == "unipc_bh1_zero_10")
+        .unwrap();
     assert!(c.final_has_nan);
 }

@@ -66,7 +66,8 @@ fn truth(name: &str) -> &'static Truth {
 fn runs() -> &'static Value {
     static V: OnceLock<Value> = OnceLock::new();
     V.get_or_init(|| {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fast_samplers/gmm_runs.json");
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/fast_samplers/gmm_runs.json");
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
     })
 }
@@ -83,7 +84,13 @@ fn diffusers_run(mixture: &str, sampler: &str, steps: usize) -> (Option<f64>, Ve
         .as_array()
         .unwrap()
         .iter()
-        .map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect())
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect()
+        })
         .collect();
     (r["energy_distance"].as_f64(), rows)
 }
@@ -144,7 +151,9 @@ fn samples(s: &dyn Sampler, t: &Truth) -> (Vec<f64>, usize) {
 #[test]
 fn the_draws_are_the_fixtures() {
     for r in runs()["runs"].as_array().unwrap() {
-        let Some(check) = r.get("inputs_check") else { continue };
+        let Some(check) = r.get("inputs_check") else {
+            continue;
+        };
         let t = truth(r["mixture"].as_str().unwrap());
         let d = t.gmm.dim();
         let z = NoiseStreams::new(SEED, 0, N).normal_rows(d);
@@ -172,16 +181,26 @@ fn at_least_as_close_as_diffusers_with_the_same_exact_denoiser() {
                 let d = t.gmm.dim();
                 for (i, row) in rows.iter().enumerate() {
                     for (j, v) in row.iter().enumerate() {
-                        assert!((x[i * d + j] - v).abs() < 1e-4 * (1.0 + v.abs()), "{m} {name} {steps}: row {i} {x:?}", x = &x[i * d..(i + 1) * d]);
+                        assert!(
+                            (x[i * d + j] - v).abs() < 1e-4 * (1.0 + v.abs()),
+                            "{m} {name} {steps}: row {i} {x:?}",
+                            x = &x[i * d..(i + 1) * d]
+                        );
                     }
                 }
                 println!(
                     "{m} {name} {steps} steps (NFE {nfe}): ours {e:.6}, diffusers {theirs:.6}, null p95 {:.6}",
                     t.band.p95
                 );
-                assert!(e <= theirs + 1e-5, "{m} {name} {steps}: {e} vs diffusers' {theirs}");
+                assert!(
+                    e <= theirs + 1e-5,
+                    "{m} {name} {steps}: {e} vs diffusers' {theirs}"
+                );
                 if theirs <= t.band.p95 {
-                    assert!(e <= t.band.p95, "{m} {name} {steps}: diffusers inside the band, ours {e}");
+                    assert!(
+                        e <= t.band.p95,
+                        "{m} {name} {steps}: diffusers inside the band, ours {e}"
+                    );
                 }
             }
         }
@@ -196,7 +215,15 @@ fn dpmpp_2m_on(grid: SigmaGrid, steps: usize) -> DpmSolver {
         final_sigma: Some(FinalSigma::SigmaMin),
         ..Default::default()
     };
-    DpmSolver::new(&linear(), steps, &DpmSolverOptions { grid, ..DpmSolverOptions::dpmpp_2m() }).unwrap()
+    DpmSolver::new(
+        &linear(),
+        steps,
+        &DpmSolverOptions {
+            grid,
+            ..DpmSolverOptions::dpmpp_2m()
+        },
+    )
+    .unwrap()
 }
 
 /// Our 10-step recommendation: DPM-Solver's time grid with t_order 4 (uniform in t^(1/4)).
@@ -227,8 +254,15 @@ fn dpmpp_2m_at_10_steps_inside_the_band_past_diffusers() {
             r(ed(&dpmpp_2m_on(SigmaGrid::TimePower(2), 10), t)),
             r(e),
         );
-        assert!(theirs > t.band.p95, "{m}: diffusers' dpmpp-2m at 10 steps is expected outside the band");
-        assert!(e <= t.band.p95, "{m}: dpmpp-2m time-quartic at 10 steps: {e} > p95 {}", t.band.p95);
+        assert!(
+            theirs > t.band.p95,
+            "{m}: diffusers' dpmpp-2m at 10 steps is expected outside the band"
+        );
+        assert!(
+            e <= t.band.p95,
+            "{m}: dpmpp-2m time-quartic at 10 steps: {e} > p95 {}",
+            t.band.p95
+        );
     }
 }
 
@@ -238,7 +272,14 @@ fn per_component(g: &Gmm, x: &[f64]) -> Vec<(f64, f64)> {
     let d = g.dim();
     let k = g.num_components();
     let singles: Vec<Gmm> = (0..k)
-        .map(|c| Gmm::new(vec![1.0], vec![g.means()[c].clone()], vec![g.covariances()[c].clone()]).unwrap())
+        .map(|c| {
+            Gmm::new(
+                vec![1.0],
+                vec![g.means()[c].clone()],
+                vec![g.covariances()[c].clone()],
+            )
+            .unwrap()
+        })
         .collect();
     let mut groups: Vec<Vec<&[f64]>> = vec![Vec::new(); k];
     for p in x.chunks(d) {
@@ -282,12 +323,29 @@ fn narrow_components_keep_their_spread() {
         for c in 0..truth_c.len() {
             let rel = |v: &[(f64, f64)]| v[c].1 / reference[c].1;
             assert!((reference[c].0 - truth_c[c].0).abs() < 0.02, "{m} {c}: weights");
-            assert!((reference[c].1 / truth_c[c].1 - 1.0).abs() < 0.05, "{m} {c}: converged spread");
+            assert!(
+                (reference[c].1 / truth_c[c].1 - 1.0).abs() < 0.05,
+                "{m} {c}: converged spread"
+            );
             // 10 steps move up to 3% of the mass between modes (0.468 vs 0.436 on narrow3d)
-            assert!((ten[c].0 - reference[c].0).abs() < 0.04, "{m} {c}: 10-step weight");
-            assert!((twenty[c].0 - reference[c].0).abs() < 0.015, "{m} {c}: 20-step weight");
-            assert!((rel(&ten) - 1.0).abs() < 0.10, "{m} {c}: 10-step spread x{}", rel(&ten));
-            assert!((rel(&twenty) - 1.0).abs() < 0.04, "{m} {c}: 20-step spread x{}", rel(&twenty));
+            assert!(
+                (ten[c].0 - reference[c].0).abs() < 0.04,
+                "{m} {c}: 10-step weight"
+            );
+            assert!(
+                (twenty[c].0 - reference[c].0).abs() < 0.015,
+                "{m} {c}: 20-step weight"
+            );
+            assert!(
+                (rel(&ten) - 1.0).abs() < 0.10,
+                "{m} {c}: 10-step spread x{}",
+                rel(&ten)
+            );
+            assert!(
+                (rel(&twenty) - 1.0).abs() < 0.04,
+                "{m} {c}: 20-step spread x{}",
+                rel(&twenty)
+            );
         }
         // diffusers' default grid: the last step returns the denoised mean at sigma = 0.33
         // (t = 99), which alone would shrink a component of std s by s^2 / (s^2 + 0.33^2) (the
@@ -304,10 +362,26 @@ fn noise_prediction_solvers_end_at_sigma_min_and_zero_final_shrinks() {
     // A component of std 0.001, far narrower than the table's sigma_min = 0.01: DPM-Solver (noise
     // prediction) and DEIS stop at sigma_min and leave its noise (std ~0.01, ten times the data);
     // diffusers' default grid ending at zero returns the denoised mean from sigma 0.33, a point.
-    let g = Gmm::new(vec![1.0], vec![vec![0.5]], vec![diffuse::gmm::Covariance::Isotropic(1e-6)]).unwrap();
+    let g = Gmm::new(
+        vec![1.0],
+        vec![vec![0.5]],
+        vec![diffuse::gmm::Covariance::Isotropic(1e-6)],
+    )
+    .unwrap();
     let o = Oracle::new(g);
     let std_of = |s: &dyn Sampler| {
-        let out = sample_batched(s, &o, 500, &[1], 3, 500, DType::F64, &Device::Cpu, &mut NoObserver).unwrap();
+        let out = sample_batched(
+            s,
+            &o,
+            500,
+            &[1],
+            3,
+            500,
+            DType::F64,
+            &Device::Cpu,
+            &mut NoObserver,
+        )
+        .unwrap();
         let x = out.x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let m = x.iter().sum::<f64>() / x.len() as f64;
         (x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (x.len() - 1) as f64).sqrt()
@@ -317,7 +391,10 @@ fn noise_prediction_solvers_end_at_sigma_min_and_zero_final_shrinks() {
         let s = std_of(ours(name, 10).as_ref());
         println!("{name}: output std {s:.5} (data 0.001, sigma_min {sigma_min})");
         // std of x at sigma_min: sqrt(0.001^2 + 0.01^2) = 0.01005, less the 500-draw noise (3%)
-        assert!((s / (sigma_min * sigma_min + 1e-6f64).sqrt() - 1.0).abs() < 0.15, "{name}: {s}");
+        assert!(
+            (s / (sigma_min * sigma_min + 1e-6f64).sqrt() - 1.0).abs() < 0.15,
+            "{name}: {s}"
+        );
     }
     let s = std_of(ours("dpmpp-2m", 10).as_ref());
     println!("dpmpp-2m (final zero): output std {s:.2e}");
@@ -327,17 +404,50 @@ fn noise_prediction_solvers_end_at_sigma_min_and_zero_final_shrinks() {
 /// Our sampler of registry name `name` on `process` with `grid`.
 fn on_process(name: &str, process: &Process, steps: usize, grid: &GridOptions) -> Box<dyn Sampler> {
     let dpm = |o: DpmSolverOptions| -> Box<dyn Sampler> {
-        Box::new(DpmSolver::new(process, steps, &DpmSolverOptions { grid: grid.clone(), ..o }).unwrap())
+        Box::new(
+            DpmSolver::new(
+                process,
+                steps,
+                &DpmSolverOptions {
+                    grid: grid.clone(),
+                    ..o
+                },
+            )
+            .unwrap(),
+        )
     };
-    let s = SigmaSamplerOptions { grid: grid.clone(), ..Default::default() };
+    let s = SigmaSamplerOptions {
+        grid: grid.clone(),
+        ..Default::default()
+    };
     match name {
         "dpm-solver" => dpm(DpmSolverOptions::dpm_solver()),
         "dpmpp-2m" => dpm(DpmSolverOptions::dpmpp_2m()),
         "dpmpp-3m" => dpm(DpmSolverOptions::dpmpp_3m()),
         "dpmpp-2s" => dpm(DpmSolverOptions::dpmpp_2s()),
         "dpmpp-2m-sde" => dpm(DpmSolverOptions::dpmpp_2m_sde()),
-        "unipc" => Box::new(UniPc::new(process, steps, &UniPcOptions { grid: grid.clone(), ..Default::default() }).unwrap()),
-        "deis" => Box::new(Deis::new(process, steps, &DeisOptions { grid: grid.clone(), ..Default::default() }).unwrap()),
+        "unipc" => Box::new(
+            UniPc::new(
+                process,
+                steps,
+                &UniPcOptions {
+                    grid: grid.clone(),
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        ),
+        "deis" => Box::new(
+            Deis::new(
+                process,
+                steps,
+                &DeisOptions {
+                    grid: grid.clone(),
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        ),
         "euler" => Box::new(Euler::new(process, steps, &s).unwrap()),
         "euler-ancestral" => Box::new(EulerAncestral::new(process, steps, &s).unwrap()),
         "heun" => Box::new(Heun::new(process, steps, &s).unwrap()),
@@ -355,23 +465,55 @@ impl diffuse::denoiser::Denoiser for ScaledEps<'_> {
     fn prediction(&self) -> diffuse::denoiser::Prediction {
         diffuse::denoiser::Prediction::Eps
     }
-    fn output(&self, x_t: &candle_core::Tensor, levels: &[diffuse::denoiser::NoiseLevel]) -> diffuse::Result<candle_core::Tensor> {
+    fn output(
+        &self,
+        x_t: &candle_core::Tensor,
+        levels: &[diffuse::denoiser::NoiseLevel],
+    ) -> diffuse::Result<candle_core::Tensor> {
         Ok(self.inner.predict_eps(x_t, levels)?.affine(self.factor, 0.0)?)
     }
 }
 
 fn ed_with(s: &dyn Sampler, den: &dyn diffuse::denoiser::Denoiser, t: &Truth) -> f64 {
-    let out = sample_batched(s, den, N, &[t.gmm.dim()], SEED, N, DType::F64, &Device::Cpu, &mut NoObserver).unwrap();
-    energy_distance(&out.x.flatten_all().unwrap().to_vec1::<f64>().unwrap(), &t.fresh, t.gmm.dim()).unwrap()
+    let out = sample_batched(
+        s,
+        den,
+        N,
+        &[t.gmm.dim()],
+        SEED,
+        N,
+        DType::F64,
+        &Device::Cpu,
+        &mut NoObserver,
+    )
+    .unwrap();
+    energy_distance(
+        &out.x.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        &t.fresh,
+        t.gmm.dim(),
+    )
+    .unwrap()
 }
 
 /// The energy distance of a stochastic sampler run with its step noise replaced by zeros.
 fn ed_without_noise(s: &dyn Sampler, t: &Truth, steps: usize) -> f64 {
     let d = t.gmm.dim();
-    let x_t = diffuse::samplers::draw_prior(s, &[d], &mut NoiseStreams::new(SEED, 0, N), DType::F64, &Device::Cpu).unwrap();
+    let x_t = diffuse::samplers::draw_prior(
+        s,
+        &[d],
+        &mut NoiseStreams::new(SEED, 0, N),
+        DType::F64,
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut zeros = NoiseStreams::replay(vec![vec![0.0; steps * d]; N]);
     let out = s.sample(&t.oracle, x_t, &mut zeros, &mut NoObserver).unwrap();
-    energy_distance(&out.x.flatten_all().unwrap().to_vec1::<f64>().unwrap(), &t.fresh, d).unwrap()
+    energy_distance(
+        &out.x.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        &t.fresh,
+        d,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -380,8 +522,14 @@ fn every_sampler_on_the_continuous_processes() {
     // sigma-space ones on Karras's grid (their design), with the steps a first-order or
     // stochastic method needs. A 10% error in the denoiser's eps must leave the band.
     let t = truth("anisotropic3");
-    let logsnr = GridOptions { sigmas: SigmaGrid::LogSnr, ..Default::default() };
-    let karras = GridOptions { sigmas: SigmaGrid::Karras, ..Default::default() };
+    let logsnr = GridOptions {
+        sigmas: SigmaGrid::LogSnr,
+        ..Default::default()
+    };
+    let karras = GridOptions {
+        sigmas: SigmaGrid::Karras,
+        ..Default::default()
+    };
     for pname in ["vp", "ve", "subvp", "seed-ve"] {
         let p = Process::from_name(pname, || Schedule::named("linear", 10)).unwrap();
         // every sampler on vp and ve; one of each family on sub-VP and seed-ve
@@ -400,7 +548,14 @@ fn every_sampler_on_the_continuous_processes() {
             let e = ed_with(s.as_ref(), &t.oracle, t);
             let stochastic = name == "dpmpp-2m-sde" || name == "euler-ancestral";
             let broken = match (pname, stochastic) {
-                ("vp", false) => ed_with(s.as_ref(), &ScaledEps { inner: &t.oracle, factor: 1.1 }, t),
+                ("vp", false) => ed_with(
+                    s.as_ref(),
+                    &ScaledEps {
+                        inner: &t.oracle,
+                        factor: 1.1,
+                    },
+                    t,
+                ),
                 ("vp", true) => ed_without_noise(s.as_ref(), t, steps),
                 _ => f64::NAN,
             };
@@ -413,13 +568,20 @@ fn every_sampler_on_the_continuous_processes() {
             );
             assert!(e <= t.band.p95, "{name} on {pname}: {e} > {}", t.band.p95);
             if pname == "vp" {
-                assert!(broken > t.band.p95, "{name} on {pname}: the broken denoiser was not detected");
+                assert!(
+                    broken > t.band.p95,
+                    "{name} on {pname}: the broken denoiser was not detected"
+                );
             }
         }
     }
     // the default grid of the continuous processes: vp-cosine with dpmpp-2m, 40 steps
     let p = Process::from_name("vp-cosine", || Schedule::named("linear", 10)).unwrap();
-    let e = ed_with(on_process("dpmpp-2m", &p, 40, &GridOptions::default()).as_ref(), &t.oracle, t);
+    let e = ed_with(
+        on_process("dpmpp-2m", &p, 40, &GridOptions::default()).as_ref(),
+        &t.oracle,
+        t,
+    );
     assert!(e <= t.band.p95, "dpmpp-2m on vp-cosine: {e}");
 }
 
@@ -430,11 +592,21 @@ fn samples_do_not_depend_on_the_batch_size() {
     for name in ["dpmpp-2m-sde", "euler-ancestral", "unipc", "dpmpp-2s"] {
         let s = ours(name, 10);
         let one = |batch| {
-            sample_batched(s.as_ref(), &t.oracle, 20, &[2], 3, batch, DType::F64, &Device::Cpu, &mut NoObserver)
-                .unwrap()
-                .x
-                .to_vec2::<f64>()
-                .unwrap()
+            sample_batched(
+                s.as_ref(),
+                &t.oracle,
+                20,
+                &[2],
+                3,
+                batch,
+                DType::F64,
+                &Device::Cpu,
+                &mut NoObserver,
+            )
+            .unwrap()
+            .x
+            .to_vec2::<f64>()
+            .unwrap()
         };
         assert_eq!(one(20), one(3), "{name}: batch 20 vs batch 3");
     }

@@ -416,7 +416,10 @@ type Parse<T> = std::result::Result<T, String>;
 fn parse(v: &Value) -> Parse<SchedulerConfig> {
     let obj: &Map<String, Value> = v.as_object().ok_or("expected a JSON object")?;
     for key in obj.keys() {
-        if !key.starts_with('_') && !KNOWN_KEYS.contains(&key.as_str()) && !SOLVER_KEYS.contains(&key.as_str()) {
+        if !key.starts_with('_')
+            && !KNOWN_KEYS.contains(&key.as_str())
+            && !SOLVER_KEYS.contains(&key.as_str())
+        {
             return Err(format!(
                 "unknown key '{key}': not a DDPMScheduler/DDIMScheduler (or DPM-Solver, UniPC, DEIS, Euler, Heun) field this loader understands"
             ));
@@ -580,7 +583,10 @@ fn parse_solver_fields(obj: &Map<String, Value>) -> Parse<SolverFields> {
     let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
     let bool_of = |k: &str| -> Parse<Option<bool>> {
         get(k)
-            .map(|v| v.as_bool().ok_or_else(|| format!("{k}: expected true or false, got {v}")))
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| format!("{k}: expected true or false, got {v}"))
+            })
             .transpose()
     };
     let f64_of = |k: &str| -> Parse<Option<f64>> {
@@ -598,11 +604,16 @@ fn parse_solver_fields(obj: &Map<String, Value>) -> Parse<SolverFields> {
         match get(k) {
             None => Ok(None),
             Some(v) => {
-                let s = v.as_str().ok_or_else(|| format!("{k}: expected a string, got {v}"))?;
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| format!("{k}: expected a string, got {v}"))?;
                 if allowed.contains(&s) {
                     Ok(Some(s.to_string()))
                 } else {
-                    Err(format!("{k}: '{s}' is not supported (supported: {})", allowed.join(", ")))
+                    Err(format!(
+                        "{k}: '{s}' is not supported (supported: {})",
+                        allowed.join(", ")
+                    ))
                 }
             }
         }
@@ -612,7 +623,8 @@ fn parse_solver_fields(obj: &Map<String, Value>) -> Parse<SolverFields> {
         Some(v) => Some(
             v.as_u64()
                 .filter(|&o| o >= 1)
-                .ok_or_else(|| format!("solver_order: expected a positive integer, got {v}"))? as usize,
+                .ok_or_else(|| format!("solver_order: expected a positive integer, got {v}"))?
+                as usize,
         ),
     };
     let disable_corrector = match get("disable_corrector") {
@@ -632,7 +644,13 @@ fn parse_solver_fields(obj: &Map<String, Value>) -> Parse<SolverFields> {
         solver_order,
         algorithm_type: str_in(
             "algorithm_type",
-            &["dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++", "deis"],
+            &[
+                "dpmsolver",
+                "dpmsolver++",
+                "sde-dpmsolver",
+                "sde-dpmsolver++",
+                "deis",
+            ],
         )?,
         solver_type: str_in("solver_type", &["midpoint", "heun", "bh1", "bh2", "logrho"])?,
         lower_order_final: bool_of("lower_order_final")?,

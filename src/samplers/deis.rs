@@ -31,7 +31,9 @@ use crate::schedule::Schedule;
 
 use super::dpm_solver::{combo, multistep_orders};
 use super::exp_integrator::{check_order_reached, min_steps_for, model_x0_eps, Thresholding};
-use super::grids::{build_grid, lambda, FinalSigma, GridOptions, GridRules, GridStyle, LevelGrid, SigmaMinRule};
+use super::grids::{
+    build_grid, lambda, FinalSigma, GridOptions, GridRules, GridStyle, LevelGrid, SigmaMinRule,
+};
 use super::{Observer, SampleOutput, Sampler, StepEvent};
 
 /// DEIS's options; `Default` is diffusers' `DEISMultistepScheduler()`.
@@ -146,7 +148,13 @@ impl Deis {
     }
 
     /// Step `k` from `x` at level k to level k + 1 (one model call; diffusers' `step`).
-    pub fn step(&self, st: &mut DeisState, k: usize, x: &Tensor, den: &dyn Denoiser) -> Result<(Tensor, Tensor)> {
+    pub fn step(
+        &self,
+        st: &mut DeisState,
+        k: usize,
+        x: &Tensor,
+        den: &dyn Denoiser,
+    ) -> Result<(Tensor, Tensor)> {
         let o = &self.options;
         let g = &self.grid;
         let (x0, eps) = model_x0_eps(den, x, g.levels[k], o.thresholding.as_ref())?;

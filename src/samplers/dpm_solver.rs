@@ -52,7 +52,9 @@ use crate::rng::NoiseStreams;
 use crate::schedule::Schedule;
 
 use super::exp_integrator::{check_order_reached, min_steps_for, model_x0_eps, phi, Thresholding};
-use super::grids::{build_grid, lambda, FinalSigma, GridOptions, GridRules, GridStyle, LevelGrid, SigmaMinRule};
+use super::grids::{
+    build_grid, lambda, FinalSigma, GridOptions, GridRules, GridStyle, LevelGrid, SigmaMinRule,
+};
 use super::{noise_like, Observer, SampleOutput, Sampler, StepEvent};
 
 /// What the solver integrates (diffusers' `algorithm_type`).
@@ -208,7 +210,13 @@ impl DpmSolverOptions {
 }
 
 /// The order diffusers' `DPMSolverMultistepScheduler.step` uses at each of `k` steps.
-pub fn multistep_orders(k: usize, order: usize, lower_order_final: bool, euler_at_final: bool, final_zero: bool) -> Vec<usize> {
+pub fn multistep_orders(
+    k: usize,
+    order: usize,
+    lower_order_final: bool,
+    euler_at_final: bool,
+    final_zero: bool,
+) -> Vec<usize> {
     (0..k)
         .map(|i| {
             let warm = i.min(order); // lower_order_nums
@@ -230,7 +238,13 @@ pub fn multistep_orders(k: usize, order: usize, lower_order_final: bool, euler_a
 /// each order capped by the outputs available so far.
 pub fn singlestep_orders(k: usize, order: usize, lower_order_final: bool, final_zero: bool) -> Vec<usize> {
     let lof = lower_order_final || k % order != 0 || final_zero;
-    let rep = |pat: &[usize], n: usize| pat.iter().copied().cycle().take(pat.len() * n).collect::<Vec<_>>();
+    let rep = |pat: &[usize], n: usize| {
+        pat.iter()
+            .copied()
+            .cycle()
+            .take(pat.len() * n)
+            .collect::<Vec<_>>()
+    };
     let mut o: Vec<usize> = match (order, lof) {
         (1, _) => vec![1; k],
         (2, false) => rep(&[1, 2], k / 2),
@@ -331,12 +345,20 @@ impl DpmSolver {
         let grid = build_grid(process, steps, &o.grid, &rules)?;
         let final_zero = grid.sigmas[steps] == 0.0;
         let schedule = |k: usize| match o.method {
-            Method::Multistep => multistep_orders(k, o.order, o.lower_order_final, o.euler_at_final, final_zero),
+            Method::Multistep => {
+                multistep_orders(k, o.order, o.lower_order_final, o.euler_at_final, final_zero)
+            }
             Method::Singlestep => singlestep_orders(k, o.order, o.lower_order_final, final_zero),
         };
         let orders = schedule(steps);
         if strict {
-            check_order_reached(o.name(), o.order, steps, &orders, min_steps_for(o.order, schedule))?;
+            check_order_reached(
+                o.name(),
+                o.order,
+                steps,
+                &orders,
+                min_steps_for(o.order, schedule),
+            )?;
         }
         Ok(DpmSolver {
             options: o.clone(),
@@ -379,7 +401,9 @@ impl DpmSolver {
                     st.group_start = Some(x.clone());
                 }
                 let start = st.group_start.as_ref().ok_or_else(|| {
-                    Error::Numerical("singlestep DPM-Solver: a group did not start with a first-order step".into())
+                    Error::Numerical(
+                        "singlestep DPM-Solver: a group did not start with a first-order step".into(),
+                    )
                 })?;
                 self.update(k, order, start, &st.outputs, noise)?
             }
@@ -389,7 +413,14 @@ impl DpmSolver {
 
     /// The update of order `order` to level `k + 1` from `x` (multistep: at level k;
     /// singlestep: at level `k + 1 - order`, the group's start).
-    fn update(&self, k: usize, order: usize, x: &Tensor, outs: &[Tensor], noise: &mut NoiseStreams) -> Result<Tensor> {
+    fn update(
+        &self,
+        k: usize,
+        order: usize,
+        x: &Tensor,
+        outs: &[Tensor],
+        noise: &mut NoiseStreams,
+    ) -> Result<Tensor> {
         let g = &self.grid;
         let t = g.levels[k + 1];
         let single = self.options.method == Method::Singlestep;
@@ -459,12 +490,20 @@ impl DpmSolver {
         let (c0, c1, c2, cz) = match self.options.algorithm {
             Algorithm::DpmSolverPlusPlus => {
                 let a1 = a_t * (-h).exp_m1(); // alpha_t (e^{-h} - 1)
-                let c1 = if midpoint2 { -0.5 * a1 } else { a_t * h * phi(2, -h) };
+                let c1 = if midpoint2 {
+                    -0.5 * a1
+                } else {
+                    a_t * h * phi(2, -h)
+                };
                 (-a1, c1, a_t * h * phi(3, -h), 0.0)
             }
             Algorithm::DpmSolver => {
                 let s1 = s_t * h.exp_m1(); // sigma_t (e^h - 1)
-                let c1 = if midpoint2 { -0.5 * s1 } else { -s_t * h * phi(2, h) };
+                let c1 = if midpoint2 {
+                    -0.5 * s1
+                } else {
+                    -s_t * h * phi(2, h)
+                };
                 (-s1, c1, -s_t * h * phi(3, h), 0.0)
             }
             Algorithm::SdeDpmSolverPlusPlus => {
@@ -591,7 +630,10 @@ mod tests {
     #[test]
     fn order_lists_are_diffusers() {
         // 10 steps, order 3, lower_order_final, sigma_min final: 1, 2, 3, ..., 3, 2 (second to last), 1
-        assert_eq!(multistep_orders(10, 3, true, false, false), vec![1, 2, 3, 3, 3, 3, 3, 3, 2, 1]);
+        assert_eq!(
+            multistep_orders(10, 3, true, false, false),
+            vec![1, 2, 3, 3, 3, 3, 3, 3, 2, 1]
+        );
         // 20 steps: K >= 15, only a zero final forces the last step to order 1
         let o = multistep_orders(20, 3, true, false, true);
         assert_eq!((o[18], o[19]), (3, 1));
@@ -601,6 +643,9 @@ mod tests {
         // 7 steps forces lower_order_final: [1, 2] * 3 + [1]
         assert_eq!(singlestep_orders(7, 2, false, false), vec![1, 2, 1, 2, 1, 2, 1]);
         // order 3, 9 steps, zero final: [1, 2, 3] * 2 + [1, 2] + [1]
-        assert_eq!(singlestep_orders(9, 3, false, true), vec![1, 2, 3, 1, 2, 3, 1, 2, 1]);
+        assert_eq!(
+            singlestep_orders(9, 3, false, true),
+            vec![1, 2, 3, 1, 2, 3, 1, 2, 1]
+        );
     }
 }

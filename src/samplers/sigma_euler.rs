@@ -101,7 +101,13 @@ impl SigmaGridSampler {
         combo(&[(1.0 / s, x), (-1.0 / s, d)])
     }
 
-    fn observe(&self, observer: &mut dyn Observer, step: usize, x: &Tensor, x0: Option<&Tensor>) -> Result<()> {
+    fn observe(
+        &self,
+        observer: &mut dyn Observer,
+        step: usize,
+        x: &Tensor,
+        x0: Option<&Tensor>,
+    ) -> Result<()> {
         observer.observe(&StepEvent {
             step,
             t: self.grid.times[step],
@@ -129,13 +135,19 @@ impl SigmaGridSampler {
         Ok(SampleOutput { x, nfe })
     }
 
-    fn from_config(cfg: &SchedulerConfig, schedule: &Schedule, steps: usize, class: SchedulerClass) -> Result<Self> {
+    fn from_config(
+        cfg: &SchedulerConfig,
+        schedule: &Schedule,
+        steps: usize,
+        class: SchedulerClass,
+    ) -> Result<Self> {
         let mut grid = GridOptions::from_scheduler_config(cfg)?;
         if class != SchedulerClass::EulerDiscrete {
             // Euler ancestral and Heun always end at sigma = 0
             grid.final_sigma = Some(FinalSigma::Zero);
         }
-        let clip_x0 = (class == SchedulerClass::HeunDiscrete && cfg.clip_sample).then_some(cfg.clip_sample_range);
+        let clip_x0 =
+            (class == SchedulerClass::HeunDiscrete && cfg.clip_sample).then_some(cfg.clip_sample_range);
         cfg.check_schedule_matches(schedule)?;
         SigmaGridSampler::new(
             &Process::Ddpm(schedule.clone()),
@@ -208,10 +220,18 @@ impl Euler {
 
 impl EulerAncestral {
     /// Step k (draws noise only when `s_up > 0`, i.e. not on a last step to sigma = 0).
-    pub fn step(&self, k: usize, x: &Tensor, den: &dyn Denoiser, noise: &mut NoiseStreams) -> Result<(Tensor, Tensor)> {
+    pub fn step(
+        &self,
+        k: usize,
+        x: &Tensor,
+        den: &dyn Denoiser,
+        noise: &mut NoiseStreams,
+    ) -> Result<(Tensor, Tensor)> {
         let s = &self.inner.grid.sigmas;
         let (from, to) = (s[k], s[k + 1]);
-        let s_up = (to * to * (from * from - to * to) / (from * from)).max(0.0).sqrt();
+        let s_up = (to * to * (from * from - to * to) / (from * from))
+            .max(0.0)
+            .sqrt();
         let s_down = (to * to - s_up * s_up).max(0.0).sqrt();
         let d0 = self.inner.denoise(den, x, k)?;
         let d = SigmaGridSampler::derivative(x, &d0, from)?;
@@ -239,7 +259,11 @@ impl Heun {
         }
         let d1 = self.inner.denoise(den, &x_euler, k + 1)?;
         let d_next = SigmaGridSampler::derivative(&x_euler, &d1, to)?;
-        Ok((combo(&[(1.0, x), (0.5 * (to - from), &d), (0.5 * (to - from), &d_next)])?, d0, 2))
+        Ok((
+            combo(&[(1.0, x), (0.5 * (to - from), &d), (0.5 * (to - from), &d_next)])?,
+            d0,
+            2,
+        ))
     }
 }
 

@@ -42,7 +42,9 @@ use crate::schedule::Schedule;
 
 use super::dpm_solver::combo;
 use super::exp_integrator::{check_order_reached, min_steps_for, model_x0_eps, phi, Thresholding};
-use super::grids::{build_grid, lambda, FinalSigma, GridOptions, GridRules, GridStyle, LevelGrid, SigmaMinRule};
+use super::grids::{
+    build_grid, lambda, FinalSigma, GridOptions, GridRules, GridStyle, LevelGrid, SigmaMinRule,
+};
 use super::{Observer, SampleOutput, Sampler, StepEvent};
 
 /// UniPC's `B(h)` (diffusers' `solver_type`).
@@ -108,7 +110,11 @@ impl Default for UniPcOptions {
 pub fn unipc_orders(k: usize, order: usize, lower_order_final: bool) -> Vec<usize> {
     (0..k)
         .map(|i| {
-            let o = if lower_order_final { order.min(k - i) } else { order };
+            let o = if lower_order_final {
+                order.min(k - i)
+            } else {
+                order
+            };
             o.min(i.min(order) + 1)
         })
         .collect()
@@ -149,10 +155,11 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Result<Vec<f64>> {
         }
         a.swap(c, p);
         b.swap(c, p);
+        let pivot = a[c].clone();
         for r in c + 1..n {
-            let f = a[r][c] / a[c][c];
-            for k in c..n {
-                a[r][k] -= f * a[c][k];
+            let f = a[r][c] / pivot[c];
+            for (v, p) in a[r].iter_mut().zip(&pivot).skip(c) {
+                *v -= f * p;
             }
             b[r] -= f * b[c];
         }
@@ -334,9 +341,19 @@ impl UniPc {
     /// Step `k`: the model at `x` (level k), the corrector on `x` (unless disabled or k = 0),
     /// then the predictor to level k + 1 (diffusers' `step`). Returns the predicted state and
     /// the step's x_0 prediction.
-    pub fn step(&self, st: &mut UniPcState, k: usize, x: &Tensor, den: &dyn Denoiser) -> Result<(Tensor, Tensor)> {
+    pub fn step(
+        &self,
+        st: &mut UniPcState,
+        k: usize,
+        x: &Tensor,
+        den: &dyn Denoiser,
+    ) -> Result<(Tensor, Tensor)> {
         let o = &self.options;
-        let th = if o.predict_x0 { o.thresholding.as_ref() } else { None };
+        let th = if o.predict_x0 {
+            o.thresholding.as_ref()
+        } else {
+            None
+        };
         let (x0, eps) = model_x0_eps(den, x, self.grid.levels[k], th)?;
         let m = if o.predict_x0 { x0.clone() } else { eps };
         let corrected = match &st.last_sample {
