@@ -105,6 +105,7 @@ fn cases() -> Vec<Case> {
             let kind = match cfg.class {
                 SchedulerClass::Ddpm => SamplerKind::from_name("ddpm").unwrap(),
                 SchedulerClass::Ddim => SamplerKind::from_name("ddim").unwrap(),
+                other => panic!("not a DDPM/DDIM fixture: {other:?}"),
             };
             Case {
                 name: c["name"].as_str().unwrap().to_string(),

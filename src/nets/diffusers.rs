@@ -251,10 +251,11 @@ pub fn export_pipeline(
         &dir.join("scheduler").join("scheduler_config.json"),
         &scheduler_json(scheduler),
     )?;
-    let (pipeline, class) = match scheduler.class {
-        SchedulerClass::Ddpm => ("DDPMPipeline", "DDPMScheduler"),
-        SchedulerClass::Ddim => ("DDIMPipeline", "DDIMScheduler"),
+    let pipeline = match scheduler.class {
+        SchedulerClass::Ddim => "DDIMPipeline",
+        _ => "DDPMPipeline",
     };
+    let class = scheduler.class.name();
     write_json(
         &dir.join("model_index.json"),
         &json!({
@@ -273,7 +274,7 @@ pub fn scheduler_json(s: &SchedulerConfig) -> serde_json::Value {
         DiffusersBetaSchedule as B, TimestepSpacing as T, VarianceType as V,
     };
     let mut v = json!({
-        "_class_name": match s.class { SchedulerClass::Ddpm => "DDPMScheduler", SchedulerClass::Ddim => "DDIMScheduler" },
+        "_class_name": s.class.name(),
         "_diffusers_version": DIFFUSERS_VERSION,
         "num_train_timesteps": s.num_train_timesteps,
         "beta_start": s.beta_start,
@@ -313,6 +314,8 @@ pub fn scheduler_json(s: &SchedulerConfig) -> serde_json::Value {
             SchedulerClass::Ddim => {
                 obj.insert("set_alpha_to_one".into(), json!(s.set_alpha_to_one));
             }
+            // the fast solvers' own keys are not exported (diffuse exports DDPM / DDIM configs)
+            _ => {}
         }
     }
     v

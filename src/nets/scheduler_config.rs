@@ -32,6 +32,60 @@ pub enum SchedulerClass {
     Ddpm,
     /// `DDIMScheduler`.
     Ddim,
+    /// `DPMSolverMultistepScheduler` ([`crate::samplers::dpm_solver`]).
+    DpmSolverMultistep,
+    /// `DPMSolverSinglestepScheduler` ([`crate::samplers::dpm_solver`]).
+    DpmSolverSinglestep,
+    /// `UniPCMultistepScheduler` ([`crate::samplers::unipc`]).
+    UniPcMultistep,
+    /// `DEISMultistepScheduler` ([`crate::samplers::deis`]).
+    DeisMultistep,
+    /// `EulerDiscreteScheduler` ([`crate::samplers::sigma_euler`]).
+    EulerDiscrete,
+    /// `EulerAncestralDiscreteScheduler` ([`crate::samplers::sigma_euler`]).
+    EulerAncestralDiscrete,
+    /// `HeunDiscreteScheduler` ([`crate::samplers::sigma_euler`]).
+    HeunDiscrete,
+}
+
+impl SchedulerClass {
+    /// diffusers' class name (`_class_name`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            SchedulerClass::Ddpm => "DDPMScheduler",
+            SchedulerClass::Ddim => "DDIMScheduler",
+            SchedulerClass::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+            SchedulerClass::DpmSolverSinglestep => "DPMSolverSinglestepScheduler",
+            SchedulerClass::UniPcMultistep => "UniPCMultistepScheduler",
+            SchedulerClass::DeisMultistep => "DEISMultistepScheduler",
+            SchedulerClass::EulerDiscrete => "EulerDiscreteScheduler",
+            SchedulerClass::EulerAncestralDiscrete => "EulerAncestralDiscreteScheduler",
+            SchedulerClass::HeunDiscrete => "HeunDiscreteScheduler",
+        }
+    }
+
+    /// The class named `name`, if this loader knows it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            SchedulerClass::Ddpm,
+            SchedulerClass::Ddim,
+            SchedulerClass::DpmSolverMultistep,
+            SchedulerClass::DpmSolverSinglestep,
+            SchedulerClass::UniPcMultistep,
+            SchedulerClass::DeisMultistep,
+            SchedulerClass::EulerDiscrete,
+            SchedulerClass::EulerAncestralDiscrete,
+            SchedulerClass::HeunDiscrete,
+        ]
+        .into_iter()
+        .find(|c| c.name() == name)
+    }
+
+    /// One of the fast solvers' classes (not DDPM / DDIM): their timestep spacing defaults to
+    /// linspace, not leading.
+    pub fn is_fast_solver(&self) -> bool {
+        !matches!(self, SchedulerClass::Ddpm | SchedulerClass::Ddim)
+    }
 }
 
 /// diffusers' `beta_schedule` values.
@@ -112,6 +166,56 @@ pub struct SchedulerConfig {
     pub set_alpha_to_one: bool,
     /// Rescale the betas to zero terminal SNR (false).
     pub rescale_betas_zero_snr: bool,
+    /// The fast solvers' keys (DPM-Solver, UniPC, DEIS, Euler, Heun); all unset for DDPM / DDIM.
+    pub solver: SolverFields,
+}
+
+/// The keys of diffusers' fast schedulers (`DPMSolverMultistepScheduler`, ...), as written in
+/// the config (None / false / empty: absent, the scheduler class's default applies). The string
+/// values are checked against diffusers' names when parsed; the samplers'
+/// `from_scheduler_config` builders turn them into their option types.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SolverFields {
+    /// `solver_order`.
+    pub solver_order: Option<usize>,
+    /// `algorithm_type` (`dpmsolver`, `dpmsolver++`, `sde-dpmsolver++`, `sde-dpmsolver`, `deis`).
+    pub algorithm_type: Option<String>,
+    /// `solver_type` (`midpoint`, `heun`, `bh1`, `bh2`, `logrho`).
+    pub solver_type: Option<String>,
+    /// `lower_order_final`.
+    pub lower_order_final: Option<bool>,
+    /// `euler_at_final`.
+    pub euler_at_final: Option<bool>,
+    /// `use_karras_sigmas`.
+    pub use_karras_sigmas: bool,
+    /// `use_exponential_sigmas`.
+    pub use_exponential_sigmas: bool,
+    /// `use_beta_sigmas`.
+    pub use_beta_sigmas: bool,
+    /// `use_lu_lambdas` (uniform in lambda over the whole table: the exponential grid).
+    pub use_lu_lambdas: bool,
+    /// `use_flow_sigmas` (flow matching; not supported by the samplers).
+    pub use_flow_sigmas: bool,
+    /// `final_sigmas_type` (`zero`, `sigma_min`).
+    pub final_sigmas_type: Option<String>,
+    /// `lambda_min_clipped`.
+    pub lambda_min_clipped: Option<f64>,
+    /// UniPC's `predict_x0`.
+    pub predict_x0: Option<bool>,
+    /// UniPC's `disable_corrector` (step indices).
+    pub disable_corrector: Vec<usize>,
+    /// UniPC's `solver_p` is set (another scheduler as predictor: not supported).
+    pub solver_p: bool,
+    /// `sigma_min` (Euler, UniPC: the lower end of the karras / exponential / beta range).
+    pub sigma_min: Option<f64>,
+    /// `sigma_max`.
+    pub sigma_max: Option<f64>,
+    /// Euler's `interpolation_type` (`linear`, `log_linear`).
+    pub interpolation_type: Option<String>,
+    /// Euler's `timestep_type` (`discrete`, `continuous`).
+    pub timestep_type: Option<String>,
+    /// `use_dynamic_shifting` (flow matching; not supported).
+    pub use_dynamic_shifting: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -134,9 +238,39 @@ impl Default for SchedulerConfig {
             steps_offset: 0,
             set_alpha_to_one: true,
             rescale_betas_zero_snr: false,
+            solver: SolverFields::default(),
         }
     }
 }
+
+/// Keys of the fast solvers' schedulers (diffusers 0.42) beyond DDPM's and DDIM's. The flow
+/// matching keys (`flow_shift`, `time_shift_type`, `shift_terminal`) are accepted and matter only
+/// with `use_flow_sigmas` / `use_dynamic_shifting`, which the samplers reject.
+const SOLVER_KEYS: [&str; 23] = [
+    "solver_order",
+    "algorithm_type",
+    "solver_type",
+    "lower_order_final",
+    "euler_at_final",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "use_lu_lambdas",
+    "use_flow_sigmas",
+    "flow_shift",
+    "final_sigmas_type",
+    "lambda_min_clipped",
+    "predict_x0",
+    "disable_corrector",
+    "solver_p",
+    "sigma_min",
+    "sigma_max",
+    "interpolation_type",
+    "timestep_type",
+    "use_dynamic_shifting",
+    "time_shift_type",
+    "shift_terminal",
+];
 
 /// Keys of `DDPMScheduler` and `DDIMScheduler` (diffusers 0.42). `tensor_format` is a
 /// long-deprecated key of old configs with no effect on the math.
@@ -164,6 +298,9 @@ impl SchedulerConfig {
     /// Reads and parses `path` (a `scheduler_config.json`); errors name the file and the key.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        // Python's json writes float('-inf') (DPM-Solver's default lambda_min_clipped) as the
+        // bare token -Infinity, which is not JSON; read it as the string "-Infinity".
+        let text = text.replace("-Infinity", "\"-Infinity\"");
         let v: Value =
             serde_json::from_str(&text).map_err(|e| Error::bad_input(path, format!("invalid JSON: {e}")))?;
         Self::from_json(&v).map_err(|e| match e {
@@ -279,21 +416,38 @@ type Parse<T> = std::result::Result<T, String>;
 fn parse(v: &Value) -> Parse<SchedulerConfig> {
     let obj: &Map<String, Value> = v.as_object().ok_or("expected a JSON object")?;
     for key in obj.keys() {
-        if !key.starts_with('_') && !KNOWN_KEYS.contains(&key.as_str()) {
+        if !key.starts_with('_')
+            && !KNOWN_KEYS.contains(&key.as_str())
+            && !SOLVER_KEYS.contains(&key.as_str())
+        {
             return Err(format!(
-                "unknown key '{key}': not a DDPMScheduler/DDIMScheduler field this loader understands"
+                "unknown key '{key}': not a DDPMScheduler/DDIMScheduler (or DPM-Solver, UniPC, DEIS, Euler, Heun) field this loader understands"
             ));
         }
     }
-    let d = SchedulerConfig::default();
     let class = match obj.get("_class_name").and_then(Value::as_str) {
-        None | Some("DDPMScheduler") => SchedulerClass::Ddpm,
-        Some("DDIMScheduler") => SchedulerClass::Ddim,
-        Some(other) => {
-            return Err(format!(
-                "_class_name: '{other}' is not supported; expected DDPMScheduler or DDIMScheduler"
-            ))
-        }
+        None => SchedulerClass::Ddpm,
+        Some(name) => SchedulerClass::from_name(name).ok_or_else(|| {
+            format!(
+                "_class_name: '{name}' is not supported; expected DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler or HeunDiscreteScheduler"
+            )
+        })?,
+    };
+    // the defaults of the class's own __init__ where they differ from DDPMScheduler's
+    let d = match class {
+        SchedulerClass::Ddpm | SchedulerClass::Ddim => SchedulerConfig::default(),
+        SchedulerClass::HeunDiscrete => SchedulerConfig {
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            clip_sample: false,
+            timestep_spacing: TimestepSpacing::Linspace,
+            ..SchedulerConfig::default()
+        },
+        _ => SchedulerConfig {
+            clip_sample: false,
+            timestep_spacing: TimestepSpacing::Linspace,
+            ..SchedulerConfig::default()
+        },
     };
     let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
     let f64_of = |k: &str, dflt: f64| -> Parse<f64> {
@@ -365,7 +519,8 @@ fn parse(v: &Value) -> Parse<SchedulerConfig> {
         }
     };
     let timestep_spacing = match str_of("timestep_spacing")? {
-        None | Some("leading") => TimestepSpacing::Leading,
+        None => d.timestep_spacing,
+        Some("leading") => TimestepSpacing::Leading,
         Some("trailing") => TimestepSpacing::Trailing,
         Some("linspace") => TimestepSpacing::Linspace,
         Some(other) => {
@@ -406,6 +561,7 @@ fn parse(v: &Value) -> Parse<SchedulerConfig> {
         steps_offset: usize_of("steps_offset", d.steps_offset)?,
         set_alpha_to_one: bool_of("set_alpha_to_one", d.set_alpha_to_one)?,
         rescale_betas_zero_snr: bool_of("rescale_betas_zero_snr", d.rescale_betas_zero_snr)?,
+        solver: parse_solver_fields(obj)?,
     };
     if cfg.num_train_timesteps < 2 {
         return Err(format!(
@@ -420,6 +576,119 @@ fn parse(v: &Value) -> Parse<SchedulerConfig> {
         ));
     }
     Ok(cfg)
+}
+
+/// The fast solvers' keys (see [`SolverFields`]); strings are checked against diffusers' names.
+fn parse_solver_fields(obj: &Map<String, Value>) -> Parse<SolverFields> {
+    let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
+    let bool_of = |k: &str| -> Parse<Option<bool>> {
+        get(k)
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| format!("{k}: expected true or false, got {v}"))
+            })
+            .transpose()
+    };
+    let f64_of = |k: &str| -> Parse<Option<f64>> {
+        match get(k) {
+            None => Ok(None),
+            // diffusers writes -inf as the JSON string "-Infinity" only via Python's json (as a bare token)
+            Some(Value::String(s)) if s == "-Infinity" || s == "-inf" => Ok(Some(f64::NEG_INFINITY)),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| format!("{k}: expected a number, got {v}")),
+        }
+    };
+    let str_in = |k: &str, allowed: &[&str]| -> Parse<Option<String>> {
+        match get(k) {
+            None => Ok(None),
+            Some(v) => {
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| format!("{k}: expected a string, got {v}"))?;
+                if allowed.contains(&s) {
+                    Ok(Some(s.to_string()))
+                } else {
+                    Err(format!(
+                        "{k}: '{s}' is not supported (supported: {})",
+                        allowed.join(", ")
+                    ))
+                }
+            }
+        }
+    };
+    let solver_order = match get("solver_order") {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|&o| o >= 1)
+                .ok_or_else(|| format!("solver_order: expected a positive integer, got {v}"))?
+                as usize,
+        ),
+    };
+    let disable_corrector = match get("disable_corrector") {
+        None => Vec::new(),
+        Some(v) => v
+            .as_array()
+            .ok_or_else(|| format!("disable_corrector: expected a list of step indices, got {v}"))?
+            .iter()
+            .map(|i| {
+                i.as_u64()
+                    .map(|u| u as usize)
+                    .ok_or_else(|| format!("disable_corrector: expected non-negative integers, got {i}"))
+            })
+            .collect::<Parse<Vec<usize>>>()?,
+    };
+    Ok(SolverFields {
+        solver_order,
+        algorithm_type: str_in(
+            "algorithm_type",
+            &[
+                "dpmsolver",
+                "dpmsolver++",
+                "sde-dpmsolver",
+                "sde-dpmsolver++",
+                "deis",
+            ],
+        )?,
+        solver_type: str_in("solver_type", &["midpoint", "heun", "bh1", "bh2", "logrho"])?,
+        lower_order_final: bool_of("lower_order_final")?,
+        euler_at_final: bool_of("euler_at_final")?,
+        use_karras_sigmas: bool_of("use_karras_sigmas")?.unwrap_or(false),
+        use_exponential_sigmas: bool_of("use_exponential_sigmas")?.unwrap_or(false),
+        use_beta_sigmas: bool_of("use_beta_sigmas")?.unwrap_or(false),
+        use_lu_lambdas: bool_of("use_lu_lambdas")?.unwrap_or(false),
+        use_flow_sigmas: bool_of("use_flow_sigmas")?.unwrap_or(false),
+        final_sigmas_type: str_in("final_sigmas_type", &["zero", "sigma_min"])?,
+        lambda_min_clipped: f64_of("lambda_min_clipped")?,
+        predict_x0: bool_of("predict_x0")?,
+        disable_corrector,
+        solver_p: get("solver_p").is_some(),
+        sigma_min: f64_of("sigma_min")?,
+        sigma_max: f64_of("sigma_max")?,
+        interpolation_type: str_in("interpolation_type", &["linear", "log_linear"])?,
+        timestep_type: str_in("timestep_type", &["discrete", "continuous"])?,
+        use_dynamic_shifting: bool_of("use_dynamic_shifting")?.unwrap_or(false),
+    })
+}
+
+impl SchedulerConfig {
+    /// An error unless `schedule` has this config's `num_train_timesteps` (the table the
+    /// denoiser was built with must be the config's).
+    pub fn check_schedule_matches(&self, schedule: &Schedule) -> Result<()> {
+        if schedule.timesteps() != self.num_train_timesteps {
+            return Err(Error::param(
+                "schedule",
+                format!(
+                    "has {} steps but the scheduler config's num_train_timesteps is {}",
+                    schedule.timesteps(),
+                    self.num_train_timesteps
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -26,14 +26,20 @@
 pub mod chain;
 pub mod ddim;
 pub mod ddpm;
+pub mod deis;
 pub mod diffusers;
+pub mod dpm_solver;
 pub mod edm;
 pub mod euler_maruyama;
+pub mod exp_integrator;
+pub mod grids;
 pub mod ode;
 pub mod pc;
 pub mod registry;
 pub mod rk45;
+pub mod sigma_euler;
 pub mod timesteps;
+pub mod unipc;
 
 use candle_core::{DType, Device, Tensor};
 
