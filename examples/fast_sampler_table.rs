@@ -219,7 +219,11 @@ fn main() -> anyhow::Result<()> {
         }
         println!("| {label} | {} |", cells.join(" | "));
     }
-    let rk45 = build_sampler(SamplerKind::from_name("ode-rk45")?, &vp, &SamplerOptions::default())?;
+    let rk45 = build_sampler(
+        SamplerKind::from_name("ode-rk45")?,
+        &vp,
+        &SamplerOptions::default(),
+    )?;
     let (x, nfe) = run(rk45.as_ref(), N)?;
     println!(
         "\n`ode-rk45` on vp (existing, adaptive, rtol = atol = 1e-5): {:.2} at NFE {nfe}.",

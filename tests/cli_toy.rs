@@ -117,18 +117,29 @@ fn sample_writes_npy_plot_and_json() {
 fn every_sampler_process_pair_runs_from_the_cli() {
     let (dir, spec) = setup();
     let out = p(dir.path(), "x.npy");
-    let pairs: &[(&str, &[&str])] = &[
-        ("ddpm", &["ddpm", "seed-ve"]),
-        ("ddim", &["ddpm", "seed-ve"]),
-        ("euler-maruyama", &["vp", "subvp", "ve", "seed-ve"]),
-        ("pc", &["vp", "subvp", "ve", "seed-ve"]),
-        ("ode-euler", &["vp", "subvp", "ve", "seed-ve"]),
-        ("ode-heun", &["vp", "subvp", "ve", "seed-ve"]),
-        ("ode-rk45", &["vp", "subvp", "ve", "seed-ve"]),
-        ("edm-heun", &["ve", "vp"]),
-    ];
-    for (sampler, processes) in pairs {
-        for process in *processes {
+    // every pair the registry declares (`diffuse samplers --json`)
+    let table: serde_json::Value = serde_json::from_str(&ok(&["samplers", "--json"])).unwrap();
+    let pairs: Vec<(String, Vec<String>, bool)> = table["samplers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let procs = s["processes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap().to_string())
+                .collect();
+            (
+                s["name"].as_str().unwrap().to_string(),
+                procs,
+                s["adaptive"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert!(pairs.len() >= 18, "{} samplers", pairs.len());
+    for (sampler, processes, adaptive) in &pairs {
+        for process in processes {
             let mut args = vec![
                 "toy",
                 "sample",
@@ -139,7 +150,7 @@ fn every_sampler_process_pair_runs_from_the_cli() {
                 "--process",
                 process,
             ];
-            if *sampler != "ode-rk45" {
+            if !adaptive {
                 args.extend(["--steps", "10"]);
             }
             args.extend(["--n", "40", "--seed", "2", "--out", &out]);

@@ -117,7 +117,10 @@ fn steps(name: &str) -> Option<usize> {
         "ode-euler" => Some(1000),
         "ode-heun" => Some(100),
         "edm-heun" => Some(40),
-        _ => None,
+        "ode-rk45" => None,
+        "euler-ancestral" => Some(200),
+        // the fast solvers (DPM-Solver, UniPC, DEIS, the sigma-space samplers) at 50 steps
+        _ => Some(50),
     }
 }
 

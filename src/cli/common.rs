@@ -67,7 +67,7 @@ pub struct SamplerFlags {
     pub steps: Option<usize>,
     #[arg(long, help = Opt::Eta.help())]
     pub eta: Option<f64>,
-    #[arg(long, help = Opt::Spacing.help())]
+    #[arg(long, visible_alias = "timestep-spacing", help = Opt::Spacing.help())]
     pub spacing: Option<String>,
     #[arg(long, help = Opt::Variance.help())]
     pub variance: Option<String>,
@@ -87,6 +87,22 @@ pub struct SamplerFlags {
     pub churn: Option<f64>,
     #[arg(long, value_name = "t|sigma", help = Opt::OdeVariable.help())]
     pub ode_variable: Option<String>,
+    #[arg(long, help = Opt::Order.help())]
+    pub order: Option<usize>,
+    #[arg(long, help = Opt::SolverType.help())]
+    pub solver_type: Option<String>,
+    #[arg(long, value_name = "true|false", help = Opt::Multistep.help())]
+    pub multistep: Option<bool>,
+    #[arg(long, help = Opt::Sigmas.help())]
+    pub sigmas: Option<String>,
+    #[arg(long, value_name = "zero|sigma-min", help = Opt::FinalSigma.help())]
+    pub final_sigma: Option<String>,
+    #[arg(long, value_name = "true|false", help = Opt::LowerOrderFinal.help())]
+    pub lower_order_final: Option<bool>,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "true|false", help = Opt::Thresholding.help())]
+    pub thresholding: Option<bool>,
+    #[arg(long, value_name = "true|false", help = Opt::Corrector.help())]
+    pub corrector: Option<bool>,
 }
 
 /// `--steps`' help: every sampler's default from the registry.
@@ -123,6 +139,14 @@ impl SamplerFlags {
                 .as_deref()
                 .map(OdeVariable::from_name)
                 .transpose()?,
+            order: self.order,
+            solver_type: self.solver_type.clone(),
+            multistep: self.multistep,
+            sigmas: self.sigmas.clone(),
+            final_sigma: self.final_sigma.clone(),
+            lower_order_final: self.lower_order_final,
+            thresholding: self.thresholding,
+            corrector: self.corrector,
         })
     }
 }

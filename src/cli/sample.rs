@@ -34,8 +34,8 @@ pub struct SampleArgs {
     /// A scheduler_config.json for a --diffusers model (default: the folder's own).
     #[arg(long, value_name = "FILE")]
     scheduler_config: Option<PathBuf>,
-    #[arg(long, default_value = DEFAULT_SAMPLER, help = sampler_help())]
-    sampler: String,
+    #[arg(long, help = sampler_help())]
+    sampler: Option<String>,
     /// Process the sampler runs: ddpm (the model's own discrete schedule), or a continuous family
     /// (vp, vp-cosine, subvp, ve) mapped onto the model by matching log-SNR.
     #[arg(long, default_value = "ddpm")]
@@ -98,9 +98,10 @@ pub struct SampleArgs {
 /// `--sampler`'s help: the registry's list and this command's defaults.
 fn sampler_help() -> String {
     format!(
-        "{} Default ddpm (ancestral) respaced to 100 steps; ddpm and ddim without --steps take 100 \
-         steps here (--steps 1000 for the full chain). The continuous processes are mapped onto the \
-         model by matching log-SNR.",
+        "{} Default: a --diffusers folder's own scheduler (its scheduler_config.json's _class_name), \
+         else ddpm (ancestral) respaced to 100 steps; ddpm and ddim without --steps take 100 steps \
+         here (--steps 1000 for the full chain). The continuous processes are mapped onto the model \
+         by matching log-SNR.",
         diffuse::samplers::registry::sampler_help()
     )
 }
@@ -161,7 +162,12 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
             model.source
         ));
     }
-    let kind = SamplerKind::from_name(&a.sampler)?;
+    let sampler_name = match (&a.sampler, &model.scheduler) {
+        (Some(s), _) => s.clone(),
+        (None, Some(cfg)) => diffuse::samplers::diffusers::sampler_of_config(cfg).to_string(),
+        (None, None) => DEFAULT_SAMPLER.to_string(),
+    };
+    let kind = SamplerKind::from_name(&sampler_name)?;
     let schedule = model.schedule().clone();
     let process = Process::from_name(&a.process, || Ok(schedule.clone()))?;
     let mut opts = a.opts.clone();
@@ -178,7 +184,29 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
         && opts.clip_x0.is_none()
         && opts.variance.is_none()
         && model.scheduler.is_some();
-    let (sampler, steps): (Box<dyn diffuse::samplers::Sampler>, Option<usize>) = if follow_scheduler {
+    // A fast solver on a diffusers folder follows its scheduler config (as diffusers'
+    // `XScheduler.from_config`) unless the user chose a grid or solver option.
+    let follow_fast = !chain_sampler
+        && a.process == "ddpm"
+        && model.scheduler.is_some()
+        && diffuse::samplers::registry::SamplerOptions {
+            steps: None,
+            ..opts.options(kind)?
+        } == Default::default();
+    let fast_from_config = match (&model.scheduler, follow_fast) {
+        (Some(cfg), true) => {
+            let steps = opts.steps.or(kind.default_steps(&process)).unwrap_or(1);
+            diffuse::samplers::diffusers::scheduler_sampler(cfg, &schedule, kind.name(), steps)?
+                .map(|s| (s, steps))
+        }
+        _ => None,
+    };
+    let follow_scheduler = follow_scheduler || fast_from_config.is_some();
+    let (sampler, steps): (Box<dyn diffuse::samplers::Sampler>, Option<usize>) = if let Some((s, k)) =
+        fast_from_config
+    {
+        (s, Some(k))
+    } else if follow_scheduler {
         let cfg = model.scheduler.clone().unwrap_or_default();
         let steps = opts.steps.unwrap_or(cfg.num_train_timesteps);
         let s = diffuse::samplers::diffusers::from_scheduler_config(&cfg, &schedule, kind, steps, opts.eta)?;

@@ -20,6 +20,7 @@
 //! exponential and beta grids diffusers repeats the last sigma, so its last step has length 0
 //! (one model call that changes nothing); reproduced, as the conformance fixture shows.
 
+use super::registry::{grid_options, thresholding, Opt, SamplerSpec, ALL_PROCESSES};
 use candle_core::Tensor;
 
 use crate::denoiser::Denoiser;
@@ -261,6 +262,38 @@ impl Sampler for Deis {
         Ok(SampleOutput { x, nfe: g.steps() })
     }
 }
+
+/// The registry's declaration of `deis`.
+pub const SPEC: SamplerSpec = SamplerSpec {
+    name: "deis",
+    about:
+        "DEIS (Zhang & Chen 2023), exponential integrator with polynomial extrapolation; ends at sigma-min",
+    processes: ALL_PROCESSES,
+    default_steps: |_| 20,
+    adaptive: false,
+    default_steps_doc: "20",
+    options: &[
+        Opt::Order,
+        Opt::Spacing,
+        Opt::Sigmas,
+        Opt::FinalSigma,
+        Opt::LowerOrderFinal,
+        Opt::Thresholding,
+    ],
+    stochastic: false,
+    build: |process, steps, o| {
+        let mut opts = DeisOptions::default();
+        if let Some(k) = o.order {
+            opts.order = k;
+        }
+        if let Some(l) = o.lower_order_final {
+            opts.lower_order_final = l;
+        }
+        opts.grid = grid_options(o)?;
+        opts.thresholding = thresholding(o);
+        Ok(Box::new(Deis::new(process, steps.unwrap_or(1), &opts)?))
+    },
+};
 
 #[cfg(test)]
 mod tests {

@@ -338,6 +338,96 @@ pub fn from_scheduler_config(
     }
 }
 
+/// The sampler `name` as the diffusers scheduler of that kind, built from a folder's
+/// `scheduler_config.json` the way diffusers' `XScheduler.from_config(pipe.scheduler.config)`
+/// does: the schedule, prediction type, spacing, sigma grid and solver keys that apply are taken
+/// from `cfg`; the keys that make the sampler what it is (class, `algorithm_type`,
+/// `solver_order` for the named DPM-Solver++ variants) are set by the name. `None` for the
+/// samplers without a diffusers scheduler (ddpm and ddim have [`from_scheduler_config`]).
+pub fn scheduler_sampler(
+    cfg: &SchedulerConfig,
+    schedule: &Schedule,
+    name: &str,
+    steps: usize,
+) -> Result<Option<Box<dyn Sampler>>> {
+    use super::deis::Deis;
+    use super::dpm_solver::DpmSolver;
+    use super::sigma_euler::{Euler, EulerAncestral, Heun};
+    use super::unipc::UniPc;
+    use crate::nets::scheduler_config::SchedulerClass as C;
+    let mut c = cfg.clone();
+    let same_family = |a: C| cfg.class == a;
+    let mut dpm = |class: C, algorithm: &str, order: Option<usize>| {
+        if !same_family(class) {
+            c.class = class;
+        }
+        c.solver.algorithm_type = Some(algorithm.into());
+        if let Some(k) = order {
+            c.solver.solver_order = Some(k);
+        }
+    };
+    match name {
+        "dpmpp-2m" => dpm(C::DpmSolverMultistep, "dpmsolver++", Some(2)),
+        "dpmpp-3m" => dpm(C::DpmSolverMultistep, "dpmsolver++", Some(3)),
+        "dpmpp-2m-sde" => dpm(C::DpmSolverMultistep, "sde-dpmsolver++", Some(2)),
+        "dpmpp-2s" => dpm(C::DpmSolverSinglestep, "dpmsolver++", Some(2)),
+        "dpm-solver" => {
+            let class = if cfg.class == C::DpmSolverSinglestep {
+                C::DpmSolverSinglestep
+            } else {
+                C::DpmSolverMultistep
+            };
+            dpm(class, "dpmsolver", None);
+            // noise-prediction DPM-Solver cannot step to sigma = 0
+            if c.solver.final_sigmas_type.as_deref() != Some("sigma_min") {
+                c.solver.final_sigmas_type = Some("sigma_min".into());
+            }
+        }
+        "unipc" => c.class = C::UniPcMultistep,
+        "deis" => c.class = C::DeisMultistep,
+        "euler" => c.class = C::EulerDiscrete,
+        "euler-ancestral" => c.class = C::EulerAncestralDiscrete,
+        "heun" => c.class = C::HeunDiscrete,
+        _ => return Ok(None),
+    }
+    Ok(Some(match name {
+        "unipc" => Box::new(UniPc::from_scheduler_config(&c, schedule, steps)?),
+        "deis" => Box::new(Deis::from_scheduler_config(&c, schedule, steps)?),
+        "euler" => Box::new(Euler::from_scheduler_config(&c, schedule, steps)?),
+        "euler-ancestral" => Box::new(EulerAncestral::from_scheduler_config(&c, schedule, steps)?),
+        "heun" => Box::new(Heun::from_scheduler_config(&c, schedule, steps)?),
+        _ => Box::new(DpmSolver::from_scheduler_config(&c, schedule, steps)?),
+    }))
+}
+
+/// The `--sampler` a diffusers scheduler config describes (what its pipeline would run).
+pub fn sampler_of_config(cfg: &SchedulerConfig) -> &'static str {
+    use crate::nets::scheduler_config::SchedulerClass as C;
+    let f = &cfg.solver;
+    match cfg.class {
+        C::Ddpm => "ddpm",
+        C::Ddim => "ddim",
+        C::DpmSolverMultistep => match (
+            f.algorithm_type.as_deref().unwrap_or("dpmsolver++"),
+            f.solver_order.unwrap_or(2),
+        ) {
+            ("dpmsolver", _) => "dpm-solver",
+            ("sde-dpmsolver++", _) => "dpmpp-2m-sde",
+            (_, 3) => "dpmpp-3m",
+            _ => "dpmpp-2m",
+        },
+        C::DpmSolverSinglestep => match f.algorithm_type.as_deref().unwrap_or("dpmsolver++") {
+            "dpmsolver" => "dpm-solver",
+            _ => "dpmpp-2s",
+        },
+        C::UniPcMultistep => "unipc",
+        C::DeisMultistep => "deis",
+        C::EulerDiscrete => "euler",
+        C::EulerAncestralDiscrete => "euler-ancestral",
+        C::HeunDiscrete => "heun",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

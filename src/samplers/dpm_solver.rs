@@ -42,6 +42,7 @@
 //! Every step's arithmetic is a handful of scalar-times-tensor sums on the state (coefficients
 //! in f64 on the host, the tensors never leave the device).
 
+use super::registry::{grid_options, thresholding, Opt, SamplerOptions, SamplerSpec, ALL_PROCESSES};
 use candle_core::Tensor;
 
 use crate::denoiser::Denoiser;
@@ -622,6 +623,120 @@ impl Sampler for DpmSolver {
         Ok(SampleOutput { x, nfe: g.steps() })
     }
 }
+
+/// A DPM-Solver of `base`'s kind with the user's options applied.
+fn build_dpm(
+    base: DpmSolverOptions,
+    process: &Process,
+    steps: Option<usize>,
+    o: &SamplerOptions,
+) -> Result<Box<dyn Sampler>> {
+    let mut opts = base;
+    if let Some(k) = o.order {
+        opts.order = k;
+    }
+    if let Some(t) = &o.solver_type {
+        opts.solver_type = SolverType::from_name(t)?;
+    }
+    if let Some(m) = o.multistep {
+        opts.method = if m { Method::Multistep } else { Method::Singlestep };
+    }
+    if let Some(l) = o.lower_order_final {
+        opts.lower_order_final = l;
+    }
+    let grid = grid_options(o)?;
+    opts.grid = GridOptions {
+        final_sigma: grid.final_sigma.or(opts.grid.final_sigma),
+        ..grid
+    };
+    opts.thresholding = thresholding(o);
+    Ok(Box::new(DpmSolver::new(process, steps.unwrap_or(1), &opts)?))
+}
+
+/// The options every DPM-Solver++ variant takes.
+const DPMPP_OPTIONS: &[Opt] = &[
+    Opt::Spacing,
+    Opt::Sigmas,
+    Opt::FinalSigma,
+    Opt::SolverType,
+    Opt::LowerOrderFinal,
+    Opt::Thresholding,
+];
+
+/// The registry's declaration of `dpm-solver`.
+pub const DPM_SOLVER_SPEC: SamplerSpec = SamplerSpec {
+    name: "dpm-solver",
+    about:
+        "DPM-Solver (Lu et al. 2022), noise prediction, orders 1-3, multi- or singlestep; ends at sigma-min",
+    processes: ALL_PROCESSES,
+    default_steps: |_| 20,
+    adaptive: false,
+    default_steps_doc: "20",
+    options: &[
+        Opt::Order,
+        Opt::SolverType,
+        Opt::Multistep,
+        Opt::Spacing,
+        Opt::Sigmas,
+        Opt::FinalSigma,
+        Opt::LowerOrderFinal,
+        Opt::Thresholding,
+    ],
+    stochastic: false,
+    build: |p, steps, o| build_dpm(DpmSolverOptions::dpm_solver(), p, steps, o),
+};
+
+/// The registry's declaration of `dpmpp-2m`.
+pub const DPMPP_2M_SPEC: SamplerSpec = SamplerSpec {
+    name: "dpmpp-2m",
+    about: "DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), diffusers' default scheduler",
+    processes: ALL_PROCESSES,
+    default_steps: |_| 20,
+    adaptive: false,
+    default_steps_doc: "20",
+    options: DPMPP_OPTIONS,
+    stochastic: false,
+    build: |p, steps, o| build_dpm(DpmSolverOptions::dpmpp_2m(), p, steps, o),
+};
+
+/// The registry's declaration of `dpmpp-3m`.
+pub const DPMPP_3M_SPEC: SamplerSpec = SamplerSpec {
+    name: "dpmpp-3m",
+    about: "DPM-Solver++(3M), third-order multistep",
+    processes: ALL_PROCESSES,
+    default_steps: |_| 20,
+    adaptive: false,
+    default_steps_doc: "20",
+    options: DPMPP_OPTIONS,
+    stochastic: false,
+    build: |p, steps, o| build_dpm(DpmSolverOptions::dpmpp_3m(), p, steps, o),
+};
+
+/// The registry's declaration of `dpmpp-2s`.
+pub const DPMPP_2S_SPEC: SamplerSpec = SamplerSpec {
+    name: "dpmpp-2s",
+    about: "DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1), singlestep",
+    processes: ALL_PROCESSES,
+    default_steps: |_| 20,
+    adaptive: false,
+    default_steps_doc: "20",
+    options: DPMPP_OPTIONS,
+    stochastic: false,
+    build: |p, steps, o| build_dpm(DpmSolverOptions::dpmpp_2s(), p, steps, o),
+};
+
+/// The registry's declaration of `dpmpp-2m-sde`.
+pub const DPMPP_2M_SDE_SPEC: SamplerSpec = SamplerSpec {
+    name: "dpmpp-2m-sde",
+    about: "SDE-DPM-Solver++(2M), the data prediction along the reverse SDE",
+    processes: ALL_PROCESSES,
+    default_steps: |_| 20,
+    adaptive: false,
+    default_steps_doc: "20",
+    options: DPMPP_OPTIONS,
+    stochastic: true,
+    build: |p, steps, o| build_dpm(DpmSolverOptions::dpmpp_2m_sde(), p, steps, o),
+};
 
 #[cfg(test)]
 mod tests {

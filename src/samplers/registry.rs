@@ -18,6 +18,8 @@ use super::ode::OdeVariable;
 use super::pc::Predictor;
 use super::Sampler;
 
+/// Every process: the fast solvers run on the discrete chain and on every continuous family.
+pub const ALL_PROCESSES: &[&str] = &["ddpm", "vp", "vp-cosine", "subvp", "ve", "seed-ve"];
 /// The processes with a discrete reverse chain.
 pub const DISCRETE: &[&str] = &["ddpm", "seed-ve"];
 /// The continuous-time SDE families.
@@ -48,11 +50,27 @@ pub enum Opt {
     Churn,
     /// `--ode-variable`.
     OdeVariable,
+    /// `--order`.
+    Order,
+    /// `--solver-type`.
+    SolverType,
+    /// `--multistep`.
+    Multistep,
+    /// `--sigmas`.
+    Sigmas,
+    /// `--final-sigma`.
+    FinalSigma,
+    /// `--lower-order-final`.
+    LowerOrderFinal,
+    /// `--thresholding`.
+    Thresholding,
+    /// `--corrector`.
+    Corrector,
 }
 
 impl Opt {
     /// Every option, in `--help` order.
-    pub const ALL: [Opt; 11] = [
+    pub const ALL: [Opt; 19] = [
         Opt::Eta,
         Opt::Spacing,
         Opt::Variance,
@@ -64,6 +82,14 @@ impl Opt {
         Opt::Atol,
         Opt::Churn,
         Opt::OdeVariable,
+        Opt::Order,
+        Opt::SolverType,
+        Opt::Multistep,
+        Opt::Sigmas,
+        Opt::FinalSigma,
+        Opt::LowerOrderFinal,
+        Opt::Thresholding,
+        Opt::Corrector,
     ];
 
     /// The flag name, without `--`.
@@ -80,6 +106,14 @@ impl Opt {
             Opt::Atol => "atol",
             Opt::Churn => "churn",
             Opt::OdeVariable => "ode-variable",
+            Opt::Order => "order",
+            Opt::SolverType => "solver-type",
+            Opt::Multistep => "multistep",
+            Opt::Sigmas => "sigmas",
+            Opt::FinalSigma => "final-sigma",
+            Opt::LowerOrderFinal => "lower-order-final",
+            Opt::Thresholding => "thresholding",
+            Opt::Corrector => "corrector",
         }
     }
 
@@ -104,6 +138,25 @@ impl Opt {
                 "Take the steps in t or in sigma = (noise std)/alpha (default: sigma for ve and \
                  seed-ve, t otherwise)."
             }
+            Opt::Order => "Solver order 1, 2 or 3 (default 2; dpm-solver's singlestep order 3 is DPM-Solver-3).",
+            Opt::SolverType => {
+                "Second-order form: midpoint (default) or heun for the DPM-Solvers, bh1 or bh2 \
+                 (default) for unipc."
+            }
+            Opt::Multistep => "true (default): multistep, one NFE per step; false: singlestep (DPM-Solver's original).",
+            Opt::Sigmas => {
+                "Noise-level grid: spacing (the --spacing timesteps, diffusers' default), karras, \
+                 exponential, beta, logsnr (uniform in log-SNR), time-quadratic, time-cubic, \
+                 time-quartic (uniform in t^(1/p): finer near the data)."
+            }
+            Opt::FinalSigma => {
+                "Where the last step lands: zero (the denoised x_0; default for most) or sigma-min \
+                 (keeps noise of the smallest training sigma; default and only choice for \
+                 dpm-solver and deis)."
+            }
+            Opt::LowerOrderFinal => "true (default): lower the order of the last steps for fewer than 15 steps (diffusers' lower_order_final).",
+            Opt::Thresholding => "Imagen's dynamic thresholding of x_0 (ratio 0.995, max 1), for high guidance scales.",
+            Opt::Corrector => "true (default): UniPC's UniC corrector after each step; false: the predictor UniP alone.",
         }
     }
 
@@ -146,6 +199,22 @@ pub struct SamplerOptions {
     pub churn: Option<f64>,
     /// ode-euler/ode-heun: step in t or in the EDM sigma (default: sigma for ve and seed-ve, t otherwise).
     pub ode_variable: Option<OdeVariable>,
+    /// Fast solvers: the order.
+    pub order: Option<usize>,
+    /// Fast solvers: `midpoint`/`heun` (DPM-Solver) or `bh1`/`bh2` (UniPC).
+    pub solver_type: Option<String>,
+    /// dpm-solver: multistep (true) or singlestep (false).
+    pub multistep: Option<bool>,
+    /// Fast solvers: the sigma grid name.
+    pub sigmas: Option<String>,
+    /// Fast solvers: `zero` or `sigma-min`.
+    pub final_sigma: Option<String>,
+    /// Fast solvers: diffusers' `lower_order_final`.
+    pub lower_order_final: Option<bool>,
+    /// Fast solvers: dynamic thresholding on.
+    pub thresholding: Option<bool>,
+    /// unipc: the UniC corrector.
+    pub corrector: Option<bool>,
 }
 
 impl SamplerOptions {
@@ -165,6 +234,14 @@ impl SamplerOptions {
             atol,
             churn,
             ode_variable,
+            order,
+            solver_type,
+            multistep,
+            sigmas,
+            final_sigma,
+            lower_order_final,
+            thresholding,
+            corrector,
         } = self;
         let flags = [
             (Opt::Eta, eta.is_some()),
@@ -178,6 +255,14 @@ impl SamplerOptions {
             (Opt::Atol, atol.is_some()),
             (Opt::Churn, churn.is_some()),
             (Opt::OdeVariable, ode_variable.is_some()),
+            (Opt::Order, order.is_some()),
+            (Opt::SolverType, solver_type.is_some()),
+            (Opt::Multistep, multistep.is_some()),
+            (Opt::Sigmas, sigmas.is_some()),
+            (Opt::FinalSigma, final_sigma.is_some()),
+            (Opt::LowerOrderFinal, lower_order_final.is_some()),
+            (Opt::Thresholding, thresholding.is_some()),
+            (Opt::Corrector, corrector.is_some()),
         ];
         flags.into_iter().filter(|(_, s)| *s).map(|(o, _)| o).collect()
     }
@@ -220,6 +305,16 @@ pub static SAMPLERS: &[&SamplerSpec] = &[
     &super::ode::HEUN_SPEC,
     &super::rk45::SPEC,
     &super::edm::SPEC,
+    &super::dpm_solver::DPM_SOLVER_SPEC,
+    &super::dpm_solver::DPMPP_2M_SPEC,
+    &super::dpm_solver::DPMPP_3M_SPEC,
+    &super::dpm_solver::DPMPP_2S_SPEC,
+    &super::dpm_solver::DPMPP_2M_SDE_SPEC,
+    &super::unipc::SPEC,
+    &super::deis::SPEC,
+    &super::sigma_euler::EULER_SPEC,
+    &super::sigma_euler::EULER_ANCESTRAL_SPEC,
+    &super::sigma_euler::HEUN_SPEC,
 ];
 
 /// A handle on one sampler of [`SAMPLERS`] (compared by name).
@@ -416,6 +511,30 @@ pub(crate) fn continuous(process: &Process) -> Result<crate::process::Sde> {
     }
 }
 
+/// The grid a fast solver walks, from `--spacing`, `--sigmas` and `--final-sigma` (each left
+/// at the solver's default when not given).
+pub(crate) fn grid_options(o: &SamplerOptions) -> Result<super::grids::GridOptions> {
+    use super::grids::{FinalSigma, GridOptions, SigmaGrid};
+    let mut g = GridOptions::default();
+    if let Some(s) = &o.spacing {
+        g.spacing = super::timesteps::Spacing::from_name(s)?;
+    }
+    if let Some(s) = &o.sigmas {
+        g.sigmas = SigmaGrid::from_name(s)?;
+    }
+    if let Some(f) = &o.final_sigma {
+        g.final_sigma = Some(FinalSigma::from_name(f)?);
+    }
+    Ok(g)
+}
+
+/// `--thresholding`: Imagen's dynamic thresholding with diffusers' defaults, or off.
+pub(crate) fn thresholding(o: &SamplerOptions) -> Option<super::exp_integrator::Thresholding> {
+    o.thresholding
+        .filter(|&on| on)
+        .map(|_| super::exp_integrator::Thresholding::default())
+}
+
 /// Checks a `--clip-x0` value.
 pub(crate) fn check_clip(clip: Option<f64>) -> Result<Option<f64>> {
     if let Some(c) = clip {
@@ -496,6 +615,14 @@ mod tests {
                 Opt::Atol => o.atol = Some(1e-3),
                 Opt::Churn => o.churn = Some(1.0),
                 Opt::OdeVariable => o.ode_variable = Some(OdeVariable::Time),
+                Opt::Order => o.order = Some(2),
+                Opt::SolverType => o.solver_type = Some("midpoint".into()),
+                Opt::Multistep => o.multistep = Some(true),
+                Opt::Sigmas => o.sigmas = Some("karras".into()),
+                Opt::FinalSigma => o.final_sigma = Some("sigma-min".into()),
+                Opt::LowerOrderFinal => o.lower_order_final = Some(true),
+                Opt::Thresholding => o.thresholding = Some(true),
+                Opt::Corrector => o.corrector = Some(true),
             }
             assert_eq!(o.set(), vec![opt]);
             o

@@ -30,6 +30,7 @@
 //! schedule, so the prior is N(0, 0.01^2): one step of `euler` from noise is not a sample, in
 //! diffusers as here); Heun's last step to s = 0 is an Euler step (NFE 2K - 1).
 
+use super::registry::{check_clip, grid_options, Opt, SamplerOptions, SamplerSpec, ALL_PROCESSES};
 use candle_core::Tensor;
 
 use crate::denoiser::{Denoiser, NoiseLevel};
@@ -329,3 +330,53 @@ impl Sampler for Heun {
         self.inner.run(x_t, observer, |k, x| self.step(k, x, den))
     }
 }
+
+/// The options of a sigma-space sampler from the user's.
+fn sigma_options(o: &SamplerOptions) -> Result<SigmaSamplerOptions> {
+    Ok(SigmaSamplerOptions {
+        grid: grid_options(o)?,
+        clip_x0: check_clip(o.clip_x0)?,
+    })
+}
+
+/// The options the sigma-space samplers take.
+const SIGMA_OPTIONS: &[Opt] = &[Opt::Spacing, Opt::Sigmas, Opt::FinalSigma, Opt::ClipX0];
+
+/// The registry's declaration of `euler`.
+pub const EULER_SPEC: SamplerSpec = SamplerSpec {
+    name: "euler",
+    about: "diffusers' EulerDiscreteScheduler: Euler steps on the probability-flow ODE in sigma",
+    processes: ALL_PROCESSES,
+    default_steps: |_| 50,
+    adaptive: false,
+    default_steps_doc: "50",
+    options: SIGMA_OPTIONS,
+    stochastic: false,
+    build: |p, steps, o| Ok(Box::new(Euler::new(p, steps.unwrap_or(1), &sigma_options(o)?)?)),
+};
+
+/// The registry's declaration of `euler-ancestral`.
+pub const EULER_ANCESTRAL_SPEC: SamplerSpec = SamplerSpec {
+    name: "euler-ancestral",
+    about: "diffusers' EulerAncestralDiscreteScheduler: Euler steps with fresh noise (k-diffusion's sample_euler_ancestral)",
+    processes: ALL_PROCESSES,
+    default_steps: |_| 50,
+    adaptive: false,
+    default_steps_doc: "50",
+    options: SIGMA_OPTIONS,
+    stochastic: true,
+    build: |p, steps, o| Ok(Box::new(EulerAncestral::new(p, steps.unwrap_or(1), &sigma_options(o)?)?)),
+};
+
+/// The registry's declaration of `heun`.
+pub const HEUN_SPEC: SamplerSpec = SamplerSpec {
+    name: "heun",
+    about: "diffusers' HeunDiscreteScheduler: Heun's 2nd-order steps in sigma (2 NFE per step but the last)",
+    processes: ALL_PROCESSES,
+    default_steps: |_| 25,
+    adaptive: false,
+    default_steps_doc: "25",
+    options: SIGMA_OPTIONS,
+    stochastic: false,
+    build: |p, steps, o| Ok(Box::new(Heun::new(p, steps.unwrap_or(1), &sigma_options(o)?)?)),
+};

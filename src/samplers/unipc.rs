@@ -31,6 +31,7 @@
 //!   diffusers): an error; so is a higher-order last step to sigma = 0 (`lower_order_final`
 //!   off), whose `r_k = 0` divides by zero.
 
+use super::registry::{grid_options, thresholding, Opt, SamplerSpec, ALL_PROCESSES};
 use candle_core::Tensor;
 
 use crate::denoiser::Denoiser;
@@ -441,6 +442,45 @@ impl Sampler for UniPc {
         Ok(SampleOutput { x, nfe: g.steps() })
     }
 }
+
+/// The registry's declaration of `unipc`.
+pub const SPEC: SamplerSpec = SamplerSpec {
+    name: "unipc",
+    about: "UniPC (Zhao et al. 2023): UniP predictor with the UniC corrector, orders 1-3",
+    processes: ALL_PROCESSES,
+    default_steps: |_| 20,
+    adaptive: false,
+    default_steps_doc: "20",
+    options: &[
+        Opt::Order,
+        Opt::SolverType,
+        Opt::Corrector,
+        Opt::Spacing,
+        Opt::Sigmas,
+        Opt::FinalSigma,
+        Opt::LowerOrderFinal,
+        Opt::Thresholding,
+    ],
+    stochastic: false,
+    build: |process, steps, o| {
+        let mut opts = UniPcOptions::default();
+        if let Some(k) = o.order {
+            opts.order = k;
+        }
+        if let Some(t) = &o.solver_type {
+            opts.bh = BhType::from_name(t)?;
+        }
+        if let Some(c) = o.corrector {
+            opts.corrector = c;
+        }
+        if let Some(l) = o.lower_order_final {
+            opts.lower_order_final = l;
+        }
+        opts.grid = grid_options(o)?;
+        opts.thresholding = thresholding(o);
+        Ok(Box::new(UniPc::new(process, steps.unwrap_or(1), &opts)?))
+    },
+};
 
 #[cfg(test)]
 mod tests {
