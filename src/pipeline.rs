@@ -35,7 +35,7 @@ impl ImageModel {
     }
 
     /// The x_0 clip the model's own pipeline applies in DDPM/DDIM steps: diffusers' `clip_sample`
-    /// (`clip_sample_range`), none for our models (off unless asked, STYLE.md).
+    /// (`clip_sample_range`), none for our models (off unless asked, docs/STYLE.md).
     pub fn default_clip_x0(&self) -> Option<f64> {
         self.scheduler
             .as_ref()

@@ -232,7 +232,7 @@ fn check_beta_range(beta_start: f64, beta_end: f64) -> Result<()> {
 
 /// `beta_t = min(1 - alpha_bar(t) / alpha_bar(t - 1), max_beta)` for t = 1..T, with
 /// `alpha_bar` a continuous function of t in [0, T] (Nichol & Dhariwal 2021, eq. 17 and
-/// `betas_for_alpha_bar` in improved-diffusion). Real-valued division: see STYLE.md on the
+/// `betas_for_alpha_bar` in improved-diffusion). Real-valued division: see docs/STYLE.md on the
 /// integer-division version of this loop.
 fn betas_from_alpha_bar_fn(timesteps: usize, alpha_bar: impl Fn(f64) -> f64, max_beta: f64) -> Vec<f64> {
     (1..=timesteps)
