@@ -446,7 +446,7 @@ impl Gmm {
 
     /// Reads a mixture from a JSON file.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::io::read_text(path)?;
         Self::from_json(&text, path)
     }
 

@@ -47,10 +47,12 @@ impl ImageModel {
 pub fn load_checkpoint(dir: &Path, use_ema: bool, device: &Device) -> Result<ImageModel> {
     let m = load_trained(dir, use_ema, device)?;
     let c = m.unet.config().in_channels;
-    let [h, w] =
-        m.unet.config().sample_size.ok_or_else(|| {
-            Error::bad_input(&m.checkpoint, "the model config has no sample_size (image size)")
-        })?;
+    let [h, w] = m.unet.config().sample_size.ok_or_else(|| {
+        Error::bad_input(
+            m.checkpoint.join(crate::train::checkpoint::STATE_FILE),
+            "config.task.unet has no sample_size (image size)",
+        )
+    })?;
     let schedule = m.config.schedule()?;
     Ok(ImageModel {
         source: format!(

@@ -102,6 +102,14 @@ pub fn run(args: ToyTrainArgs) -> anyhow::Result<()> {
             "--n-data applies to synthetic datasets; {spec} trains on all the points of its file"
         ));
     }
+    if let Some(n) = args.n_data {
+        if n > diffuse::train::toy::MAX_POINTS {
+            return super::usage(format!(
+                "--n-data {n}: at most {} points",
+                diffuse::train::toy::MAX_POINTS
+            ));
+        }
+    }
     let budget = Budget {
         steps: args.steps.or(if args.minutes.is_none() {
             Some(DEFAULT_STEPS)
