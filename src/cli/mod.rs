@@ -88,6 +88,37 @@ pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Exit status after a second interrupt: 128 + SIGINT, the shell convention.
+const EXIT_ON_SECOND_SIGNAL: i32 = 130;
+
+/// The training loop's stop flag, connected to Ctrl-C, SIGTERM and SIGHUP (the `ctrlc` crate's
+/// "termination" feature; one handler per process, installed on the first call). The first
+/// signal asks the loop to finish the step and write a checkpoint; a second one quits at once
+/// (the last complete checkpoint is kept: checkpoints become visible only when whole).
+pub fn interrupt_on_signals() -> anyhow::Result<diffuse::train::Interrupt> {
+    use std::sync::Mutex;
+    static INSTALLED: Mutex<Option<diffuse::train::Interrupt>> = Mutex::new(None);
+    let mut slot = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(existing) = slot.as_ref() {
+        return Ok(existing.clone());
+    }
+    let interrupt = diffuse::train::Interrupt::new();
+    let flag = interrupt.clone();
+    ctrlc::set_handler(move || {
+        if flag.trigger() {
+            eprintln!("\nsecond interrupt: quitting now (the last complete checkpoint is kept)");
+            std::process::exit(EXIT_ON_SECOND_SIGNAL);
+        }
+        eprintln!(
+            "\ninterrupt: finishing the current step and writing a checkpoint \
+             (interrupt again to quit at once)"
+        );
+    })
+    .map_err(|e| anyhow::anyhow!("cannot install the Ctrl-C/SIGTERM handler: {e}"))?;
+    *slot = Some(interrupt.clone());
+    Ok(interrupt)
+}
+
 /// The device to compute on: the first CUDA GPU when built with `--features cuda` and one is
 /// present, else the CPU.
 pub fn device() -> anyhow::Result<candle_core::Device> {

@@ -10,8 +10,8 @@ use diffuse::nets::mlp::MlpConfig;
 use diffuse::train::metrics::smooth;
 use diffuse::train::toy::{load_data, toy_config, LogSnrSampling, ToyRun};
 use diffuse::train::{
-    parameter_count, AdamWConfig, Budget, EmaConfig, Interrupt, LoopOptions, StopReason, TrainerConfig,
-    LOSS_CURVE_FILE, METRICS_FILE,
+    parameter_count, AdamWConfig, Budget, EmaConfig, LoopOptions, StopReason, TrainerConfig, LOSS_CURVE_FILE,
+    METRICS_FILE,
 };
 
 /// Steps when neither --steps nor --minutes is given.
@@ -142,7 +142,7 @@ pub fn run(args: ToyTrainArgs) -> anyhow::Result<()> {
         },
     };
     let device = candle_core::Device::Cpu;
-    let interrupt = Interrupt::from_signals()?;
+    let interrupt = super::interrupt_on_signals()?;
     let mut run = ToyRun::setup(&args.out, &points, &config, &trainer_config, args.resume, &device)?;
     let params = parameter_count(&run.varmap);
 

@@ -11,8 +11,8 @@ use diffuse::nets::{unet, UNetConfig};
 use diffuse::schedule::BetaSchedule;
 use diffuse::train::image::{checksum_f32, GridSampling, ImageRun, ImageTrainConfig};
 use diffuse::train::{
-    checkpoint, AdamWConfig, Budget, EmaConfig, Interrupt, LoopOptions, StopReason, TrainerConfig,
-    LOSS_CURVE_FILE, METRICS_FILE,
+    checkpoint, AdamWConfig, Budget, EmaConfig, LoopOptions, StopReason, TrainerConfig, LOSS_CURVE_FILE,
+    METRICS_FILE,
 };
 
 use super::common::DataArgs;
@@ -210,7 +210,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             config.prediction.name()
         );
     }
-    let interrupt = Interrupt::from_signals()?;
+    let interrupt = super::interrupt_on_signals()?;
     let grid = GridSampling {
         n: args.grid_size,
         steps: args.grid_steps,
