@@ -413,6 +413,13 @@ impl Gmm {
                         stds[i]
                     )));
                 }
+                // the variance std^2 must be a positive finite number too
+                if let Some(i) = stds.iter().position(|s| !(s * s > 0.0 && (s * s).is_finite())) {
+                    return Err(bad(format!(
+                        "stds[{i}] = {:e}: its square (the variance) is not a positive finite number",
+                        stds[i]
+                    )));
+                }
                 stds.into_iter().map(|s| Covariance::Isotropic(s * s)).collect()
             }
             (Some(c), None) => {

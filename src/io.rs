@@ -24,7 +24,13 @@ fn temp_path(path: &Path) -> PathBuf {
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(parent) = path.parent() {
         if !parent.as_os_str().is_empty() {
-            fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            fs::create_dir_all(parent).map_err(|e| {
+                if parent.exists() && !parent.is_dir() {
+                    Error::bad_input(parent, "exists and is not a directory (an output's folder)")
+                } else {
+                    Error::io(parent, e)
+                }
+            })?;
         }
     }
     let tmp = temp_path(path);

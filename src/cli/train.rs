@@ -115,10 +115,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let (saved_task, saved_trainer): (Option<ImageTrainConfig>, Option<TrainerConfig>) = if resume {
         let ckpt = checkpoint::locate(&run_dir)?;
         let state = checkpoint::read_state(&ckpt)?;
-        let task = serde_json::from_value(state.config["task"].clone())
-            .map_err(|e| diffuse::Error::bad_input(&ckpt, format!("is not an image training run ({e})")))?;
-        let trainer = serde_json::from_value(state.config["trainer"].clone())
-            .map_err(|e| diffuse::Error::bad_input(&ckpt, format!("unreadable trainer settings ({e})")))?;
+        let state_file = ckpt.join(checkpoint::STATE_FILE);
+        let task = serde_json::from_value(state.config["task"].clone()).map_err(|e| {
+            diffuse::Error::bad_input(&state_file, format!("is not an image training run ({e})"))
+        })?;
+        let trainer = serde_json::from_value(state.config["trainer"].clone()).map_err(|e| {
+            diffuse::Error::bad_input(&state_file, format!("unreadable trainer settings ({e})"))
+        })?;
         (Some(task), Some(trainer))
     } else {
         (None, None)
