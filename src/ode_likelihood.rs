@@ -296,6 +296,9 @@ pub fn log_likelihood(
     })
 }
 
+/// A log-density `ln p(z)` of one point (a prior at t_max).
+pub type LogDensity<'a> = dyn Fn(&[f64]) -> f64 + 'a;
+
 /// [`log_likelihood`] with an a-posteriori estimate of its integration error: the same
 /// transport solved again at a tenth of both tolerances; the estimate per point is
 /// `|ln p - ln p_check|` (see the module docs for what it covers). `prior`, when given,
@@ -306,7 +309,7 @@ pub fn log_likelihood_checked(
     sde: &Sde,
     x: &Tensor,
     options: &LikelihoodOptions,
-    prior: Option<&dyn Fn(&[f64]) -> f64>,
+    prior: Option<&LogDensity<'_>>,
 ) -> Result<(Likelihood, Vec<f64>)> {
     let with = |l: Likelihood| match prior {
         Some(p) => l.with_prior(p),

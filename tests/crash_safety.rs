@@ -178,7 +178,7 @@ fn last_logged(run: &Path) -> u64 {
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| v.get("step")?.as_u64())
-        .last()
+        .next_back()
         .unwrap_or(0)
 }
 
@@ -207,14 +207,17 @@ fn assert_same_run(reference: &Path, run: &Path, total: u64) {
 
 // ---------- the two trainers ----------
 
+/// Builds the command of a session: (run directory, total steps).
+type MakeCommand = Box<dyn Fn(&Path, u64) -> Command>;
+
 struct Trainer {
     name: &'static str,
     total: u64,
     every: u64,
     /// The stages of [`stages`] to kill at.
     stages: Vec<(&'static str, u64)>,
-    fresh: Box<dyn Fn(&Path, u64) -> Command>,
-    resume: Box<dyn Fn(&Path, u64) -> Command>,
+    fresh: MakeCommand,
+    resume: MakeCommand,
 }
 
 fn toy() -> Trainer {

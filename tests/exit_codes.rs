@@ -338,10 +338,9 @@ fn every_error_path_has_its_exit_code_and_message() {
             problems.push(format!("message does not start with {prefix:?}"));
         }
         // library and CLI errors are exactly one line; clap prints its own usage block
-        if r.code == 1 || (r.code == 2 && first.starts_with("error: ") && !is_clap(&stderr)) {
-            if stderr.trim_end().lines().count() != 1 {
-                problems.push("not a one-line error".into());
-            }
+        let ours = r.code == 1 || (r.code == 2 && first.starts_with("error: ") && !is_clap(&stderr));
+        if ours && stderr.trim_end().lines().count() != 1 {
+            problems.push("not a one-line error".into());
         }
         if stderr.contains("panicked") {
             problems.push("panicked".into());
