@@ -584,6 +584,32 @@ mod tests {
         assert_eq!(UNetConfig { dropout: 0.1, ..c }, p);
     }
 
+    /// Found by the fuzzer: a huge `layers_per_block` made the dry build allocate without
+    /// limit (300 MB for 65536) or panic (capacity overflow for 2^63 - 1).
+    #[test]
+    fn sizes_a_config_declares_are_bounded() {
+        for (key, value) in [
+            ("layers_per_block", "9223372036854775807"),
+            ("layers_per_block", "65536"),
+            ("block_out_channels", "[8, 1000000]"),
+            ("norm_num_groups", "4294967296"),
+            ("in_channels", "70000"),
+        ] {
+            let text =
+                format!(r#"{{"block_out_channels": [8, 16], "norm_num_groups": 4, "{key}": {value}}}"#);
+            let e = UNetConfig::from_json_str(&text).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("at most"), "{key} = {value}: {e}");
+        }
+        let levels = format!(
+            r#"{{"block_out_channels": [{}], "down_block_types": [{}], "up_block_types": [{}]}}"#,
+            vec!["8"; 17].join(","),
+            vec!["\"DownBlock2D\""; 17].join(","),
+            vec!["\"UpBlock2D\""; 17].join(",")
+        );
+        let e = UNetConfig::from_json_str(&levels).unwrap_err().to_string();
+        assert!(e.contains("17 levels, expected at most 16"), "{e}");
+    }
+
     #[test]
     fn errors_name_the_key() {
         let cases = [
