@@ -69,13 +69,25 @@ impl Error {
     }
 
     /// True when the error is the user's input (a bad parameter or a bad file): the CLI exits
-    /// with code 2 for these and 1 for everything else.
+    /// with code 2 for these and 1 for everything else. An I/O error is the user's when the
+    /// path they gave does not exist (or exists where it must not), may not be read or written,
+    /// is a file where a directory is needed (or the reverse), lies on a read-only file system,
+    /// or holds data that is not
+    /// what it should be (`InvalidData`, e.g. text that is not UTF-8). A full disk, a file over
+    /// the size limit and other failures of the machine are not (exit 1).
     pub fn is_user_error(&self) -> bool {
+        use std::io::ErrorKind as K;
         match self {
             Error::InvalidParameter { .. } | Error::BadInput { .. } => true,
             Error::Io { source, .. } => matches!(
                 source.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                K::NotFound
+                    | K::AlreadyExists
+                    | K::PermissionDenied
+                    | K::NotADirectory
+                    | K::IsADirectory
+                    | K::ReadOnlyFilesystem
+                    | K::InvalidData
             ),
             _ => false,
         }

@@ -425,6 +425,13 @@ impl Gmm {
                         stds[i]
                     )));
                 }
+                // the variance std^2 must be a positive finite number too
+                if let Some(i) = stds.iter().position(|s| !(s * s > 0.0 && (s * s).is_finite())) {
+                    return Err(bad(format!(
+                        "stds[{i}] = {:e}: its square (the variance) is not a positive finite number",
+                        stds[i]
+                    )));
+                }
                 stds.into_iter().map(|s| Covariance::Isotropic(s * s)).collect()
             }
             (Some(c), None) => {
@@ -558,7 +565,7 @@ impl Gmm {
 
     /// Reads a mixture from a JSON file.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::io::read_text(path)?;
         Self::from_json(&text, path)
     }
 

@@ -13,7 +13,7 @@
 //! assert!((s.alpha_bar[999] - 4.04e-5).abs() < 1e-6);
 //! ```
 //!
-//! Module map (one concept per module; see `STYLE.md`):
+//! Module map (one concept per module; see `docs/STYLE.md`):
 //! - [`schedule`]: beta schedules and their derived tables (f64).
 //! - [`forward`]: the forward process q(x_t | x_{t-1}) and q(x_t | x_0) on batches.
 //! - [`posterior`]: q(x_{t-1} | x_t, x_0), x_0 / eps predictions, the reverse step's variance.

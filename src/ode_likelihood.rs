@@ -31,6 +31,18 @@
 //!   central difference along z (2 extra calls).
 //!
 //! Bits per dimension: `-ln p / (D ln 2)` (no dequantisation offset: these are continuous data).
+//!
+//! Accuracy. The default tolerances are rtol = atol = 1e-6 (Score-SDE used 1e-5). On the exact
+//! denoiser of a 2-D mixture (`tests/ode_likelihood.rs`: three anisotropic components, points
+//! out to 3 standard deviations of each, every process, exact prior) the worst error of `ln p`
+//! was 2.8e-4 nats at 1e-5 and is 2.6e-5 at 1e-6; at a point 30 standard deviations out, 6e-3
+//! and 5.2e-4, against an aim of 1e-3. NFE grows by about 1.4x.
+//! [`log_likelihood_checked`] also reports what a user got: a second solve at a tenth of both
+//! tolerances gives the a-posteriori estimate `|ln p - ln p_check|` per point. The second solve's
+//! own error is about 20 times smaller, so the estimate is the first solve's integration error to
+//! within about 10%. It measures the integration only: not the model's error against the true
+//! density, not a Gaussian prior's mismatch (above), not Hutchinson's sampling error (both
+//! solves use the same probes).
 
 use candle_core::{DType, Tensor};
 
@@ -84,11 +96,19 @@ pub struct LikelihoodOptions {
     pub t_start: Option<f64>,
 }
 
+/// The default RK45 tolerances of likelihoods: rtol = atol = 1e-6 (see the module docs).
+pub const DEFAULT_TOLERANCE: f64 = 1e-6;
+
 impl Default for LikelihoodOptions {
+    /// Exact divergence, rtol = atol = [`DEFAULT_TOLERANCE`], the process's t_eps.
     fn default() -> Self {
         LikelihoodOptions {
             divergence: Divergence::Exact,
-            rk45: Rk45Options::default(),
+            rk45: Rk45Options {
+                rtol: DEFAULT_TOLERANCE,
+                atol: DEFAULT_TOLERANCE,
+                ..Rk45Options::default()
+            },
             t_start: None,
         }
     }
@@ -274,4 +294,42 @@ pub fn log_likelihood(
         t_start,
         dim: d,
     })
+}
+
+/// A log-density `ln p(z)` of one point (a prior at t_max).
+pub type LogDensity<'a> = dyn Fn(&[f64]) -> f64 + 'a;
+
+/// [`log_likelihood`] with an a-posteriori estimate of its integration error: the same
+/// transport solved again at a tenth of both tolerances; the estimate per point is
+/// `|ln p - ln p_check|` (see the module docs for what it covers). `prior`, when given,
+/// replaces the process's Gaussian prior in both solves ([`Likelihood::with_prior`]).
+pub fn log_likelihood_checked(
+    den: &dyn Denoiser,
+    jacobian: Option<&dyn ScoreJacobian>,
+    sde: &Sde,
+    x: &Tensor,
+    options: &LikelihoodOptions,
+    prior: Option<&LogDensity<'_>>,
+) -> Result<(Likelihood, Vec<f64>)> {
+    let with = |l: Likelihood| match prior {
+        Some(p) => l.with_prior(p),
+        None => l,
+    };
+    let main = with(log_likelihood(den, jacobian, sde, x, options)?);
+    let tight = LikelihoodOptions {
+        rk45: Rk45Options {
+            rtol: options.rk45.rtol / 10.0,
+            atol: options.rk45.atol / 10.0,
+            ..options.rk45
+        },
+        ..*options
+    };
+    let check = with(log_likelihood(den, jacobian, sde, x, &tight)?);
+    let estimate = main
+        .log_likelihood
+        .iter()
+        .zip(&check.log_likelihood)
+        .map(|(a, b)| (a - b).abs())
+        .collect();
+    Ok((main, estimate))
 }

@@ -35,7 +35,7 @@ impl ImageModel {
     }
 
     /// The x_0 clip the model's own pipeline applies in DDPM/DDIM steps: diffusers' `clip_sample`
-    /// (`clip_sample_range`), none for our models (off unless asked, STYLE.md).
+    /// (`clip_sample_range`), none for our models (off unless asked, docs/STYLE.md).
     pub fn default_clip_x0(&self) -> Option<f64> {
         self.scheduler
             .as_ref()
@@ -47,10 +47,12 @@ impl ImageModel {
 pub fn load_checkpoint(dir: &Path, use_ema: bool, device: &Device) -> Result<ImageModel> {
     let m = load_trained(dir, use_ema, device)?;
     let c = m.unet.config().in_channels;
-    let [h, w] =
-        m.unet.config().sample_size.ok_or_else(|| {
-            Error::bad_input(&m.checkpoint, "the model config has no sample_size (image size)")
-        })?;
+    let [h, w] = m.unet.config().sample_size.ok_or_else(|| {
+        Error::bad_input(
+            m.checkpoint.join(crate::train::checkpoint::STATE_FILE),
+            "config.task.unet has no sample_size (image size)",
+        )
+    })?;
     let schedule = m.config.schedule()?;
     Ok(ImageModel {
         source: format!(

@@ -156,12 +156,7 @@ impl BetaSchedule {
 
     /// `beta_1 .. beta_T` (index 0 is t = 1), validated.
     pub fn betas(&self, timesteps: usize) -> Result<Vec<f64>> {
-        if timesteps < 2 {
-            return Err(Error::param(
-                "timesteps",
-                format!("got {timesteps}, expected an integer >= 2"),
-            ));
-        }
+        check_timesteps(timesteps)?;
         let t_max = timesteps as f64;
         let frac = |i: usize| i as f64 / (t_max - 1.0); // (t-1)/(T-1) for index i = t-1
         let betas: Vec<f64> = match *self {
@@ -218,6 +213,23 @@ impl BetaSchedule {
     }
 }
 
+/// The largest T a schedule may have: 100 times the DDPM paper's 1000 (Improved DDPM used
+/// 4000). A T read from a config file is an allocation of T values per table, so it is bounded
+/// before anything is computed.
+pub const MAX_TIMESTEPS: usize = 100_000;
+
+/// An error unless `2 <= timesteps <= MAX_TIMESTEPS`.
+pub fn check_timesteps(timesteps: usize) -> Result<()> {
+    if (2..=MAX_TIMESTEPS).contains(&timesteps) {
+        Ok(())
+    } else {
+        Err(Error::param(
+            "timesteps",
+            format!("got {timesteps}, expected an integer in 2..={MAX_TIMESTEPS}"),
+        ))
+    }
+}
+
 fn check_beta_range(beta_start: f64, beta_end: f64) -> Result<()> {
     check_range("beta_start", beta_start, (0.0, false), (1.0, false))?;
     check_range("beta_end", beta_end, (0.0, false), (1.0, false))?;
@@ -232,7 +244,7 @@ fn check_beta_range(beta_start: f64, beta_end: f64) -> Result<()> {
 
 /// `beta_t = min(1 - alpha_bar(t) / alpha_bar(t - 1), max_beta)` for t = 1..T, with
 /// `alpha_bar` a continuous function of t in [0, T] (Nichol & Dhariwal 2021, eq. 17 and
-/// `betas_for_alpha_bar` in improved-diffusion). Real-valued division: see STYLE.md on the
+/// `betas_for_alpha_bar` in improved-diffusion). Real-valued division: see docs/STYLE.md on the
 /// integer-division version of this loop.
 fn betas_from_alpha_bar_fn(timesteps: usize, alpha_bar: impl Fn(f64) -> f64, max_beta: f64) -> Vec<f64> {
     (1..=timesteps)
@@ -256,12 +268,7 @@ pub fn seed001_literal_cosine_alpha_bar(t: f64, timesteps: usize, s: f64) -> f64
 /// (`torch.sigmoid(torch.linspace(-6, 6, T))` in `scheduling_ddpm.py`). Not to be confused with
 /// [`BetaSchedule::Sigmoid`] (Jabri et al.'s sigmoid on alpha_bar, our `sigmoid`).
 pub fn geodiff_sigmoid_betas(timesteps: usize, beta_start: f64, beta_end: f64) -> Result<Vec<f64>> {
-    if timesteps < 2 {
-        return Err(Error::param(
-            "timesteps",
-            format!("got {timesteps}, expected an integer >= 2"),
-        ));
-    }
+    check_timesteps(timesteps)?;
     check_beta_range(beta_start, beta_end)?;
     let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
     let betas: Vec<f64> = (0..timesteps)
@@ -509,7 +516,13 @@ mod tests {
     #[test]
     fn invalid_parameters_are_errors_naming_the_parameter() {
         let e = Schedule::named("linear", 1).unwrap_err().to_string();
-        assert!(e.contains("timesteps") && e.contains(">= 2"), "{e}");
+        assert!(e.contains("timesteps") && e.contains("2..=100000"), "{e}");
+        // a T read from a file cannot ask for tables of any size
+        let e = Schedule::named("linear", MAX_TIMESTEPS + 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("got 100001"), "{e}");
+        assert!(Schedule::named("cosine", MAX_TIMESTEPS).is_ok());
         let lin = BetaSchedule::from_name("linear").unwrap();
         let e = Schedule::new(&lin.clone().with_beta_range(2.0, 0.02).unwrap(), 10)
             .unwrap_err()

@@ -371,3 +371,41 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     assert_eq!(run.trainer.step(), 13);
     assert_eq!(read_state(&checkpoint::locate(&dir).unwrap()).unwrap().step, 10);
 }
+
+/// Found by the fuzzer: the sizes recorded in a checkpoint's state.json drove allocations the
+/// files could not justify (config.task.model.hidden = 10^9 asked for 4 * 10^18 bytes when the
+/// model was loaded; config.task.n_data = 10^12 points when the training points were
+/// regenerated). Both are now errors naming the file, before anything is allocated.
+#[test]
+fn sizes_in_a_damaged_state_json_are_checked_before_allocating() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let mut run = setup(&dir, false).unwrap();
+    run.run(&steps(2), &options(), &Interrupt::new()).unwrap();
+    let ckpt = dir.join("checkpoint");
+    // a checkpoint from before manifests, so the edited state.json is read as it is
+    std::fs::remove_file(ckpt.join(checkpoint::MANIFEST_FILE)).unwrap();
+    let state_path = ckpt.join(checkpoint::STATE_FILE);
+    let original: Value = serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    let edit = |pointer: &str, v: Value| {
+        let mut s = original.clone();
+        *s.pointer_mut(pointer).unwrap() = v;
+        std::fs::write(&state_path, serde_json::to_string(&s).unwrap()).unwrap();
+    };
+    edit("/config/task/model/hidden", serde_json::json!(1_000_000_000u64));
+    let e = diffuse::nets::mlp::MlpDenoiser::load(&dir, true).err().unwrap();
+    assert!(e.is_user_error());
+    let msg = e.to_string();
+    assert!(
+        msg.contains("ema.safetensors") && msg.contains("state.json") && msg.contains("parameters"),
+        "{msg}"
+    );
+    edit("/config/task/n_data", serde_json::json!(1_000_000_000_000u64));
+    let e = diffuse::train::toy::training_points(&dir).unwrap_err();
+    assert!(
+        e.to_string().contains("state.json") && e.to_string().contains("n_data"),
+        "{e}"
+    );
+    std::fs::write(&state_path, serde_json::to_string(&original).unwrap()).unwrap();
+    assert!(diffuse::nets::mlp::MlpDenoiser::load(&dir, true).is_ok());
+}

@@ -113,32 +113,27 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
 fn samples(a: SamplesArgs) -> anyhow::Result<()> {
     use diffuse::eval::{distance::energy_distance, frechet::frechet_distance};
     super::set_threads(a.threads)?;
-    let npy = match diffuse::io::read_npy(&a.samples) {
-        Ok(v) => v,
-        Err(e) => return super::usage(format!("{}: {e}", a.samples.display())),
-    };
+    // the samples are the user's input: a file that is not there, not an array of [N, C, H, W]
+    // images or holds a non-finite value is bad input naming it (exit 2), found as it is read
+    let npy = diffuse::io::read_npy_finite(&a.samples)?;
     if npy.shape.len() != 4 || npy.shape[0] < 2 {
-        return super::usage(format!(
-            "{}: expected shape [N, C, H, W] with N >= 2, got {:?}",
-            a.samples.display(),
-            npy.shape
-        ));
-    }
-    if let Some(i) = npy.data.iter().position(|v| !v.is_finite()) {
-        return super::usage(format!("{}: value {i} is not finite", a.samples.display()));
+        return Err(diffuse::Error::bad_input(
+            &a.samples,
+            format!("expected shape [N, C, H, W] with N >= 2, got {:?}", npy.shape),
+        )
+        .into());
     }
     let n = npy.shape[0];
     let shape = [npy.shape[1], npy.shape[2], npy.shape[3]];
     let d = shape.iter().product::<usize>();
     // without --data: the training data recorded in the info.json `diffuse sample` wrote beside
-    // the samples, if any
-    let run_data: Option<data::DataSpec> = a
-        .samples
-        .parent()
-        .map(|d| d.join("info.json"))
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| serde_json::from_value(v.get("training_data")?.clone()).ok());
+    // the samples, if any (a damaged info.json is an error naming it, never silently other data)
+    let run_data: Option<data::DataSpec> = match a.samples.parent() {
+        Some(dir) if a.data.data.is_none() && a.data.format.is_none() => {
+            data::training_data_from_info(&dir.join("info.json"))?
+        }
+        _ => None,
+    };
     let mut spec = a.data.spec_or(a.split, run_data.as_ref());
     if spec.image_size.is_none() && shape[1] == shape[2] {
         spec.image_size = Some(shape[1]);

@@ -92,6 +92,37 @@ pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Exit status after a second interrupt: 128 + SIGINT, the shell convention.
+const EXIT_ON_SECOND_SIGNAL: i32 = 130;
+
+/// The training loop's stop flag, connected to Ctrl-C, SIGTERM and SIGHUP (the `ctrlc` crate's
+/// "termination" feature; one handler per process, installed on the first call). The first
+/// signal asks the loop to finish the step and write a checkpoint; a second one quits at once
+/// (the last complete checkpoint is kept: checkpoints become visible only when whole).
+pub fn interrupt_on_signals() -> anyhow::Result<diffuse::train::Interrupt> {
+    use std::sync::Mutex;
+    static INSTALLED: Mutex<Option<diffuse::train::Interrupt>> = Mutex::new(None);
+    let mut slot = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(existing) = slot.as_ref() {
+        return Ok(existing.clone());
+    }
+    let interrupt = diffuse::train::Interrupt::new();
+    let flag = interrupt.clone();
+    ctrlc::set_handler(move || {
+        if flag.trigger() {
+            eprintln!("\nsecond interrupt: quitting now (the last complete checkpoint is kept)");
+            std::process::exit(EXIT_ON_SECOND_SIGNAL);
+        }
+        eprintln!(
+            "\ninterrupt: finishing the current step and writing a checkpoint \
+             (interrupt again to quit at once)"
+        );
+    })
+    .map_err(|e| anyhow::anyhow!("cannot install the Ctrl-C/SIGTERM handler: {e}"))?;
+    *slot = Some(interrupt.clone());
+    Ok(interrupt)
+}
+
 /// The device to compute on: the first CUDA GPU when built with `--features cuda` and one is
 /// present, else the CPU.
 pub fn device() -> anyhow::Result<candle_core::Device> {
@@ -132,9 +163,26 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            let line = format!("{err:#}").replace('\n', " ");
-            eprintln!("error: {line}");
+            eprintln!("error: {}", one_line(&err));
             ExitCode::from(exit_code(&err))
         }
     }
+}
+
+/// The error and its causes on one line, `outer: inner: ...`, each said once: a cause whose
+/// text its outer message already contains (`diffuse::Error::Io` shows its I/O error) is not
+/// repeated.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
 }

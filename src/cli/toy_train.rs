@@ -12,8 +12,8 @@ use diffuse::train::toy::{
     labels_checksum, load_data, toy_config, LogSnrSampling, ToyRun, ToySeeds, DEFAULT_COND_DROP,
 };
 use diffuse::train::{
-    parameter_count, AdamWConfig, Budget, EmaConfig, Interrupt, LoopOptions, StopReason, TrainerConfig,
-    LOSS_CURVE_FILE, METRICS_FILE,
+    parameter_count, AdamWConfig, Budget, EmaConfig, LoopOptions, StopReason, TrainerConfig, LOSS_CURVE_FILE,
+    METRICS_FILE,
 };
 
 /// Steps when neither --steps nor --minutes is given.
@@ -115,6 +115,14 @@ pub fn run(args: ToyTrainArgs) -> anyhow::Result<()> {
             "--n-data applies to synthetic datasets; {spec} trains on all the points of its file"
         ));
     }
+    if let Some(n) = args.n_data {
+        if n > diffuse::train::toy::MAX_POINTS {
+            return super::usage(format!(
+                "--n-data {n}: at most {} points",
+                diffuse::train::toy::MAX_POINTS
+            ));
+        }
+    }
     let budget = Budget {
         steps: args.steps.or(if args.minutes.is_none() {
             Some(DEFAULT_STEPS)
@@ -171,7 +179,7 @@ pub fn run(args: ToyTrainArgs) -> anyhow::Result<()> {
         },
     };
     let device = candle_core::Device::Cpu;
-    let interrupt = Interrupt::from_signals()?;
+    let interrupt = super::interrupt_on_signals()?;
     let mut run = ToyRun::setup(
         &args.out,
         &points,

@@ -12,8 +12,8 @@ use diffuse::nets::{unet, UNetConfig};
 use diffuse::schedule::BetaSchedule;
 use diffuse::train::image::{checksum_f32, GridSampling, ImageRun, ImageTrainConfig, DEFAULT_COND_DROP};
 use diffuse::train::{
-    checkpoint, AdamWConfig, Budget, EmaConfig, Interrupt, LoopOptions, StopReason, TrainerConfig,
-    LOSS_CURVE_FILE, METRICS_FILE,
+    checkpoint, AdamWConfig, Budget, EmaConfig, LoopOptions, StopReason, TrainerConfig, LOSS_CURVE_FILE,
+    METRICS_FILE,
 };
 
 use super::common::DataArgs;
@@ -128,10 +128,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let (saved_task, saved_trainer): (Option<ImageTrainConfig>, Option<TrainerConfig>) = if resume {
         let ckpt = checkpoint::locate(&run_dir)?;
         let state = checkpoint::read_state(&ckpt)?;
-        let task = serde_json::from_value(state.config["task"].clone())
-            .map_err(|e| diffuse::Error::bad_input(&ckpt, format!("is not an image training run ({e})")))?;
-        let trainer = serde_json::from_value(state.config["trainer"].clone())
-            .map_err(|e| diffuse::Error::bad_input(&ckpt, format!("unreadable trainer settings ({e})")))?;
+        let state_file = ckpt.join(checkpoint::STATE_FILE);
+        let task = serde_json::from_value(state.config["task"].clone()).map_err(|e| {
+            diffuse::Error::bad_input(&state_file, format!("is not an image training run ({e})"))
+        })?;
+        let trainer = serde_json::from_value(state.config["trainer"].clone()).map_err(|e| {
+            diffuse::Error::bad_input(&state_file, format!("unreadable trainer settings ({e})"))
+        })?;
         (Some(task), Some(trainer))
     } else {
         (None, None)
@@ -261,7 +264,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let interrupt = Interrupt::from_signals()?;
+    let interrupt = super::interrupt_on_signals()?;
     let grid = GridSampling {
         n: args.grid_size,
         steps: args.grid_steps,

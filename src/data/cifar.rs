@@ -97,7 +97,7 @@ fn class_names(dir: &Path) -> Result<Vec<String>> {
     if !meta.is_file() {
         return Ok(CLASS_NAMES.iter().map(|s| s.to_string()).collect());
     }
-    let text = std::fs::read_to_string(&meta).map_err(|e| Error::io(&meta, e))?;
+    let text = crate::io::read_text(&meta)?;
     let names: Vec<String> = text
         .lines()
         .map(str::trim)

@@ -21,6 +21,17 @@ use rayon::prelude::*;
 use super::{convert_channels, resize::resize_and_crop, ImageDataset, Split};
 use crate::error::{Error, Result};
 
+/// The most pixels a PNG or JPEG file can hold per byte of its size: a 1-bit PNG packs 8 pixels
+/// in a byte of scanline, and deflate expands at most 1032:1 (258-byte matches coded in 2 bits);
+/// JPEG needs at least a bit per 8x8 block and channel (512 pixels per byte). An image that
+/// declares more pixels than `MAX_PIXELS_PER_BYTE` times its file size is refused before
+/// anything is allocated for it.
+pub const MAX_PIXELS_PER_BYTE: usize = 8 * 1032;
+
+/// The same bound for JPEG files: every 8x8 block of every channel costs at least one bit
+/// (its DC code, in the first scan), so a byte holds at most 8 * 64 = 512 pixels.
+pub const MAX_JPEG_PIXELS_PER_BYTE: usize = 512;
+
 /// File extensions read as images (compared case-insensitively).
 pub const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
@@ -113,12 +124,49 @@ fn split_root(dir: &Path, split: Split) -> Result<(PathBuf, Vec<PathBuf>)> {
 /// Decodes one image into its native channel count (1 for greyscale, else 3), resized and
 /// cropped to `image_size` when given.
 fn decode(path: &Path, image_size: Option<usize>) -> Result<Decoded> {
-    let image = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?
-        .decode()
-        .map_err(|e| Error::bad_input(path, format!("cannot decode the image: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let undecodable = |e: image::ImageError| {
+        // decoders' messages may span lines; errors are one line
+        let msg = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        Error::bad_input(path, format!("cannot decode the image: {msg}"))
+    };
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(bytes.as_slice()))
+            .with_guessed_format()
+            .map_err(|e| Error::io(path, e))
+    };
+    // The header's size is checked against the file's before the decoder allocates for it.
+    let probe = reader()?;
+    let per_byte = match probe.format() {
+        Some(image::ImageFormat::Jpeg) => MAX_JPEG_PIXELS_PER_BYTE,
+        _ => MAX_PIXELS_PER_BYTE,
+    };
+    let (w, h) = probe.into_dimensions().map_err(undecodable)?;
+    let most = per_byte.saturating_mul(bytes.len());
+    let pixels = (w as usize).checked_mul(h as usize).filter(|&p| p <= most);
+    let Some(pixels) = pixels else {
+        return Err(Error::bad_input(
+            path,
+            format!(
+                "the header declares {w}x{h} pixels, more than a file of {} bytes can hold (at most {most})",
+                bytes.len()
+            ),
+        ));
+    };
+    if pixels == 0 {
+        return Err(Error::bad_input(
+            path,
+            format!("the image is empty ({w}x{h} pixels)"),
+        ));
+    }
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    // the decoded buffer: at most 8 bytes a pixel (RGBA, 16 bits a channel), plus the decoder's own
+    limits.max_alloc = Some((pixels as u64).saturating_mul(8).saturating_add(1 << 20));
+    let mut decoder = reader()?;
+    decoder.limits(limits);
+    let image = decoder.decode().map_err(undecodable)?;
     let (width, height) = (image.width() as usize, image.height() as usize);
     let grey = !image.color().has_color();
     let (channels, interleaved): (usize, Vec<f32>) = if grey {

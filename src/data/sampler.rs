@@ -118,6 +118,21 @@ impl EpochSampler {
     }
 }
 
+impl EpochSampler {
+    /// [`EpochSampler::from_state`] for a dataset of `len` items: a saved state of another
+    /// length is an error (checked before the permutation is built, so a damaged state cannot
+    /// ask for a huge one).
+    pub fn restore(state: SamplerState, len: usize) -> Result<Self> {
+        if state.len != len {
+            return Err(Error::param(
+                "data order",
+                format!("the saved order covers {} items, the data has {len}", state.len),
+            ));
+        }
+        Self::from_state(state)
+    }
+}
+
 impl TryFrom<SamplerState> for EpochSampler {
     type Error = Error;
     fn try_from(state: SamplerState) -> Result<Self> {

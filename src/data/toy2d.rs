@@ -357,7 +357,7 @@ pub fn read_npy_points(path: &Path) -> Result<Points> {
 /// that is not all numbers is taken as a header. Every row needs the first row's number of
 /// values. Errors give the line (and column) number.
 pub fn read_csv_points(path: &Path) -> Result<Points> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::io::read_text(path)?;
     let mut dim: Option<(usize, usize)> = None; // (values per row, line of the first row)
     let mut data = Vec::new();
     let mut seen_content = false;

@@ -98,6 +98,13 @@ pub enum TimeEmbeddingType {
     Positional,
 }
 
+/// The most resolution levels a [`UNetConfig`] may have.
+pub const MAX_LEVELS: usize = 16;
+/// The most ResNet layers per block.
+pub const MAX_LAYERS_PER_BLOCK: usize = 64;
+/// The widest channel count (and group count, head width, time-embedding width).
+pub const MAX_CHANNELS: usize = 65_536;
+
 /// A U-Net architecture with diffusers' `UNet2DModel` field names and defaults.
 ///
 /// `Default` is `UNet2DModel()`'s default configuration (a 4-level 224..896-channel network).
@@ -350,6 +357,41 @@ impl UNetConfig {
         if n == 0 {
             return bad("block_out_channels", "must list at least one level".into());
         }
+        // Bounds on what a config may declare, far above any published UNet2DModel (at most 6
+        // levels, 3 layers per block, 2048 channels), so that a config read from a file cannot
+        // make the dry build below (one record per parameter tensor) grow without limit.
+        if n > MAX_LEVELS {
+            return bad(
+                "block_out_channels",
+                format!("{n} levels, expected at most {MAX_LEVELS}"),
+            );
+        }
+        if self.layers_per_block > MAX_LAYERS_PER_BLOCK {
+            return bad(
+                "layers_per_block",
+                format!(
+                    "got {}, expected at most {MAX_LAYERS_PER_BLOCK}",
+                    self.layers_per_block
+                ),
+            );
+        }
+        let widths = self
+            .block_out_channels
+            .iter()
+            .map(|&c| ("block_out_channels", c))
+            .chain([
+                ("in_channels", self.in_channels),
+                ("out_channels", self.out_channels),
+                ("norm_num_groups", self.norm_num_groups),
+                ("time_embedding_dim", self.time_embedding_dim.unwrap_or(0)),
+                ("attention_head_dim", self.attention_head_dim.unwrap_or(0)),
+                ("attn_norm_num_groups", self.attn_norm_num_groups.unwrap_or(0)),
+            ]);
+        for (name, c) in widths {
+            if c > MAX_CHANNELS {
+                return bad(name, format!("got {c}, expected at most {MAX_CHANNELS}"));
+            }
+        }
         if let Some(i) = self.block_out_channels.iter().position(|&c| c == 0) {
             return bad("block_out_channels", format!("entry {i} is 0"));
         }
@@ -572,6 +614,32 @@ mod tests {
         let p = UNetConfig::preset("cifar10", 3, 32).unwrap();
         // The preset is this config plus the paper's training dropout.
         assert_eq!(UNetConfig { dropout: 0.1, ..c }, p);
+    }
+
+    /// Found by the fuzzer: a huge `layers_per_block` made the dry build allocate without
+    /// limit (300 MB for 65536) or panic (capacity overflow for 2^63 - 1).
+    #[test]
+    fn sizes_a_config_declares_are_bounded() {
+        for (key, value) in [
+            ("layers_per_block", "9223372036854775807"),
+            ("layers_per_block", "65536"),
+            ("block_out_channels", "[8, 1000000]"),
+            ("norm_num_groups", "4294967296"),
+            ("in_channels", "70000"),
+        ] {
+            let text =
+                format!(r#"{{"block_out_channels": [8, 16], "norm_num_groups": 4, "{key}": {value}}}"#);
+            let e = UNetConfig::from_json_str(&text).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("at most"), "{key} = {value}: {e}");
+        }
+        let levels = format!(
+            r#"{{"block_out_channels": [{}], "down_block_types": [{}], "up_block_types": [{}]}}"#,
+            vec!["8"; 17].join(","),
+            vec!["\"DownBlock2D\""; 17].join(","),
+            vec!["\"UpBlock2D\""; 17].join(",")
+        );
+        let e = UNetConfig::from_json_str(&levels).unwrap_err().to_string();
+        assert!(e.contains("17 levels, expected at most 16"), "{e}");
     }
 
     #[test]

@@ -100,7 +100,7 @@ pub fn locate(dir: &Path) -> Result<ModelFolder> {
 
 /// Reads and parses a `UNet2DModel` `config.json`; errors name the file and the key.
 pub fn read_unet_config(path: &Path) -> Result<UNetConfig> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::io::read_text(path)?;
     UNetConfig::from_json_str(&text).map_err(|e| match e {
         Error::InvalidParameter { name, message } => Error::bad_input(
             path,

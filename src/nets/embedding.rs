@@ -9,7 +9,7 @@
 //! (Vaswani et al. 2017, section 3.5; Ho et al. 2020, appendix B), with diffusers'
 //! `get_timestep_embedding` options: `flip_sin_to_cos` puts the cosines first, an odd `dim`
 //! gets one zero column at the end, and `downscale_freq_shift` is the `s` in `half - s`.
-//! Sources differ here (see STYLE.md): the DDPM code and diffusers' DDPM checkpoints divide by
+//! Sources differ here (see docs/STYLE.md): the DDPM code and diffusers' DDPM checkpoints divide by
 //! `half - 1` (shift 1), diffusers' default is `half` (shift 0); we follow the config.
 //!
 //! Precision follows PyTorch: frequencies and `t * freq` are f32, so a fractional or integer

@@ -83,6 +83,29 @@ impl MlpConfig {
         }
     }
 
+    /// The number of scalar parameters of the network (`None` if it overflows): the time
+    /// embedding's two layers, the input layer, 3 layers per block, the output layer and the
+    /// class table (K + 1 rows of width H) of a class-conditional model.
+    pub fn parameter_count(&self) -> Option<usize> {
+        let linear = |i: usize, o: usize| i.checked_mul(o)?.checked_add(o);
+        let h = self.hidden;
+        let block = linear(h, h)?.checked_mul(3)?;
+        let classes = match self.num_classes {
+            Some(k) => k.checked_add(1)?.checked_mul(h)?,
+            None => 0,
+        };
+        [
+            classes,
+            linear(self.embed_dim, h)?,
+            linear(h, h)?,
+            linear(self.dim, h)?,
+            block.checked_mul(self.layers)?,
+            linear(h, self.dim)?,
+        ]
+        .iter()
+        .try_fold(0usize, |a, &b| a.checked_add(b))
+    }
+
     /// Checks the sizes.
     pub fn validate(&self) -> Result<()> {
         if self.dim == 0 {
@@ -356,18 +379,33 @@ impl MlpDenoiser {
                 "config.task.model is missing: not a checkpoint of the MLP denoiser",
             )
         })?;
-        let config: MlpConfig = serde_json::from_value(model_json).map_err(|e| {
-            Error::bad_input(
-                ckpt.join(checkpoint::STATE_FILE),
-                format!("config.task.model: {e}"),
-            )
-        })?;
+        let state_file = ckpt.join(checkpoint::STATE_FILE);
+        let config: MlpConfig = serde_json::from_value(model_json)
+            .map_err(|e| Error::bad_input(&state_file, format!("config.task.model: {e}")))?;
+        config
+            .validate()
+            .map_err(|e| Error::bad_input(&state_file, format!("config.task.model: {e}")))?;
         let file = if use_ema {
             checkpoint::EMA_FILE
         } else {
             checkpoint::MODEL_FILE
         };
         let tensors = checkpoint::read_f32_tensors(&ckpt, file, device)?;
+        // The network is built (and its variables allocated) only once the file is known to
+        // hold exactly the parameters the config describes.
+        let in_file: usize = tensors.values().map(|t| t.elem_count()).sum();
+        if config.parameter_count() != Some(in_file) {
+            return Err(Error::bad_input(
+                ckpt.join(file),
+                format!(
+                    "holds {in_file} values, but the MLP of config.task.model in {} ({config:?}) has {} parameters",
+                    checkpoint::STATE_FILE,
+                    config
+                        .parameter_count()
+                        .map_or("more than 2^64".to_string(), |n| n.to_string())
+                ),
+            ));
+        }
         let varmap = VarMap::new();
         // Build the variables (their initial values are discarded) and load the file into them,
         // which checks that every name and shape matches.

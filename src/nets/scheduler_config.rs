@@ -297,7 +297,7 @@ const KNOWN_KEYS: [&str; 17] = [
 impl SchedulerConfig {
     /// Reads and parses `path` (a `scheduler_config.json`); errors name the file and the key.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::io::read_text(path)?;
         // Python's json writes float('-inf') (DPM-Solver's default lambda_min_clipped) as the
         // bare token -Infinity, which is not JSON; read it as the string "-Infinity".
         let text = text.replace("-Infinity", "\"-Infinity\"");
@@ -563,10 +563,11 @@ fn parse(v: &Value) -> Parse<SchedulerConfig> {
         rescale_betas_zero_snr: bool_of("rescale_betas_zero_snr", d.rescale_betas_zero_snr)?,
         solver: parse_solver_fields(obj)?,
     };
-    if cfg.num_train_timesteps < 2 {
+    if !(2..=crate::schedule::MAX_TIMESTEPS).contains(&cfg.num_train_timesteps) {
         return Err(format!(
-            "num_train_timesteps: got {}, expected at least 2",
-            cfg.num_train_timesteps
+            "num_train_timesteps: got {}, expected 2..={}",
+            cfg.num_train_timesteps,
+            crate::schedule::MAX_TIMESTEPS
         ));
     }
     if !(cfg.clip_sample_range.is_finite() && cfg.clip_sample_range > 0.0) {

@@ -7,18 +7,23 @@
 //! RUN/checkpoint/ema.safetensors        the EMA weights, same names
 //! RUN/checkpoint/optimizer.safetensors  AdamW moments `m.<name>`, `v.<name>`
 //! RUN/checkpoint/state.json             step, RNG state, data-order state, full config, ...
+//! RUN/checkpoint/manifest.json          size and FNV-1a checksum of each file above, written last
 //! ```
 //!
 //! Writing never touches the previous checkpoint until the new one is complete: the files go
-//! into `RUN/.checkpoint.tmp/` (each fsync'd), then `checkpoint/` is renamed to
-//! `checkpoint.old/`, the temporary directory is renamed to `checkpoint/`, and `checkpoint.old/`
-//! is removed. Whenever the process dies, either `checkpoint/` or (between the two renames)
-//! `checkpoint.old/` is complete, and [`locate`] finds it.
+//! into `RUN/.checkpoint.tmp/` (each fsync'd), the manifest last, then `checkpoint/` is renamed
+//! to `checkpoint.old/`, the temporary directory is renamed to `checkpoint/`, and
+//! `checkpoint.old/` is removed. Whenever the process dies, either `checkpoint/` or (between
+//! the two renames) `checkpoint.old/` is complete, and [`locate`] finds it. Reading checks every
+//! file against the manifest ([`locate`]: every size; [`read_file`]: size and checksum), so a
+//! partial or damaged file is never read back even on a file system that does not keep the
+//! rename promise. A failed save (full disk, read-only directory) leaves the previous
+//! checkpoint as it was.
 //!
 //! Resuming compares the saved config with the current one; [`config_differences`] names
 //! every field that differs (field notes, bug 10: a resume that silently changes the run).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -45,6 +50,8 @@ pub const EMA_FILE: &str = "ema.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Everything else, as JSON.
 pub const STATE_FILE: &str = "state.json";
+/// Sizes and checksums of the other files, written last.
+pub const MANIFEST_FILE: &str = "manifest.json";
 /// `state.json`'s `format` value.
 pub const FORMAT: &str = "diffuse-checkpoint";
 /// `state.json`'s `version` value.
@@ -173,18 +180,255 @@ fn remove_dir_if_present(dir: &Path) -> Result<()> {
     }
 }
 
+/// The contents of `manifest.json`: every other file of the checkpoint with its size and
+/// FNV-1a 64 checksum. It is written last, so a checkpoint directory whose files all match
+/// its manifest is complete; one that does not is never read back.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always [`MANIFEST_FORMAT`].
+    pub format: String,
+    /// Each file's size and checksum, by name.
+    pub files: BTreeMap<String, FileDigest>,
+}
+
+/// `manifest.json`'s `format` value.
+pub const MANIFEST_FORMAT: &str = "diffuse-checkpoint-manifest-1";
+
+/// A file's size and checksum.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDigest {
+    /// Length in bytes.
+    pub bytes: u64,
+    /// FNV-1a (64-bit) of the bytes, 16 hex digits.
+    pub fnv1a64: String,
+}
+
+impl FileDigest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in bytes {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        FileDigest {
+            bytes: bytes.len() as u64,
+            fnv1a64: format!("{h:016x}"),
+        }
+    }
+}
+
+/// The files every checkpoint holds besides the manifest.
+pub const FILES: [&str; 4] = [MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE];
+
+/// Reads `ckpt_dir/manifest.json`: `Ok(None)` for a checkpoint written before manifests
+/// existed, an error naming the file when it is unreadable or does not list exactly [`FILES`].
+pub fn read_manifest(ckpt_dir: &Path) -> Result<Option<Manifest>> {
+    let path = ckpt_dir.join(MANIFEST_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let m: Manifest = crate::io::read_json(&path)?;
+    if m.format != MANIFEST_FORMAT {
+        return Err(Error::bad_input(
+            &path,
+            format!("format '{}', expected '{MANIFEST_FORMAT}'", m.format),
+        ));
+    }
+    if let Some((name, d)) = m
+        .files
+        .iter()
+        .find(|(_, d)| d.fnv1a64.len() != 16 || !d.fnv1a64.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(Error::bad_input(
+            &path,
+            format!(
+                "the checksum of {name} is '{}', expected 16 hex digits",
+                d.fnv1a64
+            ),
+        ));
+    }
+    let names: Vec<&str> = m.files.keys().map(String::as_str).collect();
+    let mut want = FILES.to_vec();
+    want.sort_unstable();
+    if names != want {
+        return Err(Error::bad_input(
+            &path,
+            format!("lists {names:?}, expected exactly {want:?}"),
+        ));
+    }
+    Ok(Some(m))
+}
+
+fn damaged(path: &Path, what: String) -> Error {
+    Error::bad_input(
+        path,
+        format!("{what}: a partial or damaged file, so this checkpoint is not read (resume from another checkpoint or start a new run)"),
+    )
+}
+
+/// Checks that every file of the checkpoint `ckpt_dir` exists with the size its manifest
+/// records (cheap: no file is read but the manifest). A checkpoint without a manifest passes
+/// when its four files exist.
+pub fn check_complete(ckpt_dir: &Path) -> Result<()> {
+    let manifest = read_manifest(ckpt_dir)?;
+    for name in FILES {
+        let path = ckpt_dir.join(name);
+        let len = match fs::metadata(&path) {
+            Ok(m) if m.is_file() => m.len(),
+            Ok(_) => return Err(damaged(&path, "not a file".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(damaged(&path, "missing".into()))
+            }
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        if let Some(d) = manifest.as_ref().and_then(|m| m.files.get(name)) {
+            if d.bytes != len {
+                return Err(damaged(
+                    &path,
+                    format!("{len} bytes, {MANIFEST_FILE} records {}", d.bytes),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The bytes of one file of a checkpoint, checked against its manifest (size and checksum)
+/// when there is one: nothing partial or damaged is ever returned.
+pub fn read_file(ckpt_dir: &Path, name: &str) -> Result<Vec<u8>> {
+    let path = ckpt_dir.join(name);
+    let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    if let Some(m) = read_manifest(ckpt_dir)? {
+        let want = m
+            .files
+            .get(name)
+            .ok_or_else(|| damaged(&path, format!("not listed in {MANIFEST_FILE}")))?;
+        let got = FileDigest::of(&bytes);
+        if &got != want {
+            return Err(damaged(
+                &path,
+                format!(
+                    "{} bytes with checksum {}, {MANIFEST_FILE} records {} bytes with checksum {}",
+                    got.bytes, got.fnv1a64, want.bytes, want.fnv1a64
+                ),
+            ));
+        }
+    }
+    Ok(bytes)
+}
+
+/// The named tensors of one of a checkpoint's safetensors files, checked against the manifest
+/// ([`read_file`]), dtypes kept.
+pub fn read_checkpoint_tensors(
+    ckpt_dir: &Path,
+    name: &str,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let path = ckpt_dir.join(name);
+    let bytes = read_file(ckpt_dir, name)?;
+    candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| Error::bad_input(&path, format!("not a readable safetensors file: {e}")))
+}
+
+/// Where a save may be paused for tests (see [`test_pause`]).
+pub const PAUSE_ENV: &str = "DIFFUSE_TEST_PAUSE_IN_CHECKPOINT";
+
+/// A test hook: when the environment variable [`PAUSE_ENV`] is `STAGE` or `STAGE:K`, the K-th
+/// (default first) time this process reaches `stage` it prints `DIFFUSE_TEST_PAUSED STAGE` on
+/// stderr and sleeps for a minute, so that a test can kill it exactly there. Stages of
+/// [`save`]: `tmp-dir`, `model`, `ema`, `optimizer`, `state`, `manifest`, `swap`, `done`; of
+/// [`crate::io::atomic_write`]: `partial NAME` (half of file NAME written).
+pub fn test_pause(stage: &str) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+    static WANT: OnceLock<Option<(String, usize)>> = OnceLock::new();
+    static HITS: AtomicUsize = AtomicUsize::new(0);
+    let want = WANT.get_or_init(|| {
+        let v = std::env::var(PAUSE_ENV).ok()?;
+        match v.rsplit_once(':') {
+            Some((s, k)) if k.parse::<usize>().is_ok() => Some((s.to_string(), k.parse().ok()?)),
+            _ => Some((v, 1)),
+        }
+    });
+    if let Some((s, k)) = want {
+        if s == stage && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *k {
+            eprintln!("DIFFUSE_TEST_PAUSED {stage}");
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
+    }
+}
+
+/// Adds what a failed save leaves behind to an I/O error's message (the kind is kept, so the
+/// exit code still says whose fault it was).
+fn failed_save(e: Error, run_dir: &Path, step: u64) -> Error {
+    let kept = match locate(run_dir) {
+        Ok(d) => match read_state(&d) {
+            Ok(s) => format!("the checkpoint of step {} in {} is intact", s.step, d.display()),
+            Err(_) => format!("the previous checkpoint in {} is intact", d.display()),
+        },
+        Err(_) => "no earlier checkpoint exists".into(),
+    };
+    match e {
+        Error::Io { path, source } => Error::Io {
+            path,
+            source: std::io::Error::new(
+                source.kind(),
+                format!("{source}; the checkpoint of step {step} was not written, {kept}"),
+            ),
+        },
+        other => other,
+    }
+}
+
 /// Writes a complete checkpoint into `run_dir/checkpoint/`, replacing the previous one only
-/// once the new one is complete on disk. Returns the checkpoint directory.
+/// once the new one is complete on disk. Returns the checkpoint directory. On failure (a full
+/// disk, a read-only directory) the previous checkpoint is left as it was, the temporary
+/// directory is removed, and the error says so.
 pub fn save(run_dir: &Path, state: &CheckpointState, tensors: &CheckpointTensors<'_>) -> Result<PathBuf> {
-    fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
     let tmp = run_dir.join(TEMP_DIR);
-    remove_dir_if_present(&tmp)?; // a leftover from a run killed while saving
-    fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    crate::io::atomic_write(&tmp.join(MODEL_FILE), &safetensors_bytes(tensors.model)?)?;
-    crate::io::atomic_write(&tmp.join(EMA_FILE), &safetensors_bytes(tensors.ema)?)?;
-    crate::io::atomic_write(&tmp.join(OPTIMIZER_FILE), &safetensors_bytes(tensors.optimizer)?)?;
-    crate::io::write_json(&tmp.join(STATE_FILE), state)?;
-    sync_dir(&tmp)?;
+    let result = save_inner(run_dir, &tmp, state, tensors);
+    if result.is_err() {
+        // best effort: a leftover is removed by the next save anyway
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result.map_err(|e| failed_save(e, run_dir, state.step))
+}
+
+fn save_inner(
+    run_dir: &Path,
+    tmp: &Path,
+    state: &CheckpointState,
+    tensors: &CheckpointTensors<'_>,
+) -> Result<PathBuf> {
+    fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    remove_dir_if_present(tmp)?; // a leftover from a run killed while saving
+    fs::create_dir_all(tmp).map_err(|e| Error::io(tmp, e))?;
+    test_pause("tmp-dir");
+    let mut state_json = serde_json::to_string_pretty(state)
+        .map_err(|e| Error::Numerical(format!("cannot encode the checkpoint state: {e}")))?;
+    state_json.push('\n');
+    let files: [(&str, Vec<u8>); 4] = [
+        (MODEL_FILE, safetensors_bytes(tensors.model)?),
+        (EMA_FILE, safetensors_bytes(tensors.ema)?),
+        (OPTIMIZER_FILE, safetensors_bytes(tensors.optimizer)?),
+        (STATE_FILE, state_json.into_bytes()),
+    ];
+    let mut digests = BTreeMap::new();
+    for (name, bytes) in &files {
+        crate::io::atomic_write(&tmp.join(name), bytes)?;
+        digests.insert(name.to_string(), FileDigest::of(bytes));
+        test_pause(name.split('.').next().unwrap_or(name));
+    }
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        files: digests,
+    };
+    crate::io::write_json(&tmp.join(MANIFEST_FILE), &manifest)?;
+    sync_dir(tmp)?;
+    test_pause("manifest");
 
     let current = run_dir.join(CHECKPOINT_DIR);
     let previous = run_dir.join(PREVIOUS_DIR);
@@ -192,26 +436,53 @@ pub fn save(run_dir: &Path, state: &CheckpointState, tensors: &CheckpointTensors
         // `previous` can only be a stale copy here (a kill after the swap, before its removal)
         remove_dir_if_present(&previous)?;
         fs::rename(&current, &previous).map_err(|e| Error::io(&current, e))?;
+        test_pause("swap");
     }
     // If `current` did not exist but `previous` does, a kill fell between the two renames of the
     // last save: `previous` is the newest complete checkpoint and stays until this rename.
-    fs::rename(&tmp, &current).map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(tmp, &current).map_err(|e| Error::io(tmp, e))?;
     sync_dir(run_dir)?;
+    test_pause("done");
     remove_dir_if_present(&previous)?;
     Ok(current)
 }
 
-/// The newest complete checkpoint for `dir`: `dir` itself if it holds `state.json`, else
-/// `dir/checkpoint/`, else `dir/checkpoint.old/` (a save interrupted between its renames).
+/// The candidates for a checkpoint directory in `dir`, newest first: `dir` itself, then
+/// `dir/checkpoint/`, then `dir/checkpoint.old/` (a save interrupted between its renames).
+fn candidates(dir: &Path) -> [PathBuf; 3] {
+    [
+        dir.to_path_buf(),
+        dir.join(CHECKPOINT_DIR),
+        dir.join(PREVIOUS_DIR),
+    ]
+}
+
+/// The first checkpoint directory in `dir` that holds a `state.json` or a manifest, complete
+/// or not (for refusing to start a fresh run over it).
+pub fn present(dir: &Path) -> Option<PathBuf> {
+    candidates(dir)
+        .into_iter()
+        .find(|d| d.join(STATE_FILE).exists() || d.join(MANIFEST_FILE).exists())
+}
+
+/// The newest complete checkpoint for `dir` ([`check_complete`]): `dir` itself if it is one,
+/// else `dir/checkpoint/`, else `dir/checkpoint.old/`. When none is complete, the error names
+/// the first damaged file found.
 pub fn locate(dir: &Path) -> Result<PathBuf> {
-    if dir.join(STATE_FILE).is_file() {
-        return Ok(dir.to_path_buf());
-    }
-    for sub in [CHECKPOINT_DIR, PREVIOUS_DIR] {
-        let d = dir.join(sub);
-        if d.join(STATE_FILE).is_file() {
-            return Ok(d);
+    let mut first_error = None;
+    for d in candidates(dir) {
+        if !(d.join(STATE_FILE).exists() || d.join(MANIFEST_FILE).exists()) {
+            continue;
         }
+        match check_complete(&d) {
+            Ok(()) => return Ok(d),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
     }
     if !dir.exists() {
         return Err(Error::bad_input(
@@ -225,15 +496,27 @@ pub fn locate(dir: &Path) -> Result<PathBuf> {
     ))
 }
 
-/// Whether `run_dir` holds a checkpoint.
+/// Whether `run_dir` holds a complete checkpoint.
 pub fn exists(run_dir: &Path) -> bool {
     locate(run_dir).is_ok()
 }
 
-/// Reads and checks `state.json` of the checkpoint directory `ckpt_dir`.
+/// Reads and checks `state.json` of the checkpoint directory `ckpt_dir` (against the manifest
+/// when there is one).
 pub fn read_state(ckpt_dir: &Path) -> Result<CheckpointState> {
     let path = ckpt_dir.join(STATE_FILE);
-    let state: CheckpointState = crate::io::read_json(&path)?;
+    let bytes = read_file(ckpt_dir, STATE_FILE)?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        Error::bad_input(
+            &path,
+            format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })?;
+    let state: CheckpointState =
+        serde_json::from_str(&text).map_err(|e| Error::bad_input(&path, format!("invalid JSON: {e}")))?;
     if state.format != FORMAT || state.version != VERSION {
         return Err(Error::bad_input(
             &path,
@@ -246,10 +529,9 @@ pub fn read_state(ckpt_dir: &Path) -> Result<CheckpointState> {
     Ok(state)
 }
 
-/// Reads one of a checkpoint's tensor files as f32 on `device`.
+/// Reads one of a checkpoint's tensor files as f32 on `device` (checked against the manifest).
 pub fn read_f32_tensors(ckpt_dir: &Path, file: &str, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let path = ckpt_dir.join(file);
-    read_tensors(&path, device)?
+    read_checkpoint_tensors(ckpt_dir, file, device)?
         .into_iter()
         .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
         .collect()
@@ -308,7 +590,7 @@ pub fn check_config(saved: &Value, current: &Value, ckpt_dir: &Path) -> Result<(
         return Ok(());
     }
     Err(Error::bad_input(
-        ckpt_dir,
+        ckpt_dir.join(STATE_FILE),
         format!(
             "the run's configuration differs from the checkpoint's, so it cannot be resumed \
              exactly ({}); use the checkpoint's settings or start a new run in another directory",
@@ -402,6 +684,87 @@ mod tests {
         save_step(run, 40);
         assert_eq!(read_state(&locate(run).unwrap()).unwrap().step, 40);
         assert!(!run.join(PREVIOUS_DIR).exists());
+    }
+
+    /// A checkpoint whose files do not match its manifest is never read back: `locate` falls
+    /// back to the older complete one, or names the damaged file.
+    #[test]
+    fn partial_or_damaged_files_are_never_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path();
+        save_step(run, 10);
+        let ckpt = run.join(CHECKPOINT_DIR);
+        let manifest = read_manifest(&ckpt).unwrap().unwrap();
+        assert_eq!(manifest.files.len(), 4);
+        // a truncated file (a file system that broke the rename promise)
+        let model = fs::read(ckpt.join(MODEL_FILE)).unwrap();
+        fs::write(ckpt.join(MODEL_FILE), &model[..model.len() / 2]).unwrap();
+        let e = locate(run).unwrap_err();
+        assert!(e.is_user_error());
+        let msg = e.to_string();
+        assert!(
+            msg.contains("model.safetensors") && msg.contains("a partial or damaged file"),
+            "{msg}"
+        );
+        // ... unless the previous checkpoint is still there: then that one is used
+        save_step(&run.join("other"), 5);
+        fs::rename(run.join("other").join(CHECKPOINT_DIR), run.join(PREVIOUS_DIR)).unwrap();
+        assert_eq!(locate(run).unwrap(), run.join(PREVIOUS_DIR));
+        assert_eq!(read_state(&locate(run).unwrap()).unwrap().step, 5);
+        fs::remove_dir_all(run.join(PREVIOUS_DIR)).unwrap();
+        // a same-size change is caught by the checksum when the file is read
+        let mut flipped = model.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        fs::write(ckpt.join(MODEL_FILE), &flipped).unwrap();
+        assert_eq!(locate(run).unwrap(), ckpt);
+        let e = read_f32_tensors(&ckpt, MODEL_FILE, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("checksum") && e.contains("manifest.json records"),
+            "{e}"
+        );
+        fs::write(ckpt.join(MODEL_FILE), &model).unwrap();
+        assert!(read_f32_tensors(&ckpt, MODEL_FILE, &Device::Cpu).is_ok());
+        // a missing file
+        fs::remove_file(ckpt.join(EMA_FILE)).unwrap();
+        assert!(locate(run)
+            .unwrap_err()
+            .to_string()
+            .contains("ema.safetensors: missing"));
+        // a damaged checkpoint still blocks a fresh run in the directory
+        assert_eq!(present(run), Some(ckpt.clone()));
+        // a checkpoint written before manifests existed is read as before
+        fs::write(ckpt.join(EMA_FILE), &model).unwrap();
+        fs::remove_file(ckpt.join(MANIFEST_FILE)).unwrap();
+        assert_eq!(read_state(&locate(run).unwrap()).unwrap().step, 10);
+    }
+
+    /// A save that cannot write (here: the run directory's path runs through a file, which
+    /// stops root too) fails with an error naming the path and leaves the previous checkpoint.
+    #[test]
+    fn a_failed_save_keeps_the_previous_checkpoint_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        save_step(&run, 10);
+        // the temporary directory's place is taken by a file that cannot be removed as a dir
+        fs::write(run.join(TEMP_DIR), b"not a directory").unwrap();
+        let (m, e, o) = (named(1.0), named(0.5), named(-1.0));
+        let t = CheckpointTensors {
+            model: &m,
+            ema: &e,
+            optimizer: &o,
+        };
+        let err = save(&run, &state(20), &t).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(".checkpoint.tmp")
+                && msg.contains("the checkpoint of step 20 was not written")
+                && msg.contains("the checkpoint of step 10"),
+            "{msg}"
+        );
+        assert_eq!(read_state(&locate(&run).unwrap()).unwrap().step, 10);
     }
 
     #[test]

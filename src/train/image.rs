@@ -371,17 +371,7 @@ impl TrainTask for ImageTask {
     fn restore_data_state(&mut self, state: &Value) -> Result<()> {
         let s: SamplerState = serde_json::from_value(state.clone())
             .map_err(|e| Error::param("data order", format!("cannot read the saved data order: {e}")))?;
-        self.order = EpochSampler::from_state(s)?;
-        if self.order.len() != self.data.len() {
-            return Err(Error::param(
-                "data order",
-                format!(
-                    "the checkpoint's order covers {} images, the data has {}",
-                    self.order.len(),
-                    self.data.len()
-                ),
-            ));
-        }
+        self.order = EpochSampler::restore(s, self.data.len())?;
         Ok(())
     }
 
@@ -485,9 +475,29 @@ pub fn load_trained(dir: &Path, use_ema: bool, device: &Device) -> Result<Traine
     } else {
         checkpoint::MODEL_FILE
     };
+    // a bad field of the saved run config is an error about state.json; a mismatch between
+    // that config and the weights, about the weights file
+    let state_file = ckpt.join(checkpoint::STATE_FILE);
+    let in_file = |path: &Path, prefix: &str, e: Error| match e {
+        Error::InvalidParameter { name, message } => {
+            Error::bad_input(path, format!("{prefix}{name}: {message}"))
+        }
+        other => other,
+    };
+    let unet_config = config
+        .unet_config()
+        .map_err(|e| in_file(&state_file, "config.task.", e))?;
+    config
+        .schedule()
+        .map_err(|e| in_file(&state_file, "config.task.", e))?;
     let tensors = checkpoint::read_f32_tensors(&ckpt, file, device)?;
-    let unet_config = config.unet_config()?;
-    let unet = unet::from_tensors(&unet_config, tensors, device)?;
+    let unet = unet::from_tensors(&unet_config, tensors, device).map_err(|e| {
+        in_file(
+            &ckpt.join(file),
+            &format!("does not match the U-Net of {}: ", checkpoint::STATE_FILE),
+            e,
+        )
+    })?;
     Ok(TrainedImageModel {
         config,
         unet,

@@ -1,16 +1,14 @@
-//! Ctrl-C / SIGTERM handling: the first signal asks the training loop to stop cleanly (finish the
-//! current step, write a checkpoint, exit 0); a second one quits at once.
+//! A stop request for the training loop: when it is set, the loop finishes the current step,
+//! writes a checkpoint and returns (`StopReason::Interrupted`).
 //!
-//! The flag is a shared `AtomicBool`. [`Interrupt::new`] makes a flag no signal touches (tests
-//! trigger it by hand with [`Interrupt::trigger`]); [`Interrupt::from_signals`] returns the
-//! process-wide flag connected to SIGINT, SIGTERM and SIGHUP (the `ctrlc` crate's
-//! "termination" feature). Quitting on the second signal is safe because checkpoints are
-//! written into a temporary directory and renamed into place (see [`crate::train::checkpoint`]).
+//! The flag is a shared `AtomicBool`; the library never touches signals or exits the process.
+//! The command-line edge connects it to Ctrl-C, SIGTERM and SIGHUP (`src/cli/mod.rs`,
+//! `interrupt_on_signals`: the first signal sets the flag, a second one quits at once, which is
+//! safe because checkpoints are written into a temporary directory and renamed into place; see
+//! [`crate::train::checkpoint`]); tests set it by hand with [`Interrupt::trigger`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-
-use crate::error::{Error, Result};
+use std::sync::Arc;
 
 /// A stop request shared between a signal handler (or a test) and the training loop.
 #[derive(Clone, Debug, Default)]
@@ -18,49 +16,15 @@ pub struct Interrupt {
     flag: Arc<AtomicBool>,
 }
 
-/// The process-wide flag, created on the first call to [`Interrupt::from_signals`]
-/// (`ctrlc` allows one handler per process).
-static PROCESS_INTERRUPT: Mutex<Option<Interrupt>> = Mutex::new(None);
-
-/// Exit status after a second interrupt: 128 + SIGINT, the shell convention.
-const EXIT_ON_SECOND_SIGNAL: i32 = 130;
-
 impl Interrupt {
-    /// A flag not connected to any signal.
+    /// A flag that is not set.
     pub fn new() -> Self {
         Interrupt::default()
     }
 
-    /// The process-wide flag set by Ctrl-C, SIGTERM or SIGHUP. Installs the handler on the first
-    /// call; later calls return the same flag. A second signal while the flag is already set
-    /// exits the process with status 130.
-    pub fn from_signals() -> Result<Self> {
-        let mut slot = PROCESS_INTERRUPT
-            .lock()
-            .map_err(|_| Error::Numerical("the interrupt flag's lock is poisoned".into()))?;
-        if let Some(existing) = slot.as_ref() {
-            return Ok(existing.clone());
-        }
-        let interrupt = Interrupt::new();
-        let flag = interrupt.flag.clone();
-        ctrlc::set_handler(move || {
-            if flag.swap(true, Ordering::SeqCst) {
-                eprintln!("\nsecond interrupt: quitting now (the last complete checkpoint is kept)");
-                std::process::exit(EXIT_ON_SECOND_SIGNAL);
-            }
-            eprintln!(
-                "\ninterrupt: finishing the current step and writing a checkpoint \
-                 (interrupt again to quit at once)"
-            );
-        })
-        .map_err(|e| Error::Numerical(format!("cannot install the Ctrl-C/SIGTERM handler: {e}")))?;
-        *slot = Some(interrupt.clone());
-        Ok(interrupt)
-    }
-
-    /// Sets the flag (what the signal handler does).
-    pub fn trigger(&self) {
-        self.flag.store(true, Ordering::SeqCst);
+    /// Sets the flag (what a signal handler does); returns whether it was already set.
+    pub fn trigger(&self) -> bool {
+        self.flag.swap(true, Ordering::SeqCst)
     }
 
     /// Whether a stop was requested.

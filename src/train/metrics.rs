@@ -52,10 +52,10 @@ impl MetricsLog {
     /// between checkpoints) and drops the rest. A malformed line before that point is an error
     /// naming the line; a malformed last line (a write cut short by a kill) is dropped.
     pub fn resume(path: &Path, through_step: u64) -> Result<Self> {
-        let text = match fs::read_to_string(path) {
+        let text = match crate::io::read_text(path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(Error::io(path, e)),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
         };
         let lines: Vec<&str> = text.lines().collect();
         let mut records = Vec::new();

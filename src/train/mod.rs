@@ -186,13 +186,14 @@ impl Trainer {
     /// A fresh run in `run_dir` over the variables of `varmap` (already initialised). Refuses a
     /// directory that already holds a checkpoint (resume it or pick another directory).
     pub fn new(run_dir: &Path, varmap: &VarMap, config: &TrainerConfig, task_config: &Value) -> Result<Self> {
-        if let Ok(found) = checkpoint::locate(run_dir) {
-            let step = checkpoint::read_state(&found).map(|s| s.step).unwrap_or(0);
+        // any checkpoint, complete or damaged, is kept: a fresh run never overwrites one
+        if let Some(found) = checkpoint::present(run_dir) {
+            let step = checkpoint::read_state(&found)
+                .map(|s| format!(" (step {})", s.step))
+                .unwrap_or_default();
             return Err(Error::bad_input(
                 run_dir,
-                format!(
-                    "already holds a checkpoint (step {step}); resume it or choose another output directory"
-                ),
+                format!("already holds a checkpoint{step}; resume it or choose another output directory"),
             ));
         }
         let full_config = Self::full_config(config, task_config)?;
@@ -233,7 +234,7 @@ impl Trainer {
             .first()
             .map(|v| v.as_tensor().device().clone())
             .ok_or_else(|| Error::param("model", "has no parameters"))?;
-        let model = checkpoint::read_tensors(&ckpt.join(checkpoint::MODEL_FILE), &device)?;
+        let model = checkpoint::read_checkpoint_tensors(&ckpt, checkpoint::MODEL_FILE, &device)?;
         checkpoint::load_vars(varmap, &model, &ckpt.join(checkpoint::MODEL_FILE))?;
         let mut optimizer = AdamW::new(varmap, config.optimizer.clone())?;
         let moments = checkpoint::read_f32_tensors(&ckpt, checkpoint::OPTIMIZER_FILE, &device)?;
@@ -241,7 +242,13 @@ impl Trainer {
         let mut ema = Ema::new(varmap, config.ema.clone())?;
         let averages = checkpoint::read_f32_tensors(&ckpt, checkpoint::EMA_FILE, &device)?;
         ema.load_state(&averages, state.ema_updates, &ckpt.join(checkpoint::EMA_FILE))?;
-        task.restore_data_state(&state.data_state)?;
+        task.restore_data_state(&state.data_state).map_err(|e| match e {
+            Error::InvalidParameter { name, message } => Error::bad_input(
+                ckpt.join(checkpoint::STATE_FILE),
+                format!("data_state: {name}: {message}"),
+            ),
+            other => other,
+        })?;
         let metrics = MetricsLog::resume(&run_dir.join(METRICS_FILE), state.step)?;
         Ok(Trainer {
             run_dir: run_dir.to_path_buf(),

@@ -174,6 +174,10 @@ pub fn points_checksum(points: &Points) -> String {
     format!("{h:016x}")
 }
 
+/// The most training points a toy run may have (`--n-data`; 160 MB of 2-D points): a count
+/// read back from a checkpoint is checked against it before the points are regenerated.
+pub const MAX_POINTS: usize = 10_000_000;
+
 /// Seeds of the run's independent streams, all derived from the one `--seed`.
 #[derive(Clone, Copy, Debug)]
 pub struct ToySeeds {
@@ -320,18 +324,7 @@ impl TrainTask for ToyTask {
     fn restore_data_state(&mut self, state: &Value) -> Result<()> {
         let s: SamplerState = serde_json::from_value(state.clone())
             .map_err(|e| Error::param("data order", format!("cannot read the saved data order: {e}")))?;
-        let order = EpochSampler::from_state(s)?;
-        if order.len() != self.order.len() {
-            return Err(Error::param(
-                "data order",
-                format!(
-                    "the checkpoint's order covers {} points, the data has {}",
-                    order.len(),
-                    self.order.len()
-                ),
-            ));
-        }
-        self.order = order;
+        self.order = EpochSampler::restore(s, self.order.len())?;
         Ok(())
     }
 }
@@ -422,6 +415,12 @@ pub fn training_points(dir: &Path) -> Result<Points> {
     let seed = state.config["trainer"]["seed"]
         .as_u64()
         .ok_or_else(|| bad("config.trainer.seed is missing".into()))?;
+    if task.n_data > MAX_POINTS {
+        return Err(bad(format!(
+            "config.task.n_data is {}, more than the {MAX_POINTS} points a toy run may have",
+            task.n_data
+        )));
+    }
     let points = load_data(&DataSpec::parse(&task.data)?, task.n_data, seed)?;
     if points_checksum(&points) != task.data_checksum {
         return Err(bad(format!("the data {} changed since training", task.data)));
