@@ -41,6 +41,43 @@ pub enum Error {
     /// An error from the tensor framework.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    /// Data-parallel training: this rank's own error, after every rank agreed to stop on it
+    /// (see [`crate::train::distributed`]). Shown as `rank R of K: <error>; <note>`, or as the
+    /// bare error when every rank failed the same way.
+    #[error("{}", on_rank_message(*rank, *size, *all, inner, note))]
+    OnRank {
+        /// The rank reporting.
+        rank: usize,
+        /// The number of ranks.
+        size: usize,
+        /// Every rank failed (the same way): nothing rank-specific to say.
+        all: bool,
+        /// What the stop left behind (the last checkpoint).
+        note: String,
+        /// The error.
+        inner: Box<Error>,
+    },
+
+    /// Data-parallel training: rank `rank` failed and reports why; this rank stopped with it
+    /// and has nothing to add (the CLI prints nothing for it and exits with the same status).
+    #[error("rank {rank} of {size} failed (it reports why); every rank stopped")]
+    PeerFailed {
+        /// The rank that reports the error.
+        rank: usize,
+        /// The number of ranks.
+        size: usize,
+        /// Whether that rank's error is the user's input (exit code 2).
+        user_error: bool,
+    },
+}
+
+fn on_rank_message(rank: usize, size: usize, all: bool, inner: &Error, note: &str) -> String {
+    match (all, note.is_empty()) {
+        (true, _) => inner.to_string(),
+        (false, true) => format!("rank {rank} of {size}: {inner}"),
+        (false, false) => format!("rank {rank} of {size}: {inner}; {note}"),
+    }
 }
 
 impl Error {
@@ -89,6 +126,8 @@ impl Error {
                     | K::ReadOnlyFilesystem
                     | K::InvalidData
             ),
+            Error::OnRank { inner, .. } => inner.is_user_error(),
+            Error::PeerFailed { user_error, .. } => *user_error,
             _ => false,
         }
     }

@@ -29,7 +29,8 @@
 //! - [`ops`]: network building blocks (conv, GroupNorm, attention) with fast CPU kernels.
 //! - [`data`]: image datasets (IDX, CIFAR-10, folders, bundled `mnist5k`), 2-D toy data, training order.
 //! - [`pipeline`]: a trained image model (our checkpoint or a diffusers folder) ready to sample or measure.
-//! - [`train`]: the training loop, AdamW, EMA, checkpoints and exact resume; toy and image tasks.
+//! - [`train`]: the training loop, AdamW, EMA, checkpoints and exact resume, data-parallel
+//!   training over MPI; toy and image tasks.
 //! - [`rng`]: the seeded generator, the only source of randomness.
 //! - [`io`]: atomic file output and `.npy`.
 //! - [`plot`], [`plot2d`], [`image_out`]: PNG charts, 2-D scatter/trajectory/score figures, image grids.

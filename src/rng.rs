@@ -28,6 +28,14 @@ pub struct Rng {
     s: [u64; 4],
     /// The second deviate of the last Box–Muller pair, if not yet used.
     spare_normal: Option<f64>,
+    /// Per-row draws (dropout masks) made with this generator are for rows `first_row ..` of a
+    /// larger batch (see [`Rng::for_rows`]); 0 for an ordinary generator, and then not saved.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    first_row: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl Rng {
@@ -43,7 +51,23 @@ impl Rng {
         Rng {
             s,
             spare_normal: None,
+            first_row: 0,
         }
+    }
+
+    /// This generator, for a batch that is rows `first_row ..` of a larger one: a draw made row
+    /// by row over a tensor `[n, ...]` ([`crate::ops::DropoutMask`] through
+    /// [`crate::nets::layers::Dropout`]) then gives exactly the rows `first_row .. first_row + n`
+    /// that the same draw over the whole batch gives (data-parallel training: each rank computes
+    /// its share of the global batch with the masks the single process would use).
+    pub fn for_rows(mut self, first_row: u64) -> Self {
+        self.first_row = first_row;
+        self
+    }
+
+    /// The global index of the first row (see [`Rng::for_rows`]; 0 by default).
+    pub fn first_row(&self) -> u64 {
+        self.first_row
     }
 
     /// Stream number `stream` of seed `seed`: independent of every other stream of the same
@@ -270,6 +294,18 @@ mod tests {
         let t = r.randn(&[1], &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(t, vec![vec![3.0], vec![-3.0]]);
         assert!(r.normal_rows(1).iter().all(|v| v.is_nan()));
+    }
+
+    #[test]
+    fn row_offset_is_kept_apart_from_the_stream_and_not_saved_when_zero() {
+        let mut a = Rng::new(4);
+        let mut b = Rng::new(4).for_rows(12);
+        assert_eq!((a.first_row(), b.first_row()), (0, 12));
+        assert_eq!(a.next_u64(), b.next_u64());
+        let json = serde_json::to_string(&a).unwrap();
+        assert!(!json.contains("first_row"), "{json}");
+        let back: Rng = serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
+        assert_eq!(back, b);
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod common;
 mod eval;
 mod export;
 mod forward;
+mod launch;
 mod sample;
 mod samplers;
 mod schedule;
@@ -108,15 +109,21 @@ pub fn interrupt_on_signals() -> anyhow::Result<diffuse::train::Interrupt> {
     }
     let interrupt = diffuse::train::Interrupt::new();
     let flag = interrupt.clone();
+    // under mpirun every rank gets the signal: only rank 0 says so (it alone checkpoints)
+    let quiet = diffuse::train::distributed::launcher_world().is_some_and(|(rank, _)| rank != 0);
     ctrlc::set_handler(move || {
         if flag.trigger() {
-            eprintln!("\nsecond interrupt: quitting now (the last complete checkpoint is kept)");
+            if !quiet {
+                eprintln!("\nsecond interrupt: quitting now (the last complete checkpoint is kept)");
+            }
             std::process::exit(EXIT_ON_SECOND_SIGNAL);
         }
-        eprintln!(
-            "\ninterrupt: finishing the current step and writing a checkpoint \
-             (interrupt again to quit at once)"
-        );
+        if !quiet {
+            eprintln!(
+                "\ninterrupt: finishing the current step and writing a checkpoint \
+                 (interrupt again to quit at once)"
+            );
+        }
     })
     .map_err(|e| anyhow::anyhow!("cannot install the Ctrl-C/SIGTERM handler: {e}"))?;
     *slot = Some(interrupt.clone());
@@ -124,19 +131,23 @@ pub fn interrupt_on_signals() -> anyhow::Result<diffuse::train::Interrupt> {
 }
 
 /// The device to compute on: the first CUDA GPU when built with `--features cuda` and one is
-/// present, else the CPU.
+/// present (a data-parallel rank: GPU number local rank), else the CPU. The same device on
+/// every call.
 pub fn device() -> anyhow::Result<candle_core::Device> {
     #[cfg(feature = "cuda")]
     {
-        if let Ok(d) = candle_core::Device::new_cuda(0) {
-            return Ok(d);
+        static DEVICE: std::sync::OnceLock<Option<candle_core::Device>> = std::sync::OnceLock::new();
+        let gpu = DEVICE
+            .get_or_init(|| candle_core::Device::new_cuda(diffuse::train::distributed::local_rank()).ok());
+        if let Some(d) = gpu {
+            return Ok(d.clone());
         }
     }
     Ok(candle_core::Device::Cpu)
 }
 
 /// Exit code for an error: 2 when the user's input is at fault, else 1.
-fn exit_code(err: &anyhow::Error) -> u8 {
+pub(crate) fn exit_code(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if cause.downcast_ref::<UsageError>().is_some() {
             return 2;
@@ -163,6 +174,16 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
+            // another rank of a data-parallel run reports this error: stop with its status
+            let peer = err.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<diffuse::Error>(),
+                    Some(diffuse::Error::PeerFailed { .. })
+                )
+            });
+            if peer {
+                return ExitCode::from(exit_code(&err));
+            }
             eprintln!("error: {}", one_line(&err));
             ExitCode::from(exit_code(&err))
         }

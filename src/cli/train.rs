@@ -1,6 +1,7 @@
 //! `diffuse train`: train the U-Net on images with the simple loss; never loses work.
 
 use std::path::PathBuf;
+use std::rc::Rc;
 
 use clap::Args;
 use serde_json::json;
@@ -12,8 +13,8 @@ use diffuse::nets::{unet, UNetConfig};
 use diffuse::schedule::BetaSchedule;
 use diffuse::train::image::{checksum_f32, GridSampling, ImageRun, ImageTrainConfig, DEFAULT_COND_DROP};
 use diffuse::train::{
-    checkpoint, AdamWConfig, Budget, EmaConfig, LoopOptions, StopReason, TrainerConfig, LOSS_CURVE_FILE,
-    METRICS_FILE,
+    checkpoint, AdamWConfig, Budget, Collective, EmaConfig, LoopOptions, StopReason, TrainerConfig,
+    LOSS_CURVE_FILE, METRICS_FILE,
 };
 
 use super::common::DataArgs;
@@ -122,6 +123,13 @@ fn pick<T: Clone>(flag: &Option<T>, saved: Option<T>, default: T) -> T {
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     super::set_threads(args.threads)?;
+    // one process, or one of K ranks under mpirun (`--features mpi`)
+    let comm = super::launch::launch(&super::device()?)?;
+    let result = run_rank(args, &comm);
+    super::launch::finish(comm.as_ref(), result)
+}
+
+fn run_rank(args: TrainArgs, comm: &Rc<dyn Collective>) -> anyhow::Result<()> {
     let run_dir = args.resume.clone().or(args.out.clone()).unwrap_or_default();
     let resume = args.resume.is_some();
     // On resume, the saved config supplies every setting not given on the command line.
@@ -271,7 +279,16 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         seed: trainer_config.seed,
         guidance_scale: args.grid_guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE),
     };
-    let mut run = ImageRun::setup(&run_dir, ds, &config, &trainer_config, grid, resume, &device)?;
+    let mut run = ImageRun::setup_on(
+        &run_dir,
+        ds,
+        &config,
+        &trainer_config,
+        grid,
+        resume,
+        &device,
+        comm.clone(),
+    )?;
     if resume && !args.json {
         println!("resuming {} at step {}", run_dir.display(), run.trainer.step());
     }
@@ -291,9 +308,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         StopReason::Interrupted => "interrupted",
     };
     if args.json {
-        println!(
-            "{}",
-            json!({
+        let mut summary = json!({
                 "step": outcome.step,
                 "session_steps": outcome.session_steps,
                 "seconds": outcome.session_seconds,
@@ -305,8 +320,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 "metrics": run_dir.join(METRICS_FILE),
                 "loss_curve": run_dir.join(LOSS_CURVE_FILE),
                 "samples": run_dir.join("samples.png"),
-            })
-        );
+        });
+        if let Some(x) = &outcome.exchange {
+            summary["data_parallel"] = json!(x);
+        }
+        println!("{summary}");
     } else {
         if outcome.stop == StopReason::Interrupted {
             println!(
@@ -333,6 +351,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             "sample with: diffuse sample --checkpoint {} --n 64 --out DIR",
             run_dir.display()
         );
+        if let Some(x) = &outcome.exchange {
+            println!("{}", x.summary());
+        }
     }
     Ok(())
 }

@@ -244,13 +244,17 @@ impl Dropout {
 
     /// The mask [`Dropout::forward`] applies to a tensor of `shape`, drawn from `rng`
     /// ([`ops::DropoutMask::draw`]: one draw of `rng` seeds it); `None` when dropout is inactive
-    /// (no `rng`, or `p = 0`).
+    /// (no `rng`, or `p = 0`). The tensor's rows (first dimension) are rows `rng.first_row() ..`
+    /// of the batch the mask is drawn for ([`Rng::for_rows`]; 0 outside data-parallel training).
     pub fn mask(&self, shape: &[usize], rng: Option<&mut Rng>) -> Option<ops::DropoutMask> {
         let rng = rng?;
         if self.p <= 0.0 {
             return None;
         }
-        Some(ops::DropoutMask::draw(shape.iter().product(), self.p, rng))
+        let len: usize = shape.iter().product();
+        let row: usize = shape.iter().skip(1).product();
+        let offset = rng.first_row() as usize * row;
+        Some(ops::DropoutMask::draw_at(offset, len, self.p, rng))
     }
 
     /// Applies dropout when `rng` is given (training) and `p > 0`; returns `x` otherwise.

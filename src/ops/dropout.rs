@@ -32,31 +32,58 @@ impl DropoutMask {
     /// Draws a mask over `len` elements with drop probability `p` in `[0, 1)`, consuming one
     /// draw of `rng` (see the module docs).
     pub fn draw(len: usize, p: f64, rng: &mut Rng) -> Self {
+        Self::draw_at(0, len, p, rng)
+    }
+
+    /// Elements `offset .. offset + len` of the mask [`DropoutMask::draw`] would draw over a
+    /// longer tensor with the same generator, as a mask of `len` elements (one draw of `rng`).
+    /// A rank of data-parallel training holding rows `r ..` of the global batch draws with
+    /// `offset = r * row length` and gets the single process's mask for those rows.
+    pub fn draw_at(offset: usize, len: usize, p: f64, rng: &mut Rng) -> Self {
         let seed = rng.next_u64();
         let threshold = (p.clamp(0.0, 1.0) * 4_294_967_296.0).round() as u64;
         let mut bits = vec![0u64; len.div_ceil(64)];
-        bits.par_chunks_mut(CHUNK / 64)
-            .enumerate()
-            .for_each(|(c, words)| {
-                let mut r = Rng::stream(seed, c as u64);
-                let first = c * CHUNK;
-                for (w, word) in words.iter_mut().enumerate() {
-                    let mut v = 0u64;
-                    for pair in 0..32 {
-                        let u = r.next_u64();
-                        let keep_lo = (u & 0xFFFF_FFFF) >= threshold;
-                        let keep_hi = (u >> 32) >= threshold;
-                        v |= (keep_lo as u64) << (2 * pair) | (keep_hi as u64) << (2 * pair + 1);
+        if offset % CHUNK == 0 {
+            // whole chunks, one word at a time (the common case: offset 0)
+            let base = (offset / CHUNK) as u64;
+            bits.par_chunks_mut(CHUNK / 64)
+                .enumerate()
+                .for_each(|(c, words)| {
+                    let mut r = Rng::stream(seed, base + c as u64);
+                    let first = c * CHUNK;
+                    for (w, word) in words.iter_mut().enumerate() {
+                        let mut v = 0u64;
+                        for pair in 0..32 {
+                            let u = r.next_u64();
+                            let keep_lo = (u & 0xFFFF_FFFF) >= threshold;
+                            let keep_hi = (u >> 32) >= threshold;
+                            v |= (keep_lo as u64) << (2 * pair) | (keep_hi as u64) << (2 * pair + 1);
+                        }
+                        // bits past `len` stay clear
+                        let start = first + 64 * w;
+                        if start + 64 > len {
+                            let valid = len.saturating_sub(start);
+                            v &= if valid == 0 { 0 } else { u64::MAX >> (64 - valid) };
+                        }
+                        *word = v;
                     }
-                    // bits past `len` stay clear
-                    let start = first + 64 * w;
-                    if start + 64 > len {
-                        let valid = len.saturating_sub(start);
-                        v &= if valid == 0 { 0 } else { u64::MAX >> (64 - valid) };
-                    }
-                    *word = v;
+                });
+        } else {
+            // a range starting inside a chunk: element flags chunk by chunk, then packed
+            let mut keep = vec![false; len];
+            let head = (CHUNK - offset % CHUNK).min(len);
+            let (first, rest) = keep.split_at_mut(head);
+            let chunk0 = offset / CHUNK;
+            keep_flags(seed, chunk0 as u64, offset % CHUNK, threshold, first);
+            rest.par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(c, flags)| keep_flags(seed, (chunk0 + 1 + c) as u64, 0, threshold, flags));
+            bits.par_iter_mut().enumerate().for_each(|(w, word)| {
+                for (b, &k) in keep[64 * w..(64 * w + 64).min(len)].iter().enumerate() {
+                    *word |= (k as u64) << b;
                 }
             });
+        }
         Self {
             bits,
             len,
@@ -106,6 +133,25 @@ impl DropoutMask {
     }
 }
 
+/// Keep flags of elements `start ..` of chunk `chunk` (drawn from `Rng::stream(seed, chunk)`,
+/// two elements per draw: element `e` is the low (even `e`) or high half of draw `e / 2`).
+fn keep_flags(seed: u64, chunk: u64, start: usize, threshold: u64, out: &mut [bool]) {
+    let mut r = Rng::stream(seed, chunk);
+    for _ in 0..start / 2 {
+        r.next_u64();
+    }
+    let mut u = if start % 2 == 1 { r.next_u64() } else { 0 };
+    for (j, flag) in out.iter_mut().enumerate() {
+        let e = start + j;
+        *flag = if e % 2 == 0 {
+            u = r.next_u64();
+            (u & 0xFFFF_FFFF) >= threshold
+        } else {
+            (u >> 32) >= threshold
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +181,31 @@ mod tests {
             .iter()
             .enumerate()
             .all(|(i, &v)| v == if m.keep(i) { 4.0 / 3.0 } else { 0.0 }));
+        // a range of the mask drawn on its own is that range of the whole mask (data-parallel
+        // ranks draw their rows so): chunk-aligned, inside a chunk, odd starts, across chunks
+        for (offset, len) in [
+            (0, 1000),
+            (CHUNK, CHUNK + 70),
+            (37, 200),
+            (CHUNK - 3, 10),
+            (2 * CHUNK + 1, CHUNK - 1),
+            (5, n - 5),
+        ] {
+            let part = DropoutMask::draw_at(offset, len, 0.25, &mut Rng::new(7));
+            assert_eq!(part.len(), len);
+            assert!(
+                (0..len).all(|i| part.keep(i) == m.keep(offset + i)),
+                "offset {offset}, len {len}"
+            );
+            assert!(!part.keep(len) && part.bits.len() == len.div_ceil(64));
+            if len % 64 != 0 {
+                assert_eq!(
+                    part.bits.last().unwrap() >> (len % 64),
+                    0,
+                    "bits past the end are clear"
+                );
+            }
+        }
         // p = 0 keeps everything with scale 1
         let all = DropoutMask::draw(100, 0.0, &mut Rng::new(1));
         assert!((0..100).all(|i| all.keep(i)) && all.scale() == 1.0);

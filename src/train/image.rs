@@ -18,8 +18,16 @@
 //! sqrt(1 - alpha_bar_t) x_0` (Salimans & Ho 2022), as configured. The network sees the
 //! diffusers timestep `t - 1` (index convention of [`crate::schedule`]), so a trained model is
 //! a diffusers `UNet2DModel` + `DDPMScheduler` pair.
+//!
+//! Random draws, per step: the batch's indices from the epoch order, then one draw of the
+//! trainer's generator seeds the step; sample `i` of the global batch takes its flip, `t`, `eps`
+//! and label dropout from its own stream `Rng::stream(step seed, i)`, and the dropout masks come
+//! from one step stream, row `i` of each mask being row `i` of the whole batch's mask. So what a
+//! sample sees depends on (seed, step, i) only, and K data-parallel ranks, rank `r` computing
+//! samples `[r B / K, (r + 1) B / K)`, reproduce the single process ([`crate::train::distributed`]).
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -34,7 +42,7 @@ use crate::nets::{unet, UNet, UNetConfig, UNetDenoiser};
 use crate::rng::Rng;
 use crate::schedule::{BetaSchedule, Schedule};
 use crate::train::checkpoint;
-use crate::train::{HookContext, TrainTask, Trainer, TrainerConfig};
+use crate::train::{Collective, HookContext, Shard, TrainTask, Trainer, TrainerConfig};
 
 /// Everything that defines an image-training run's model and data (saved in checkpoints,
 /// compared on resume).
@@ -121,7 +129,13 @@ pub struct ImageTask {
     grid: GridSampling,
     /// Class-conditional runs: the label dropout probability and the null class.
     cond: Option<(f64, u32)>,
+    /// The part of each global batch this process computes.
+    shard: Shard,
 }
+
+/// The stream of a step's seed that the dropout masks come from (streams `0 .. B` are the
+/// samples').
+const DROPOUT_STREAM: u64 = u64::MAX;
 
 impl ImageTask {
     /// A task training `unet` on `data`.
@@ -191,40 +205,63 @@ impl ImageTask {
             flip: config.flip,
             device: device.clone(),
             grid,
+            shard: Shard::WHOLE,
         })
     }
 
-    /// The simple loss of one batch.
+    /// The simple loss of one batch: of this process's share of it, as its contribution to the
+    /// global batch's mean (see the module docs for the draws).
     fn batch_loss(&mut self, rng: &mut Rng) -> Result<Tensor> {
-        let b = self.batch;
-        let idx = self.order.next_batch(b);
-        let x0 = self
-            .data
-            .batch(&idx, if self.flip { Some(&mut *rng) } else { None })?
-            .to_device(&self.device)?;
+        // every rank walks the same global order and keeps its share
+        let global = self.order.next_batch(self.batch);
+        let (first, b) = self.shard.range(self.batch);
+        let idx = &global[first..first + b];
+        let step_seed = rng.next_u64();
+        let mut streams: Vec<Rng> = (first..first + b)
+            .map(|i| Rng::stream(step_seed, i as u64))
+            .collect();
+        // the U-Net's dropout masks: rows first.. of the whole batch's masks
+        let mut masks = Rng::stream(step_seed, DROPOUT_STREAM).for_rows(first as u64);
+        // per sample, in this order: flip, t, eps, label dropout
+        let x0 = if self.flip {
+            let rows = idx
+                .iter()
+                .zip(streams.iter_mut())
+                .map(|(&i, r)| self.data.batch(&[i], Some(r)))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&rows, 0)?
+        } else {
+            self.data.batch(idx, None)?
+        }
+        .to_device(&self.device)?;
         let t_max = self.schedule.timesteps() as u64;
-        let t_index: Vec<usize> = (0..b).map(|_| rng.below(t_max) as usize).collect();
+        let t_index: Vec<usize> = streams.iter_mut().map(|r| r.below(t_max) as usize).collect();
         let [c, h, w] = self.data.shape();
-        let eps = rng.randn(&[b, c, h, w], &self.device)?;
+        let eps: Vec<f32> = streams
+            .iter_mut()
+            .flat_map(|r| r.normal_vec_f32(c * h * w))
+            .collect();
+        let eps = Tensor::from_vec(eps, (b, c, h, w), &self.device)?;
         let x_t = q_sample(&self.schedule, &x0, &t_index, &eps)?;
         let timesteps: Vec<f32> = t_index.iter().map(|&i| i as f32).collect();
         let timesteps = Tensor::from_vec(timesteps, b, &self.device)?;
         let out = match self.cond {
-            None => self.unet.forward_train(&x_t, &timesteps, rng)?,
+            None => self.unet.forward_train(&x_t, &timesteps, &mut masks)?,
             Some((p, null)) => {
-                // labels, each dropped to the null class with probability p (drawn after the
-                // noise, before the dropout masks)
+                // labels, each dropped to the null class with probability p (drawn from the
+                // sample's stream after its noise)
                 let mut labels = self
                     .data
-                    .batch_labels(&idx)
+                    .batch_labels(idx)
                     .ok_or_else(|| Error::param("data", "the images have no labels"))?;
-                for l in labels.iter_mut() {
-                    if rng.uniform() < p {
+                for (l, r) in labels.iter_mut().zip(streams.iter_mut()) {
+                    if r.uniform() < p {
                         *l = null;
                     }
                 }
                 let labels = Tensor::from_vec(labels, b, &self.device)?;
-                self.unet.forward_t(&x_t, &timesteps, Some(&labels), Some(rng))?
+                self.unet
+                    .forward_t(&x_t, &timesteps, Some(&labels), Some(&mut masks))?
             }
         };
         let target = match self.prediction {
@@ -239,7 +276,12 @@ impl ImageTask {
                 (eps.broadcast_mul(&per_sample(&a, &x0)?)? - x0.broadcast_mul(&per_sample(&s, &x0)?)?)?
             }
         };
-        Ok((out - target)?.sqr()?.mean_all()?)
+        let loss = (out - target)?.sqr()?.mean_all()?;
+        if self.shard.size == 1 {
+            return Ok(loss);
+        }
+        // this share's part of the global mean: (B / K) / B of its own mean
+        Ok((loss * (1.0 / self.shard.size as f64))?)
     }
 
     /// Draws the hook's sample grid with the EMA weights into `run_dir/samples/`.
@@ -368,6 +410,12 @@ impl TrainTask for ImageTask {
         serde_json::to_value(self.order.state()).unwrap_or(Value::Null)
     }
 
+    fn set_shard(&mut self, shard: Shard) -> Result<()> {
+        shard.check(self.batch)?;
+        self.shard = shard;
+        Ok(())
+    }
+
     fn restore_data_state(&mut self, state: &Value) -> Result<()> {
         let s: SamplerState = serde_json::from_value(state.clone())
             .map_err(|e| Error::param("data order", format!("cannot read the saved data order: {e}")))?;
@@ -425,15 +473,36 @@ impl ImageRun {
         resume: bool,
         device: &Device,
     ) -> Result<Self> {
+        let comm = crate::train::distributed::single_process();
+        Self::setup_on(run_dir, data, config, trainer_config, grid, resume, device, comm)
+    }
+
+    /// [`ImageRun::setup`] as one rank of a data-parallel run over `comm`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn setup_on(
+        run_dir: &Path,
+        data: ImageDataset,
+        config: &ImageTrainConfig,
+        trainer_config: &TrainerConfig,
+        grid: GridSampling,
+        resume: bool,
+        device: &Device,
+        comm: Rc<dyn Collective>,
+    ) -> Result<Self> {
         let seeds = ImageSeeds::from_seed(trainer_config.seed);
         let (net, varmap) = unet::init_params(&config.unet_config()?, seeds.init, device)?;
         let mut task = ImageTask::new(data, net, config, seeds.order, grid, device)?;
+        // a batch the ranks cannot share is refused before anything is written
+        task.set_shard(Shard {
+            rank: comm.rank(),
+            size: comm.size(),
+        })?;
         let task_config = serde_json::to_value(config)
             .map_err(|e| Error::Numerical(format!("cannot encode the image config: {e}")))?;
         let trainer = if resume {
-            Trainer::resume(run_dir, &varmap, trainer_config, &task_config, &mut task)?
+            Trainer::resume_on(run_dir, &varmap, trainer_config, &task_config, &mut task, comm)?
         } else {
-            Trainer::new(run_dir, &varmap, trainer_config, &task_config)?
+            Trainer::new_on(run_dir, &varmap, trainer_config, &task_config, comm)?
         };
         Ok(ImageRun {
             trainer,

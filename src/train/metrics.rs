@@ -36,7 +36,8 @@ pub struct MetricRecord {
 /// An open `metrics.jsonl`, with its records kept in memory for the loss curve.
 pub struct MetricsLog {
     path: PathBuf,
-    file: fs::File,
+    /// `None`: records kept in memory only (ranks other than 0 of a data-parallel run).
+    file: Option<fs::File>,
     records: Vec<MetricRecord>,
 }
 
@@ -52,6 +53,31 @@ impl MetricsLog {
     /// between checkpoints) and drops the rest. A malformed line before that point is an error
     /// naming the line; a malformed last line (a write cut short by a kill) is dropped.
     pub fn resume(path: &Path, through_step: u64) -> Result<Self> {
+        let records = Self::read_records(path, through_step)?;
+        let mut kept = String::new();
+        for r in &records {
+            kept.push_str(&record_line(r)?);
+        }
+        crate::io::atomic_write(path, kept.as_bytes())?;
+        Self::open_append(path, records)
+    }
+
+    /// A log that keeps its records in memory and writes nothing (`path` is only a name).
+    pub fn in_memory(path: &Path, records: Vec<MetricRecord>) -> Self {
+        MetricsLog {
+            path: path.to_path_buf(),
+            file: None,
+            records,
+        }
+    }
+
+    /// The records of `path` through `through_step` (as [`MetricsLog::resume`] keeps them),
+    /// in memory, without touching the file.
+    pub fn read(path: &Path, through_step: u64) -> Result<Self> {
+        Ok(Self::in_memory(path, Self::read_records(path, through_step)?))
+    }
+
+    fn read_records(path: &Path, through_step: u64) -> Result<Vec<MetricRecord>> {
         let text = match crate::io::read_text(path) {
             Ok(t) => t,
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -78,12 +104,7 @@ impl MetricsLog {
             }
             records.push(rec);
         }
-        let mut kept = String::new();
-        for r in &records {
-            kept.push_str(&record_line(r)?);
-        }
-        crate::io::atomic_write(path, kept.as_bytes())?;
-        Self::open_append(path, records)
+        Ok(records)
     }
 
     fn open_append(path: &Path, records: Vec<MetricRecord>) -> Result<Self> {
@@ -93,24 +114,28 @@ impl MetricsLog {
             .map_err(|e| Error::io(path, e))?;
         Ok(MetricsLog {
             path: path.to_path_buf(),
-            file,
+            file: Some(file),
             records,
         })
     }
 
     /// Appends one record (written through to the OS; durable after [`MetricsLog::sync`]).
     pub fn append(&mut self, record: MetricRecord) -> Result<()> {
-        let line = record_line(&record)?;
-        self.file
-            .write_all(line.as_bytes())
-            .map_err(|e| Error::io(&self.path, e))?;
+        if let Some(file) = &mut self.file {
+            let line = record_line(&record)?;
+            file.write_all(line.as_bytes())
+                .map_err(|e| Error::io(&self.path, e))?;
+        }
         self.records.push(record);
         Ok(())
     }
 
     /// Flushes the file to disk.
     pub fn sync(&mut self) -> Result<()> {
-        self.file.sync_all().map_err(|e| Error::io(&self.path, e))
+        match &self.file {
+            Some(file) => file.sync_all().map_err(|e| Error::io(&self.path, e)),
+            None => Ok(()),
+        }
     }
 
     /// The records so far.

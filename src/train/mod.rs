@@ -21,8 +21,12 @@
 //! from any checkpoint continues with exactly the losses the uninterrupted run would have had
 //! (everything that influences the next step is in the checkpoint: weights, EMA, moments, step,
 //! generator state, data-order state). `tests/train_resume.rs` checks this.
+//!
+//! Data-parallel training over K ranks (`mpirun -n K`) runs the same loop on every rank with
+//! one gradient all-reduce per step ([`distributed`]); without a launcher nothing changes.
 
 pub mod checkpoint;
+pub mod distributed;
 pub mod ema;
 pub mod image;
 pub mod init;
@@ -32,6 +36,7 @@ pub mod optim;
 pub mod toy;
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
@@ -44,6 +49,7 @@ use crate::error::{Error, Result};
 use crate::rng::Rng;
 
 pub use checkpoint::CheckpointState;
+pub use distributed::{Collective, ExchangeStats, Shard};
 pub use ema::{Ema, EmaConfig};
 pub use interrupt::Interrupt;
 pub use metrics::{MetricRecord, MetricsLog};
@@ -68,6 +74,24 @@ pub trait TrainTask {
 
     /// Restores a state returned by [`TrainTask::data_state`].
     fn restore_data_state(&mut self, state: &Value) -> Result<()>;
+
+    /// Data-parallel training: from now on [`TrainTask::loss`] computes `shard`'s part of each
+    /// global batch, drawing for each sample what the single process draws for it, and returns
+    /// that part's contribution to the global mean loss (its own mean times `1 / shard.size`),
+    /// so that the sum over ranks is the single-process loss and gradient. Refuses a shard it
+    /// cannot take (a batch that does not split evenly). The default trains in one process only.
+    fn set_shard(&mut self, shard: Shard) -> Result<()> {
+        if shard.size > 1 {
+            return Err(Error::param(
+                "ranks",
+                format!(
+                    "this model trains in one process; it was started as {} ranks",
+                    shard.size
+                ),
+            ));
+        }
+        Ok(())
+    }
 
     /// Called every `hook_every` steps and when the run stops (e.g. to draw a sample grid).
     /// It must not change the weights or draw from the training generator.
@@ -159,6 +183,8 @@ pub struct TrainOutcome {
     pub last: Option<MetricRecord>,
     /// The checkpoint directory written at the end.
     pub checkpoint: PathBuf,
+    /// Data-parallel runs: what the gradient all-reduce cost (`None` in one process).
+    pub exchange: Option<ExchangeStats>,
 }
 
 /// A training run in a directory: optimizer, EMA, generator, step, metrics and checkpoints.
@@ -173,6 +199,8 @@ pub struct Trainer {
     elapsed_before: f64,
     metrics: MetricsLog,
     last_checkpoint_step: Option<u64>,
+    /// The ranks of a data-parallel run ([`distributed::SingleProcess`] by default).
+    comm: Rc<dyn Collective>,
 }
 
 impl Trainer {
@@ -186,6 +214,23 @@ impl Trainer {
     /// A fresh run in `run_dir` over the variables of `varmap` (already initialised). Refuses a
     /// directory that already holds a checkpoint (resume it or pick another directory).
     pub fn new(run_dir: &Path, varmap: &VarMap, config: &TrainerConfig, task_config: &Value) -> Result<Self> {
+        Self::new_on(
+            run_dir,
+            varmap,
+            config,
+            task_config,
+            distributed::single_process(),
+        )
+    }
+
+    /// [`Trainer::new`] as one rank of `comm`: only rank 0 writes into `run_dir`.
+    pub fn new_on(
+        run_dir: &Path,
+        varmap: &VarMap,
+        config: &TrainerConfig,
+        task_config: &Value,
+        comm: Rc<dyn Collective>,
+    ) -> Result<Self> {
         // any checkpoint, complete or damaged, is kept: a fresh run never overwrites one
         if let Some(found) = checkpoint::present(run_dir) {
             let step = checkpoint::read_state(&found)
@@ -197,8 +242,13 @@ impl Trainer {
             ));
         }
         let full_config = Self::full_config(config, task_config)?;
-        std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
-        crate::io::write_json(&run_dir.join(CONFIG_FILE), &full_config)?;
+        let metrics = if comm.rank() == 0 {
+            std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+            crate::io::write_json(&run_dir.join(CONFIG_FILE), &full_config)?;
+            MetricsLog::create(&run_dir.join(METRICS_FILE))?
+        } else {
+            MetricsLog::in_memory(&run_dir.join(METRICS_FILE), Vec::new())
+        };
         Ok(Trainer {
             run_dir: run_dir.to_path_buf(),
             full_config,
@@ -208,8 +258,9 @@ impl Trainer {
             rng: Rng::new(config.seed),
             step: 0,
             elapsed_before: 0.0,
-            metrics: MetricsLog::create(&run_dir.join(METRICS_FILE))?,
+            metrics,
             last_checkpoint_step: None,
+            comm,
         })
     }
 
@@ -223,6 +274,26 @@ impl Trainer {
         config: &TrainerConfig,
         task_config: &Value,
         task: &mut dyn TrainTask,
+    ) -> Result<Self> {
+        Self::resume_on(
+            run_dir,
+            varmap,
+            config,
+            task_config,
+            task,
+            distributed::single_process(),
+        )
+    }
+
+    /// [`Trainer::resume`] as one rank of `comm`: every rank reads the checkpoint, only rank 0
+    /// rewrites `metrics.jsonl`.
+    pub fn resume_on(
+        run_dir: &Path,
+        varmap: &VarMap,
+        config: &TrainerConfig,
+        task_config: &Value,
+        task: &mut dyn TrainTask,
+        comm: Rc<dyn Collective>,
     ) -> Result<Self> {
         let ckpt = checkpoint::locate(run_dir)?;
         let state = checkpoint::read_state(&ckpt)?;
@@ -249,7 +320,11 @@ impl Trainer {
             ),
             other => other,
         })?;
-        let metrics = MetricsLog::resume(&run_dir.join(METRICS_FILE), state.step)?;
+        let metrics = if comm.rank() == 0 {
+            MetricsLog::resume(&run_dir.join(METRICS_FILE), state.step)?
+        } else {
+            MetricsLog::read(&run_dir.join(METRICS_FILE), state.step)?
+        };
         Ok(Trainer {
             run_dir: run_dir.to_path_buf(),
             full_config,
@@ -261,6 +336,7 @@ impl Trainer {
             elapsed_before: state.elapsed_s,
             metrics,
             last_checkpoint_step: Some(state.step),
+            comm,
         })
     }
 
@@ -333,12 +409,10 @@ impl Trainer {
         options: &LoopOptions,
         interrupt: &Interrupt,
     ) -> Result<TrainOutcome> {
-        if budget.steps.is_none() && budget.minutes.is_none() {
-            return Err(Error::param("budget", "give a number of steps or of minutes"));
+        if self.comm.size() > 1 {
+            return self.run_data_parallel(task, budget, options, interrupt);
         }
-        if let Some(m) = budget.minutes {
-            crate::error::check_range("minutes", m, (0.0, false), (f64::INFINITY, false))?;
-        }
+        check_budget(budget)?;
         let start = Instant::now();
         let time_limit = budget.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
         let progress = Progress::new(options.progress, budget, self.step);
@@ -374,8 +448,7 @@ impl Trainer {
         }
         let dir = if self.last_checkpoint_step == Some(self.step) {
             // nothing new since the last checkpoint; still refresh the picture and the log
-            self.metrics.sync()?;
-            metrics::loss_curve_png(&self.run_dir.join(LOSS_CURVE_FILE), self.metrics.records())?;
+            self.refresh_log()?;
             checkpoint::locate(&self.run_dir)?
         } else {
             self.save_checkpoint(task, Some(start))?
@@ -387,7 +460,28 @@ impl Trainer {
             stop,
             last: self.metrics.records().last().cloned(),
             checkpoint: dir,
+            exchange: None,
         })
+    }
+
+    /// Syncs `metrics.jsonl` and redraws the loss curve.
+    fn refresh_log(&mut self) -> Result<()> {
+        self.metrics.sync()?;
+        metrics::loss_curve_png(&self.run_dir.join(LOSS_CURVE_FILE), self.metrics.records())
+    }
+
+    /// The error of a non-finite loss at `step` (no update is applied).
+    fn non_finite_loss(&self, loss_value: f64, step: u64) -> Error {
+        Error::Numerical(format!(
+            "the loss is {loss_value} at step {step}; {}",
+            match self.last_checkpoint_step {
+                Some(s) => format!(
+                    "the checkpoint of step {s} in {} is intact",
+                    self.run_dir.display()
+                ),
+                None => "no checkpoint was written yet".into(),
+            }
+        ))
     }
 
     fn one_step(&mut self, task: &mut dyn TrainTask, start: Instant) -> Result<MetricRecord> {
@@ -395,16 +489,7 @@ impl Trainer {
         let loss = task.loss(step, &mut self.rng)?;
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_value.is_finite() {
-            return Err(Error::Numerical(format!(
-                "the loss is {loss_value} at step {step}; {}",
-                match self.last_checkpoint_step {
-                    Some(s) => format!(
-                        "the checkpoint of step {s} in {} is intact",
-                        self.run_dir.display()
-                    ),
-                    None => "no checkpoint was written yet".into(),
-                }
-            )));
+            return Err(self.non_finite_loss(loss_value, step));
         }
         let stats = self.optimizer.backward_step(&loss)?;
         self.ema.update()?;
@@ -429,6 +514,17 @@ impl Trainer {
             metrics: self.metrics.records(),
         })
     }
+}
+
+/// A budget needs steps or minutes; minutes must be positive.
+fn check_budget(budget: &Budget) -> Result<()> {
+    if budget.steps.is_none() && budget.minutes.is_none() {
+        return Err(Error::param("budget", "give a number of steps or of minutes"));
+    }
+    if let Some(m) = budget.minutes {
+        crate::error::check_range("minutes", m, (0.0, false), (f64::INFINITY, false))?;
+    }
+    Ok(())
 }
 
 /// The variables of `varmap` as (name, tensor), in name order.
