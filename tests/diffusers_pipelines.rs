@@ -23,7 +23,12 @@ fn fixture() -> PathBuf {
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap()
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 /// Runs one recorded case through our sampler; returns (max |ours - diffusers|, max |diffusers|).
@@ -34,7 +39,11 @@ fn run_case(case: &Value, tensors: &HashMap<String, Tensor>, z: &Tensor, scratch
     let cfg_path = scratch.join(format!("{name}.json"));
     std::fs::write(&cfg_path, serde_json::to_string(&config).unwrap()).unwrap();
     let model = load_diffusers(&fixture().join("model"), Some(&cfg_path), &Device::Cpu).unwrap();
-    let sampler_name = if case["pipeline"] == "DDIMPipeline" { "ddim" } else { "ddpm" };
+    let sampler_name = if case["pipeline"] == "DDIMPipeline" {
+        "ddim"
+    } else {
+        "ddpm"
+    };
     let steps = case["steps"].as_u64().unwrap() as usize;
     let eta = (sampler_name == "ddim").then_some(0.0);
     let cfg = model.scheduler.clone().unwrap();
@@ -90,7 +99,8 @@ fn run_case(case: &Value, tensors: &HashMap<String, Tensor>, z: &Tensor, scratch
 #[test]
 fn ddim_and_ddpm_pipelines_on_a_trained_network_match_diffusers_from_the_same_noise() {
     let dir = fixture();
-    let index: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let index: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
     let tensors = candle_core::safetensors::load(dir.join("cases.safetensors"), &Device::Cpu).unwrap();
     let z = diffuse::io::read_npy(&dir.join("z.npy")).unwrap();
     let z = Tensor::from_vec(
@@ -113,5 +123,10 @@ fn ddim_and_ddpm_pipelines_on_a_trained_network_match_diffusers_from_the_same_no
         }
     }
     eprintln!("worst: {} {:.2e}", worst.0, worst.1);
-    assert!(worst.1 < 1e-4, "{} differs from diffusers' pipeline by {:.2e} relative", worst.0, worst.1);
+    assert!(
+        worst.1 < 1e-4,
+        "{} differs from diffusers' pipeline by {:.2e} relative",
+        worst.0,
+        worst.1
+    );
 }

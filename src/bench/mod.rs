@@ -31,6 +31,7 @@
 pub mod flops;
 pub mod memory;
 pub mod report;
+pub mod solver;
 pub mod torch;
 
 use std::collections::HashMap;

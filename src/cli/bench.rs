@@ -73,6 +73,11 @@ pub struct BenchArgs {
     /// Use candle's stock ops instead of the fast CPU kernels (to see the kernels' effect).
     #[arg(long)]
     stock_ops: bool,
+    /// Also time every fixed-step sampler's own arithmetic per NFE at the sample batch (its
+    /// default steps on the ddpm process, driven by a denoiser that costs nothing), as a share of
+    /// the first preset's sampling forward.
+    #[arg(long)]
+    solvers: bool,
     /// Print every figure as one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -171,6 +176,15 @@ fn worker(args: &BenchArgs, what: &str) -> anyhow::Result<()> {
     let device = candle_core::Device::Cpu;
     let json = if what == "sgemm" {
         serde_json::to_string(&bench::sgemm(args.sgemm_size, 2, 5, args.seed, &device)?)?
+    } else if what == "solvers" {
+        let shape = [args.channels, args.image_size, args.image_size];
+        serde_json::to_string(&bench::solver::solver_costs(
+            args.sample_batch,
+            shape,
+            args.iters,
+            args.seed,
+            &device,
+        )?)?
     } else {
         let workload: Workload = what.parse()?;
         let configs = args.configs()?;
@@ -308,6 +322,24 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         });
     }
 
+    let solvers: Option<Vec<bench::solver::SolverCost>> = if args.solvers {
+        eprintln!("bench: solvers' own cost at batch {}", args.sample_batch);
+        let (first, _) = &configs[0];
+        Some(run_worker(
+            args.worker_command("solvers", first, threads)?,
+            "solvers",
+        )?)
+    } else {
+        None
+    };
+    // the sampling forward they are compared with
+    let forward_ms = presets.first().and_then(|p| {
+        p.workloads
+            .iter()
+            .find(|r| r.workload == Workload::Sample.name())
+            .map(|r| r.ours.median_ms)
+    });
+
     let report = BenchReport {
         threads,
         fast_kernels: !args.stock_ops,
@@ -320,9 +352,40 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         presets,
     };
     if args.json {
-        println!("{}", report.to_json());
+        let mut json = report.to_json();
+        if let (Some(costs), Some(obj)) = (&solvers, json.as_object_mut()) {
+            let rows: Vec<serde_json::Value> = costs
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "sampler": c.sampler, "steps": c.steps, "nfe": c.nfe,
+                        "ms_per_nfe": c.ms_per_nfe,
+                        "share_of_forward": forward_ms.map(|f| c.ms_per_nfe / f),
+                    })
+                })
+                .collect();
+            obj.insert("solvers".into(), serde_json::Value::Array(rows));
+        }
+        println!("{json}");
     } else {
         print!("{}", report.table());
+        if let Some(costs) = &solvers {
+            println!(
+                "solver's own cost per NFE at batch {} ({}):",
+                args.sample_batch,
+                match (forward_ms, report.presets.first()) {
+                    (Some(f), Some(p)) => format!("share of one {} sampling forward, {f:.1} ms", p.preset),
+                    _ => "add the sample workload for its share of a forward".into(),
+                }
+            );
+            for c in costs {
+                let share = forward_ms.map_or("-".into(), |f| format!("{:.2} %", 100.0 * c.ms_per_nfe / f));
+                println!(
+                    "  {:<16} {:>4} steps {:>4} NFE {:>8.3} ms/NFE  {share}",
+                    c.sampler, c.steps, c.nfe, c.ms_per_nfe
+                );
+            }
+        }
         for p in &report.presets {
             let find = |w: Workload| p.workloads.iter().find(|r| r.workload == w.name());
             if let (Some(g), Some(s)) = (find(Workload::Guided), find(Workload::Sample)) {
