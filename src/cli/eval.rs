@@ -49,6 +49,12 @@ struct SamplesArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Features the Fréchet distance is computed on: `digits` (the bundled digit classifier's
+    /// 128 features, the default for greyscale images; also reports the classifier's class
+    /// histogram, its entropy and, for class-conditional samples, the agreement with the
+    /// requested classes recorded in info.json) or `pixels` (raw pixel moments).
+    #[arg(long, value_name = "digits|pixels")]
+    features: Option<String>,
     /// Write the result as JSON here.
     #[arg(long, value_name = "FILE.json")]
     out: Option<PathBuf>,
@@ -160,8 +166,21 @@ fn samples(a: SamplesArgs) -> anyhow::Result<()> {
             .map(|&v| (v as f64 + 1.0) / 2.0)
             .collect()
     };
+    let digits = match a.features.as_deref() {
+        None => shape[0] == 1,
+        Some("digits") if shape[0] == 1 => true,
+        Some("digits") => return super::usage(format!(
+            "--features digits needs greyscale images; the samples have {} channels (use --features pixels)",
+            shape[0]
+        )),
+        Some("pixels") => false,
+        Some(other) => {
+            return super::usage(format!(
+                "--features: unknown '{other}', expected digits or pixels"
+            ))
+        }
+    };
     let reference = unit(&ds, m);
-    let fd = frechet_distance(&npy.data, &reference, d)?;
     let energy = energy_distance(&npy.data, &reference, d)?;
     // the floor: real images of the other split against the same reference images
     let other = if a.split == Split::Test {
@@ -172,19 +191,60 @@ fn samples(a: SamplesArgs) -> anyhow::Result<()> {
     // (a folder without a split of that name has no floor)
     let ods = data::load(&spec.with_split(other)).ok();
     let k = ods.as_ref().map_or(0, |o| n.min(o.len()));
-    let (fd_floor, energy_floor) = if let (Some(ods), true) = (&ods, k >= 2) {
-        let real = unit(ods, k);
-        (
-            Some(frechet_distance(&real, &reference, d)?),
-            Some(energy_distance(&real, &reference, d)?),
-        )
-    } else {
-        (None, None)
+    let real = match (&ods, k >= 2) {
+        (Some(ods), true) => Some(unit(ods, k)),
+        _ => None,
     };
-    let result = json!({
-        "fd_pixels": fd,
+    let energy_floor = real
+        .as_ref()
+        .map(|r| energy_distance(r, &reference, d))
+        .transpose()?;
+    let device = candle_core::Device::Cpu;
+    let mut extra = serde_json::Map::new();
+    let (fd_name, fd, fd_floor) = if digits {
+        use diffuse::eval::digits::{agreement, class_histogram, DigitClassifier, FEATURES, NAME};
+        let net = DigitClassifier::bundled(&device)?;
+        let (f_s, c_s) = net.describe(&npy.data, shape, &device)?;
+        let (f_r, _) = net.describe(&reference, shape, &device)?;
+        let fd = frechet_distance(&f_s, &f_r, FEATURES)?;
+        let floor = match &real {
+            Some(r) => Some(frechet_distance(
+                &net.describe(r, shape, &device)?.0,
+                &f_r,
+                FEATURES,
+            )?),
+            None => None,
+        };
+        let (hist, entropy) = class_histogram(&c_s);
+        extra.insert("feature_network".into(), json!(NAME));
+        extra.insert("class_histogram".into(), json!(hist));
+        extra.insert("class_entropy".into(), json!(entropy));
+        // the classes the images were asked for, from the info.json `diffuse sample` wrote
+        let requested = requested_classes(&a.samples, n)?;
+        if let Some(req) = requested {
+            let (all, per) = agreement(&c_s, &req);
+            extra.insert("agreement".into(), json!(all));
+            let per: serde_json::Map<String, serde_json::Value> = per
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, asked))| *asked > 0)
+                .map(|(c, (hit, asked))| (c.to_string(), json!(*hit as f64 / *asked as f64)))
+                .collect();
+            extra.insert("per_class_agreement".into(), serde_json::Value::Object(per));
+        }
+        ("fd_digit_features", fd, floor)
+    } else {
+        let fd = frechet_distance(&npy.data, &reference, d)?;
+        let floor = real
+            .as_ref()
+            .map(|r| frechet_distance(r, &reference, d))
+            .transpose()?;
+        ("fd_pixels", fd, floor)
+    };
+    let mut result = json!({
+        fd_name: fd,
+        format!("{fd_name}_real"): fd_floor,
         "energy_distance": energy,
-        "fd_pixels_real": fd_floor,
         "energy_distance_real": energy_floor,
         "n_samples": n,
         "n_images": m,
@@ -193,6 +253,9 @@ fn samples(a: SamplesArgs) -> anyhow::Result<()> {
         "data": ds.source(),
         "samples": a.samples.display().to_string(),
     });
+    if let Some(obj) = result.as_object_mut() {
+        obj.extend(extra);
+    }
     if let Some(path) = &a.out {
         diffuse::io::write_json(path, &result)?;
     }
@@ -200,17 +263,75 @@ fn samples(a: SamplesArgs) -> anyhow::Result<()> {
         println!("{result}");
     } else {
         let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
+        let what = if digits {
+            "FD of the bundled digit features"
+        } else {
+            "Fréchet distance of pixels"
+        };
         println!(
-            "{n} samples vs {m} {} images: Fréchet distance of pixels {fd:.4} (real {other} images: {}), energy distance {energy:.4} (real: {})",
+            "{n} samples vs {m} {} images: {what} {fd:.4} (real {other} images: {}), energy distance {energy:.4} (real: {})",
             a.split,
             fmt(fd_floor),
             fmt(energy_floor)
         );
+        if let (Some(h), Some(e)) = (result.get("class_histogram"), result.get("class_entropy")) {
+            println!(
+                "digit classifier: classes {h}, entropy {:.3} nats (uniform: 2.303)",
+                e.as_f64().unwrap_or(f64::NAN)
+            );
+        }
+        if let Some(g) = result.get("agreement").and_then(|g| g.as_f64()) {
+            println!(
+                "agreement with the requested class: {:.1} % (per class: {})",
+                100.0 * g,
+                result["per_class_agreement"]
+            );
+        }
         if let Some(path) = &a.out {
             println!("wrote {}", path.display());
         }
     }
     Ok(())
+}
+
+/// The class each image was asked for (`None`: unconditional), from the `classes` of the
+/// info.json that `diffuse sample` writes beside samples.npy; `None` when there is no info.json
+/// or it records no classes. A malformed one is an error naming it.
+fn requested_classes(samples: &std::path::Path, n: usize) -> anyhow::Result<Option<Vec<Option<usize>>>> {
+    let Some(dir) = samples.parent() else {
+        return Ok(None);
+    };
+    let path = dir.join("info.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = diffuse::io::read_text(&path)?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| diffuse::Error::bad_input(&path, format!("not JSON: {e}")))?;
+    let Some(classes) = v.get("classes").and_then(|c| c.as_array()) else {
+        return Ok(None);
+    };
+    if classes.len() != n {
+        return Err(diffuse::Error::bad_input(
+            &path,
+            format!("classes: {} entries for {n} images", classes.len()),
+        )
+        .into());
+    }
+    let req = classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| match c {
+            serde_json::Value::Null => Ok(None),
+            c => c.as_u64().map(|k| Some(k as usize)).ok_or_else(|| {
+                diffuse::Error::bad_input(
+                    &path,
+                    format!("classes[{i}]: expected a class id or null, got {c}"),
+                )
+            }),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(req.iter().any(Option::is_some).then_some(req))
 }
 
 fn nll(a: NllArgs) -> anyhow::Result<()> {
