@@ -306,7 +306,7 @@ fn a_killed_rank_stops_the_job_and_the_run_resumes_exactly() {
 }
 
 /// `mpirun` turns SIGTERM (and Ctrl-C) into SIGTERM to every rank `odls_base_sigkill_timeout`
-/// seconds later (default 1) and SIGKILL as long after that; 3 s leave a loaded machine time
+/// seconds later (default 1) and SIGKILL as long after that; 20 s leave a loaded machine time
 /// to finish the step and write the checkpoint, and 100 steps keep the run going until then.
 #[test]
 fn sigterm_to_mpirun_checkpoints_once_from_rank_0_and_the_run_resumes_exactly() {
@@ -314,7 +314,7 @@ fn sigterm_to_mpirun_checkpoints_once_from_rank_0_and_the_run_resumes_exactly() 
     let (reference, run) = (tmp.path().join("reference"), tmp.path().join("stopped"));
     std::thread::scope(|s| {
         s.spawn(|| two_ranks(&reference, false, 100));
-        let mut child = mpirun_with(2, &["-q", "--mca", "odls_base_sigkill_timeout", "3"])
+        let mut child = mpirun_with(2, &["-q", "--mca", "odls_base_sigkill_timeout", "20"])
             .args(train_args(&run, false, 100))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -169,10 +169,12 @@ fn samples(a: SamplesArgs) -> anyhow::Result<()> {
     let digits = match a.features.as_deref() {
         None => shape[0] == 1,
         Some("digits") if shape[0] == 1 => true,
-        Some("digits") => return super::usage(format!(
+        Some("digits") => {
+            return super::usage(format!(
             "--features digits needs greyscale images; the samples have {} channels (use --features pixels)",
             shape[0]
-        )),
+        ))
+        }
         Some("pixels") => false,
         Some(other) => {
             return super::usage(format!(
