@@ -247,13 +247,42 @@ fn eval_samples_ranks_real_images_above_noise() {
     let noise_path = dir.path().join("noise.npy");
     diffuse::io::write_npy_f32(&real_path, &[200, 1, 28, 28], &real).unwrap();
     diffuse::io::write_npy_f32(&noise_path, &[200, 1, 28, 28], &noise).unwrap();
-    let score = |p: &Path| -> serde_json::Value {
-        let o = diffuse(&["eval", "samples", "--samples", p.to_str().unwrap(), "--json"]);
+    let score_with = |p: &Path, features: &str| -> serde_json::Value {
+        let o = diffuse(&[
+            "eval",
+            "samples",
+            "--samples",
+            p.to_str().unwrap(),
+            "--features",
+            features,
+            "--json",
+        ]);
         ok(&o);
         serde_json::from_slice(&o.stdout).unwrap()
     };
-    let r = score(&real_path);
-    let n = score(&noise_path);
+    // the default on greyscale: the bundled digit classifier's features and classes
+    let (r, n) = (
+        score_with(&real_path, "digits"),
+        score_with(&noise_path, "digits"),
+    );
+    let (fr, fnoise) = (
+        r["fd_digit_features"].as_f64().unwrap(),
+        n["fd_digit_features"].as_f64().unwrap(),
+    );
+    assert!(fr >= 0.0 && fr * 10.0 < fnoise, "real {fr} vs noise {fnoise}");
+    let floor = r["fd_digit_features_real"].as_f64().unwrap();
+    assert!((floor - fr).abs() < 1e-4 * fr.max(1.0), "{floor} vs {fr}");
+    assert!(r["feature_network"]
+        .as_str()
+        .unwrap()
+        .contains("digit classifier"));
+    let hist: Vec<u64> = serde_json::from_value(r["class_histogram"].clone()).unwrap();
+    assert_eq!(hist.iter().sum::<u64>(), 200);
+    assert!(r["class_entropy"].as_f64().unwrap() > 2.0, "{r}");
+    assert!(n["class_entropy"].as_f64().unwrap() < r["class_entropy"].as_f64().unwrap());
+    // --features pixels keeps the pixel figures
+    let r = score_with(&real_path, "pixels");
+    let n = score_with(&noise_path, "pixels");
     for k in [
         "fd_pixels",
         "energy_distance",
