@@ -6,10 +6,14 @@
 //! ```
 //!
 //! `tr (S_x S_y)^{1/2}` is the sum of the square roots of the eigenvalues of `S_x S_y`, which are
-//! those of the symmetric `L^T S_y L` with `S_x = L L^T` (Cholesky). A ridge `eps * I` is added to
-//! `S_x` so that constant features (an always-black border) keep the factorisation defined, as
-//! pytorch-fid does when the product is singular. The eigenvalues come from a Householder
-//! reduction to tridiagonal form and the implicit QL iteration (Golub & Van Loan, sec. 8.3).
+//! those of the symmetric `L^T S_y L` with `S_x = L L^T` (Cholesky), computed in f64. As
+//! pytorch-fid's `calculate_frechet_distance`: no ridge while the product is regular; when it is
+//! singular (here: `S_x` has no Cholesky factor, e.g. constant features such as an always-black
+//! border, or fewer samples than dimensions) `eps * I` (eps = 1e-6) is added to *both*
+//! covariances and the product recomputed; a square root with an imaginary part above 1e-3 (an
+//! eigenvalue below -1e-6) is an error, smaller ones are rounding and count as 0 (pytorch-fid
+//! keeps `covmean.real`). The eigenvalues come from a Householder reduction to tridiagonal form
+//! and the implicit QL iteration (Golub & Van Loan, sec. 8.3).
 //!
 //! In pixel space this is not FID (no Inception features): it compares first and second moments
 //! of the raw pixels, enough to rank samplers of one model against the same reference images.
@@ -18,8 +22,22 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 
-/// Ridge added to the first covariance before its Cholesky factorisation.
-pub const RIDGE: f64 = 1e-6;
+/// pytorch-fid's offset: added to the diagonal of both covariances when their product is
+/// singular (never otherwise).
+pub const SINGULAR_OFFSET: f64 = 1e-6;
+
+/// pytorch-fid's bound on the imaginary part of the product's square root (`atol = 1e-3`).
+pub const IMAGINARY_ATOL: f64 = 1e-3;
+
+/// A Fréchet distance and how it was computed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Frechet {
+    /// `d^2` (FID's value).
+    pub value: f64,
+    /// Whether the product was singular, so [`SINGULAR_OFFSET`] was added (pytorch-fid prints
+    /// "fid calculation produces singular product" then).
+    pub offset: bool,
+}
 
 /// Mean (length d) and unbiased covariance (d x d, row-major) of the rows of `x` (n x d).
 pub fn mean_cov(x: &[f64], d: usize) -> Result<(Vec<f64>, Vec<f64>)> {
@@ -51,6 +69,11 @@ pub fn mean_cov(x: &[f64], d: usize) -> Result<(Vec<f64>, Vec<f64>)> {
 
 /// The squared Fréchet distance between N(mu_x, S_x) and N(mu_y, S_y) (see the module docs).
 pub fn frechet_gaussian(mu_x: &[f64], s_x: &[f64], mu_y: &[f64], s_y: &[f64]) -> Result<f64> {
+    Ok(frechet_gaussian_detailed(mu_x, s_x, mu_y, s_y)?.value)
+}
+
+/// [`frechet_gaussian`], saying whether pytorch-fid's singular-product offset was needed.
+pub fn frechet_gaussian_detailed(mu_x: &[f64], s_x: &[f64], mu_y: &[f64], s_y: &[f64]) -> Result<Frechet> {
     let d = mu_x.len();
     if mu_y.len() != d || s_x.len() != d * d || s_y.len() != d * d || d == 0 {
         return Err(Error::param(
@@ -64,13 +87,39 @@ pub fn frechet_gaussian(mu_x: &[f64], s_x: &[f64], mu_y: &[f64], s_y: &[f64]) ->
             ),
         ));
     }
+    if let Some(i) = mu_x.iter().chain(mu_y).chain(s_x).chain(s_y).position(|v| !v.is_finite()) {
+        return Err(Error::param("statistics", format!("value {i} of the means and covariances is not finite")));
+    }
     let mean_term: f64 = mu_x.iter().zip(mu_y).map(|(a, b)| (a - b) * (a - b)).sum();
     let trace = |s: &[f64]| (0..d).map(|i| s[i * d + i]).sum::<f64>();
-    let mut ridged = s_x.to_vec();
-    for i in 0..d {
-        ridged[i * d + i] += RIDGE;
-    }
-    let l = cholesky(&ridged, d)?;
+    let (tr_sqrt, offset) = match trace_sqrt_product(s_x, s_y, d)? {
+        Some(t) => (t, false),
+        None => {
+            let ridged = |s: &[f64]| {
+                let mut r = s.to_vec();
+                for i in 0..d {
+                    r[i * d + i] += SINGULAR_OFFSET;
+                }
+                r
+            };
+            let t = trace_sqrt_product(&ridged(s_x), &ridged(s_y), d)?.ok_or_else(|| {
+                Error::Numerical(format!(
+                    "the covariance product stays singular after adding {SINGULAR_OFFSET} to the diagonal"
+                ))
+            })?;
+            (t, true)
+        }
+    };
+    Ok(Frechet { value: mean_term + trace(s_x) + trace(s_y) - 2.0 * tr_sqrt, offset })
+}
+
+/// `tr (S_x S_y)^{1/2}`, or `None` when `S_x` is singular (no Cholesky factor).
+fn trace_sqrt_product(s_x: &[f64], s_y: &[f64], d: usize) -> Result<Option<f64>> {
+    let l = match cholesky(s_x, d) {
+        Ok(l) => l,
+        Err(Error::Numerical(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
     let lt = Tensor::from_vec(l, (d, d), &Device::Cpu)?;
     let sy = Tensor::from_vec(s_y.to_vec(), (d, d), &Device::Cpu)?;
     let m = lt.t()?.matmul(&sy)?.matmul(&lt)?;
@@ -84,9 +133,15 @@ pub fn frechet_gaussian(mu_x: &[f64], s_x: &[f64], mu_y: &[f64], s_y: &[f64]) ->
         }
     }
     let eig = symmetric_eigenvalues(&m, d)?;
-    // eigenvalues of a PSD product: tiny negatives are rounding
-    let tr_sqrt: f64 = eig.iter().map(|&e| e.max(0.0).sqrt()).sum();
-    Ok(mean_term + trace(s_x) + trace(s_y) - 2.0 * tr_sqrt)
+    // eigenvalues of a PSD product: negatives are rounding while their square roots' imaginary
+    // parts stay under pytorch-fid's 1e-3
+    if let Some(&worst) = eig.first().filter(|&&e| e < -IMAGINARY_ATOL * IMAGINARY_ATOL) {
+        return Err(Error::Numerical(format!(
+            "the covariance product's square root has an imaginary component {:.3e} (eigenvalue {worst:.3e})",
+            (-worst).sqrt()
+        )));
+    }
+    Ok(Some(eig.iter().map(|&e| e.max(0.0).sqrt()).sum()))
 }
 
 /// The squared Fréchet distance between the Gaussians fitted to the rows of `x` and of `y`.
@@ -334,11 +389,11 @@ mod tests {
         let mean = 0.3f64.powi(2) + 1.1f64.powi(2);
         let want = mean + (sx[0] + sx[3]) + (sy[0] + sy[3]) - 2.0 * tr_sqrt;
         let got = frechet_gaussian(&[0.0, 1.0], &sx, &[0.3, -0.1], &sy).unwrap();
-        // the ridge moves the answer by O(1e-6)
-        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        // no ridge on a regular product: the closed form to rounding
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
         // identical Gaussians are at distance 0
         let zero = frechet_gaussian(&[0.0, 1.0], &sx, &[0.0, 1.0], &sx).unwrap();
-        assert!(zero.abs() < 1e-5, "{zero}");
+        assert!(zero.abs() < 1e-12, "{zero}");
     }
 
     #[test]
