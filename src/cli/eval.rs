@@ -29,6 +29,10 @@ enum EvalCommand {
     /// distance of pixel moments and the energy distance, with the same figures for real
     /// training images as the floor.
     Samples(SamplesArgs),
+    /// FID (pytorch-fid's InceptionV3, `--inception FILE`), KID and precision/recall between
+    /// two image sets or statistics files; the FD of the bundled digit features for greyscale
+    /// digits without a weights file.
+    Fid(super::fid::FidArgs),
 }
 
 #[derive(Args, Debug)]
@@ -112,6 +116,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     match args.command {
         EvalCommand::Nll(a) => nll(a),
         EvalCommand::Samples(a) => samples(a),
+        EvalCommand::Fid(a) => super::fid::run(a),
     }
 }
 

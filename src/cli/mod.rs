@@ -9,6 +9,7 @@ mod bench;
 mod common;
 mod eval;
 mod export;
+mod fid;
 mod forward;
 mod launch;
 mod sample;
