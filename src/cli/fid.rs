@@ -88,8 +88,15 @@ pub struct FidArgs {
 
 /// One side of the comparison, as read.
 enum Set {
-    Images { values: Vec<f32>, shape: [usize; 3], label: String },
-    Stats { stats: Statistics, label: String },
+    Images {
+        values: Vec<f32>,
+        shape: [usize; 3],
+        label: String,
+    },
+    Stats {
+        stats: Statistics,
+        label: String,
+    },
 }
 
 impl Set {
@@ -103,9 +110,16 @@ impl Set {
 /// Reads `arg` as --samples / --reference take it (`flag` names it in errors).
 fn read_set(arg: &str, split: Split, max: Option<usize>, flag: &str) -> anyhow::Result<Set> {
     let path = Path::new(arg);
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     if ext == "npz" {
-        return Ok(Set::Stats { stats: Statistics::read_npz(path)?, label: arg.to_string() });
+        return Ok(Set::Stats {
+            stats: Statistics::read_npz(path)?,
+            label: arg.to_string(),
+        });
     }
     let npy = if ext == "npy" {
         Some(path.to_path_buf())
@@ -118,12 +132,19 @@ fn read_set(arg: &str, split: Split, max: Option<usize>, flag: &str) -> anyhow::
         Some(file) => {
             let a = diffuse::io::read_npy_finite(&file)?;
             if a.shape.len() != 4 || a.shape[0] == 0 {
-                return Err(Error::bad_input(&file, format!("expected images [N, C, H, W], got shape {:?}", a.shape)).into());
+                return Err(Error::bad_input(
+                    &file,
+                    format!("expected images [N, C, H, W], got shape {:?}", a.shape),
+                )
+                .into());
             }
             if let Some(i) = a.data.iter().position(|v| !(-1e-6..=1.0 + 1e-6).contains(v)) {
                 return Err(Error::bad_input(
                     &file,
-                    format!("value {i} is {}: expected images in [0, 1] (what `diffuse sample` writes)", a.data[i]),
+                    format!(
+                        "value {i} is {}: expected images in [0, 1] (what `diffuse sample` writes)",
+                        a.data[i]
+                    ),
                 )
                 .into());
             }
@@ -147,7 +168,13 @@ fn read_set(arg: &str, split: Split, max: Option<usize>, flag: &str) -> anyhow::
             } else {
                 split
             };
-            let ds = data::load(&DataSpec { data: arg.to_string(), format: None, split, image_size: None, channels: None })?;
+            let ds = data::load(&DataSpec {
+                data: arg.to_string(),
+                format: None,
+                split,
+                image_size: None,
+                channels: None,
+            })?;
             let values: Vec<f32> = ds.pixels().iter().map(|&v| (v + 1.0) / 2.0).collect();
             (values, ds.shape(), ds.source().to_string())
         }
@@ -174,9 +201,15 @@ pub fn run(a: FidArgs) -> anyhow::Result<()> {
         return super::usage("--batch: got 0, expected at least 1");
     }
     let samples = read_set(&a.samples, a.samples_split, a.max_images, "--samples")?;
-    let reference = a.reference.as_deref().map(|r| read_set(r, a.split, a.max_images, "--reference")).transpose()?;
+    let reference = a
+        .reference
+        .as_deref()
+        .map(|r| read_set(r, a.split, a.max_images, "--reference"))
+        .transpose()?;
     if matches!(samples, Set::Stats { .. }) && a.save_stats.is_some() {
-        return super::usage("--save-stats writes the statistics of --samples images; --samples is already a statistics file");
+        return super::usage(
+            "--save-stats writes the statistics of --samples images; --samples is already a statistics file",
+        );
     }
     // the images' shapes decide the default network; mismatched channels are an input error
     let shapes: Vec<(&str, [usize; 3])> = [Some(&samples), reference.as_ref()]
@@ -191,7 +224,10 @@ pub fn run(a: FidArgs) -> anyhow::Result<()> {
         if sa[0] != sb[0] {
             return Err(Error::param(
                 "images",
-                format!("{la} has {} channels but {lb} has {}: compare images of the same kind", sa[0], sb[0]),
+                format!(
+                    "{la} has {} channels but {lb} has {}: compare images of the same kind",
+                    sa[0], sb[0]
+                ),
             )
             .into());
         }
@@ -217,25 +253,41 @@ pub fn run(a: FidArgs) -> anyhow::Result<()> {
     };
     if kind == "digits" {
         if let Some((label, s)) = shapes.iter().find(|(_, s)| s[0] != 1) {
-            return Err(Error::param("images", format!("{label}: the digit classifier reads greyscale images, these have {} channels", s[0])).into());
+            return Err(Error::param(
+                "images",
+                format!(
+                    "{label}: the digit classifier reads greyscale images, these have {} channels",
+                    s[0]
+                ),
+            )
+            .into());
         }
         if a.dims != 2048 && a.dims != diffuse::eval::digits::FEATURES {
-            return super::usage(format!("--dims {} applies to InceptionV3; the digit classifier has 128 features", a.dims));
+            return super::usage(format!(
+                "--dims {} applies to InceptionV3; the digit classifier has 128 features",
+                a.dims
+            ));
         }
     }
     let net = match kind {
         "inception" => {
             let path = a.inception.as_ref().expect("checked above");
             let weights = WeightFile::open(path)?;
-            Some(FeatureNet::Inception(Box::new(FidInception::load(&weights, a.dims)?)))
+            Some(FeatureNet::Inception(Box::new(FidInception::load(
+                &weights, a.dims,
+            )?)))
         }
-        "digits" => Some(FeatureNet::Digits(DigitClassifier::bundled(&candle_core::Device::Cpu)?)),
+        "digits" => Some(FeatureNet::Digits(DigitClassifier::bundled(
+            &candle_core::Device::Cpu,
+        )?)),
         _ => None,
     };
     let dims = net.as_ref().map_or(a.dims, |n| n.dims());
     let start = Instant::now();
     let mut n_featurised = 0usize;
-    let mut featurise = |set: &Set, need_stats: bool| -> anyhow::Result<(Option<Statistics>, Option<Vec<f64>>, usize, f64)> {
+    let mut featurise = |set: &Set,
+                         need_stats: bool|
+     -> anyhow::Result<(Option<Statistics>, Option<Vec<f64>>, usize, f64)> {
         match set {
             Set::Stats { stats, label } => {
                 if stats.dims != dims {
@@ -265,7 +317,11 @@ pub fn run(a: FidArgs) -> anyhow::Result<()> {
                 let seconds = t.elapsed().as_secs_f64();
                 bar.finish_and_clear();
                 n_featurised += n;
-                let stats = if need_stats { Some(Statistics::of_features(&f, dims, label)?) } else { None };
+                let stats = if need_stats {
+                    Some(Statistics::of_features(&f, dims, label)?)
+                } else {
+                    None
+                };
                 Ok((stats, Some(f), n, seconds))
             }
         }
@@ -273,9 +329,9 @@ pub fn run(a: FidArgs) -> anyhow::Result<()> {
     let (s_stats, s_feats, n_s, s_seconds) = featurise(&samples, need_stats)?;
     let torch = if a.compare_torch {
         match (&samples, &s_feats, &a.inception) {
-            (Set::Images { values, shape, .. }, Some(f), Some(w)) if kind == "inception" => {
-                Some(compare_torch(&a.python, w, values, *shape, f, dims, a.batch, s_seconds)?)
-            }
+            (Set::Images { values, shape, .. }, Some(f), Some(w)) if kind == "inception" => Some(
+                compare_torch(&a.python, w, values, *shape, f, dims, a.batch, s_seconds)?,
+            ),
             _ => return super::usage("--compare-torch needs --inception and --samples images"),
         }
     } else {
@@ -284,7 +340,11 @@ pub fn run(a: FidArgs) -> anyhow::Result<()> {
     if let (Some(path), Some(s_stats)) = (&a.save_stats, &s_stats) {
         s_stats.write_npz(path)?;
         if !a.json {
-            println!("wrote {} ({dims} features of {n_s} images, {})", path.display(), net.as_ref().map_or("", |n| n.name()));
+            println!(
+                "wrote {} ({dims} features of {n_s} images, {})",
+                path.display(),
+                net.as_ref().map_or("", |n| n.name())
+            );
         }
     }
     let Some(reference) = reference else {
@@ -308,12 +368,20 @@ pub fn run(a: FidArgs) -> anyhow::Result<()> {
     let (kid_v, pr) = match (&s_feats, &r_feats) {
         (Some(s), Some(r)) => (
             Some(kid(s, r, dims, a.kid_subsets, a.kid_subset_size, a.seed)?),
-            if n_s > DEFAULT_K && n_r > DEFAULT_K { Some(precision_recall(s, r, dims, DEFAULT_K)?) } else { None },
+            if n_s > DEFAULT_K && n_r > DEFAULT_K {
+                Some(precision_recall(s, r, dims, DEFAULT_K)?)
+            } else {
+                None
+            },
         ),
         _ => (None, None),
     };
     let metric = net.as_ref().map_or("FID", |n| n.metric_name());
-    let key = if metric == "FID" { "fid" } else { "fd_digit_features" };
+    let key = if metric == "FID" {
+        "fid"
+    } else {
+        "fd_digit_features"
+    };
     let result = json!({
         key: d.value,
         "metric": metric,
@@ -339,15 +407,27 @@ pub fn run(a: FidArgs) -> anyhow::Result<()> {
     if a.json {
         println!("{result}");
     } else {
-        println!("{metric} {:.4} ({}, {dims} features): {} vs {}", d.value, result["feature_network"].as_str().unwrap_or(""), samples.label(), reference.label());
+        println!(
+            "{metric} {:.4} ({}, {dims} features): {} vs {}",
+            d.value,
+            result["feature_network"].as_str().unwrap_or(""),
+            samples.label(),
+            reference.label()
+        );
         if d.offset {
             println!("the covariance product was singular: 1e-6 added to both diagonals (as pytorch-fid)");
         }
         if let Some(k) = kid_v {
-            println!("KID {:.6} +- {:.6} ({} subsets of {})", k.mean, k.std, k.subsets, k.subset_size);
+            println!(
+                "KID {:.6} +- {:.6} ({} subsets of {})",
+                k.mean, k.std, k.subsets, k.subset_size
+            );
         }
         if let Some(p) = pr {
-            println!("precision {:.4}, recall {:.4} (k = {})", p.precision, p.recall, p.k);
+            println!(
+                "precision {:.4}, recall {:.4} (k = {})",
+                p.precision, p.recall, p.k
+            );
         }
         println!("{n_s} + {n_r} images, features in {seconds:.1} s");
         if let Some(t) = &torch {
@@ -371,10 +451,13 @@ fn compare_torch(
     our_seconds: f64,
 ) -> anyhow::Result<serde_json::Value> {
     const SCRIPT: &str = "bench/fid_reference.py";
-    let script = [PathBuf::from(SCRIPT), Path::new(env!("CARGO_MANIFEST_DIR")).join(SCRIPT)]
-        .into_iter()
-        .find(|p| p.is_file())
-        .ok_or_else(|| anyhow::anyhow!("--compare-torch: {SCRIPT} not found (run from the repository root)"))?;
+    let script = [
+        PathBuf::from(SCRIPT),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(SCRIPT),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .ok_or_else(|| anyhow::anyhow!("--compare-torch: {SCRIPT} not found (run from the repository root)"))?;
     let dir = tempfile_dir()?;
     let images = dir.join("images.npy");
     let out = dir.join("features.npy");
@@ -383,8 +466,20 @@ fn compare_torch(
     let threads = rayon::current_num_threads();
     let result = std::process::Command::new(python)
         .arg(&script)
-        .args(["--weights", &weights.display().to_string(), "--images", &images.display().to_string()])
-        .args(["--dims", &dims.to_string(), "--batch", &batch.to_string(), "--threads", &threads.to_string()])
+        .args([
+            "--weights",
+            &weights.display().to_string(),
+            "--images",
+            &images.display().to_string(),
+        ])
+        .args([
+            "--dims",
+            &dims.to_string(),
+            "--batch",
+            &batch.to_string(),
+            "--threads",
+            &threads.to_string(),
+        ])
         .args(["--out", &out.display().to_string()])
         .env("OMP_NUM_THREADS", threads.to_string())
         .env("MKL_NUM_THREADS", threads.to_string())
@@ -402,16 +497,28 @@ fn compare_torch(
     if !output.status.success() {
         cleanup();
         let err = String::from_utf8_lossy(&output.stderr);
-        anyhow::bail!("--compare-torch: {SCRIPT} failed: {}", err.lines().last().unwrap_or(""));
+        anyhow::bail!(
+            "--compare-torch: {SCRIPT} failed: {}",
+            err.lines().last().unwrap_or("")
+        );
     }
     let report: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&output.stdout).trim())?;
     let theirs = diffuse::io::read_npy(&out)?;
     cleanup();
     if theirs.data.len() != ours.len() {
-        anyhow::bail!("--compare-torch: PyTorch returned {} features, ours {}", theirs.data.len(), ours.len());
+        anyhow::bail!(
+            "--compare-torch: PyTorch returned {} features, ours {}",
+            theirs.data.len(),
+            ours.len()
+        );
     }
     let scale = theirs.data.iter().fold(0f64, |m, v| m.max(v.abs()));
-    let worst = theirs.data.iter().zip(ours).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
+    let worst = theirs
+        .data
+        .iter()
+        .zip(ours)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f64, f64::max);
     let seconds = report["seconds"].as_f64().unwrap_or(f64::NAN);
     Ok(json!({
         "seconds": seconds,

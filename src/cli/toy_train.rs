@@ -225,6 +225,7 @@ pub fn run(args: ToyTrainArgs) -> anyhow::Result<()> {
         checkpoint_every: args.checkpoint_every,
         hook_every: 0,
         progress: !args.json,
+        eval_every: 0,
     };
     let outcome = run.run(&budget, &options, &interrupt)?;
     let losses: Vec<f64> = run.trainer.metrics().iter().map(|r| r.loss).collect();

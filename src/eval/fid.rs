@@ -62,19 +62,31 @@ impl Statistics {
         let (mu, sigma) = (find("mu")?, find("sigma")?);
         let dims = match mu.dims() {
             [d] if *d > 0 => *d,
-            s => return Err(Error::bad_input(path, format!("`mu` has shape {s:?}, expected [d]"))),
+            s => {
+                return Err(Error::bad_input(
+                    path,
+                    format!("`mu` has shape {s:?}, expected [d]"),
+                ))
+            }
         };
         if sigma.dims() != [dims, dims] {
             return Err(Error::bad_input(
                 path,
-                format!("`sigma` has shape {:?}, expected [{dims}, {dims}] for `mu` of length {dims}", sigma.dims()),
+                format!(
+                    "`sigma` has shape {:?}, expected [{dims}, {dims}] for `mu` of length {dims}",
+                    sigma.dims()
+                ),
             ));
         }
-        let to = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?) };
+        let to =
+            |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?) };
         let (mu, sigma) = (to(&mu)?, to(&sigma)?);
         for (name, v) in [("mu", &mu), ("sigma", &sigma)] {
             if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                return Err(Error::bad_input(path, format!("`{name}` value {i} is not finite")));
+                return Err(Error::bad_input(
+                    path,
+                    format!("`{name}` value {i} is not finite"),
+                ));
             }
         }
         Ok(Statistics { mu, sigma, dims })
@@ -102,7 +114,10 @@ pub fn fid(a: &Statistics, b: &Statistics) -> Result<Frechet> {
     if a.dims != b.dims {
         return Err(Error::param(
             "statistics",
-            format!("{} features against {}: both sets need the same network and --dims", a.dims, b.dims),
+            format!(
+                "{} features against {}: both sets need the same network and --dims",
+                a.dims, b.dims
+            ),
         ));
     }
     frechet_gaussian_detailed(&a.mu, &a.sigma, &b.mu, &b.sigma)
@@ -165,12 +180,19 @@ impl FeatureNet {
             }
             FeatureNet::Inception(net) => {
                 if c != 1 && c != 3 {
-                    return Err(Error::param("images", format!("InceptionV3 reads 1- or 3-channel images, these have {c}")));
+                    return Err(Error::param(
+                        "images",
+                        format!("InceptionV3 reads 1- or 3-channel images, these have {c}"),
+                    ));
                 }
                 let mut out = Vec::with_capacity(n * net.dims());
                 for first in (0..n).step_by(batch.max(1)) {
                     let count = batch.max(1).min(n - first);
-                    let x = Tensor::from_slice(&values[first * per..(first + count) * per], (count, c, h, w), &device)?;
+                    let x = Tensor::from_slice(
+                        &values[first * per..(first + count) * per],
+                        (count, c, h, w),
+                        &device,
+                    )?;
                     let x = if c == 1 { x.repeat((1, 3, 1, 1))? } else { x };
                     let f = net.features(&x)?;
                     out.extend(f.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);

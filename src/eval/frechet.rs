@@ -87,8 +87,17 @@ pub fn frechet_gaussian_detailed(mu_x: &[f64], s_x: &[f64], mu_y: &[f64], s_y: &
             ),
         ));
     }
-    if let Some(i) = mu_x.iter().chain(mu_y).chain(s_x).chain(s_y).position(|v| !v.is_finite()) {
-        return Err(Error::param("statistics", format!("value {i} of the means and covariances is not finite")));
+    if let Some(i) = mu_x
+        .iter()
+        .chain(mu_y)
+        .chain(s_x)
+        .chain(s_y)
+        .position(|v| !v.is_finite())
+    {
+        return Err(Error::param(
+            "statistics",
+            format!("value {i} of the means and covariances is not finite"),
+        ));
     }
     let mean_term: f64 = mu_x.iter().zip(mu_y).map(|(a, b)| (a - b) * (a - b)).sum();
     let trace = |s: &[f64]| (0..d).map(|i| s[i * d + i]).sum::<f64>();
@@ -110,7 +119,10 @@ pub fn frechet_gaussian_detailed(mu_x: &[f64], s_x: &[f64], mu_y: &[f64], s_y: &
             (t, true)
         }
     };
-    Ok(Frechet { value: mean_term + trace(s_x) + trace(s_y) - 2.0 * tr_sqrt, offset })
+    Ok(Frechet {
+        value: mean_term + trace(s_x) + trace(s_y) - 2.0 * tr_sqrt,
+        offset,
+    })
 }
 
 /// `tr (S_x S_y)^{1/2}`, or `None` when `S_x` is singular (no Cholesky factor).

@@ -41,9 +41,12 @@ pub const NAME: &str = "InceptionV3 (pytorch-fid's FID network)";
 
 /// The block whose output has `dims` features.
 pub fn block_of_dims(dims: usize) -> Result<usize> {
-    DIMS.iter()
-        .position(|&d| d == dims)
-        .ok_or_else(|| Error::param("dims", format!("{dims} is not one of 64, 192, 768, 2048 (pytorch-fid's blocks)")))
+    DIMS.iter().position(|&d| d == dims).ok_or_else(|| {
+        Error::param(
+            "dims",
+            format!("{dims} is not one of 64, 192, 768, 2048 (pytorch-fid's blocks)"),
+        )
+    })
 }
 
 /// Where the network's tensors come from: `get(name, shape)` returns the f32 tensor of that
@@ -65,7 +68,11 @@ impl WeightFile {
         if !path.is_file() {
             return Err(Error::bad_input(path, "no such weights file"));
         }
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
         let tensors: HashMap<String, Tensor> = if ext == "safetensors" {
             candle_core::safetensors::load(path, &Device::Cpu)
                 .map_err(|e| Error::bad_input(path, format!("not a readable safetensors file ({e})")))?
@@ -85,12 +92,18 @@ impl WeightFile {
         if tensors.is_empty() {
             return Err(Error::bad_input(path, "holds no tensors"));
         }
-        Ok(WeightFile { path: path.to_path_buf(), tensors })
+        Ok(WeightFile {
+            path: path.to_path_buf(),
+            tensors,
+        })
     }
 
     /// The tensors of a file already read (`path` is only named in errors).
     pub fn from_tensors(path: &Path, tensors: HashMap<String, Tensor>) -> Self {
-        WeightFile { path: path.to_path_buf(), tensors }
+        WeightFile {
+            path: path.to_path_buf(),
+            tensors,
+        }
     }
 }
 
@@ -112,8 +125,16 @@ impl WeightSource for WeightFile {
             ));
         }
         let t = t.to_dtype(DType::F32)?;
-        if let Some(i) = t.flatten_all()?.to_vec1::<f32>()?.iter().position(|v| !v.is_finite()) {
-            return Err(Error::bad_input(&self.path, format!("tensor `{name}` value {i} is not finite")));
+        if let Some(i) = t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .position(|v| !v.is_finite())
+        {
+            return Err(Error::bad_input(
+                &self.path,
+                format!("tensor `{name}` value {i} is not finite"),
+            ));
         }
         Ok(t)
     }
@@ -140,11 +161,22 @@ impl BasicConv {
     ) -> Result<Self> {
         let w = src.get(&format!("{name}.conv.weight"), &[c_out, c_in, k.0, k.1])?;
         let bn = |p: &str| src.get(&format!("{name}.bn.{p}"), &[c_out]);
-        let (gamma, beta, mean, var) = (bn("weight")?, bn("bias")?, bn("running_mean")?, bn("running_var")?);
+        let (gamma, beta, mean, var) = (
+            bn("weight")?,
+            bn("bias")?,
+            bn("running_mean")?,
+            bn("running_var")?,
+        );
         let scale = gamma.div(&(var + BN_EPS)?.sqrt()?)?;
         let w = w.broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?;
         let b = beta.sub(&mean.mul(&scale)?)?;
-        Ok(BasicConv { w, b, stride, pad, square: k.0 == k.1 && pad.0 == pad.1 })
+        Ok(BasicConv {
+            w,
+            b,
+            stride,
+            pad,
+            square: k.0 == k.1 && pad.0 == pad.1,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -152,9 +184,12 @@ impl BasicConv {
             crate::ops::conv2d(x, &self.w, Some(&self.b), self.stride, self.pad.0)?
         } else {
             // 1x7, 7x1, 1x3, 3x1 kernels: pad each side by its own amount, then a valid conv
-            let xp = x.pad_with_zeros(2, self.pad.0, self.pad.0)?.pad_with_zeros(3, self.pad.1, self.pad.1)?;
+            let xp = x
+                .pad_with_zeros(2, self.pad.0, self.pad.0)?
+                .pad_with_zeros(3, self.pad.1, self.pad.1)?;
             let c = self.b.dims()[0];
-            xp.conv2d(&self.w, 0, self.stride, 1, 1)?.broadcast_add(&self.b.reshape((1, c, 1, 1))?)?
+            xp.conv2d(&self.w, 0, self.stride, 1, 1)?
+                .broadcast_add(&self.b.reshape((1, c, 1, 1))?)?
         };
         Ok(y.relu()?)
     }
@@ -194,7 +229,8 @@ struct InceptionA {
 
 impl InceptionA {
     fn load(src: &dyn WeightSource, name: &str, c_in: usize, pool_features: usize) -> Result<Self> {
-        let l = |n: &str, ci, co, k, p| BasicConv::load(src, &format!("{name}.{n}"), ci, co, (k, k), 1, (p, p));
+        let l =
+            |n: &str, ci, co, k, p| BasicConv::load(src, &format!("{name}.{n}"), ci, co, (k, k), 1, (p, p));
         Ok(InceptionA {
             b1x1: l("branch1x1", c_in, 64, 1, 0)?,
             b5x5: [l("branch5x5_1", c_in, 48, 1, 0)?, l("branch5x5_2", 48, 64, 5, 2)?],
@@ -224,7 +260,9 @@ struct InceptionB {
 
 impl InceptionB {
     fn load(src: &dyn WeightSource, name: &str, c_in: usize) -> Result<Self> {
-        let l = |n: &str, ci, co, k, s, p| BasicConv::load(src, &format!("{name}.{n}"), ci, co, (k, k), s, (p, p));
+        let l = |n: &str, ci, co, k, s, p| {
+            BasicConv::load(src, &format!("{name}.{n}"), ci, co, (k, k), s, (p, p))
+        };
         Ok(InceptionB {
             b3x3: l("branch3x3", c_in, 384, 3, 2, 0)?,
             b3x3dbl: [
@@ -293,7 +331,10 @@ impl InceptionD {
     fn load(src: &dyn WeightSource, name: &str, c_in: usize) -> Result<Self> {
         let l = |n: &str, ci, co, k, s, p| BasicConv::load(src, &format!("{name}.{n}"), ci, co, k, s, p);
         Ok(InceptionD {
-            b3x3: [l("branch3x3_1", c_in, 192, (1, 1), 1, (0, 0))?, l("branch3x3_2", 192, 320, (3, 3), 2, (0, 0))?],
+            b3x3: [
+                l("branch3x3_1", c_in, 192, (1, 1), 1, (0, 0))?,
+                l("branch3x3_2", 192, 320, (3, 3), 2, (0, 0))?,
+            ],
             b7x7x3: [
                 l("branch7x7x3_1", c_in, 192, (1, 1), 1, (0, 0))?,
                 l("branch7x7x3_2", 192, 192, (1, 7), 1, (0, 3))?,
@@ -329,9 +370,18 @@ impl InceptionE {
         Ok(InceptionE {
             b1x1: l("branch1x1", c_in, 320, (1, 1), (0, 0))?,
             b3x3_1: l("branch3x3_1", c_in, 384, (1, 1), (0, 0))?,
-            b3x3_2: [l("branch3x3_2a", 384, 384, (1, 3), (0, 1))?, l("branch3x3_2b", 384, 384, (3, 1), (1, 0))?],
-            b3x3dbl_12: [l("branch3x3dbl_1", c_in, 448, (1, 1), (0, 0))?, l("branch3x3dbl_2", 448, 384, (3, 3), (1, 1))?],
-            b3x3dbl_3: [l("branch3x3dbl_3a", 384, 384, (1, 3), (0, 1))?, l("branch3x3dbl_3b", 384, 384, (3, 1), (1, 0))?],
+            b3x3_2: [
+                l("branch3x3_2a", 384, 384, (1, 3), (0, 1))?,
+                l("branch3x3_2b", 384, 384, (3, 1), (1, 0))?,
+            ],
+            b3x3dbl_12: [
+                l("branch3x3dbl_1", c_in, 448, (1, 1), (0, 0))?,
+                l("branch3x3dbl_2", 448, 384, (3, 3), (1, 1))?,
+            ],
+            b3x3dbl_3: [
+                l("branch3x3dbl_3a", 384, 384, (1, 3), (0, 1))?,
+                l("branch3x3dbl_3b", 384, 384, (3, 1), (1, 0))?,
+            ],
             pool: l("branch_pool", c_in, 192, (1, 1), (0, 0))?,
             max_pool,
         })
@@ -342,8 +392,15 @@ impl InceptionE {
         let h = self.b3x3_1.forward(x)?;
         let b = Tensor::cat(&[self.b3x3_2[0].forward(&h)?, self.b3x3_2[1].forward(&h)?], 1)?;
         let h = chain(&self.b3x3dbl_12, x)?;
-        let c = Tensor::cat(&[self.b3x3dbl_3[0].forward(&h)?, self.b3x3dbl_3[1].forward(&h)?], 1)?;
-        let pooled = if self.max_pool { max_pool_3x3_same(x)? } else { avg_pool_3x3_exclude_pad(x)? };
+        let c = Tensor::cat(
+            &[self.b3x3dbl_3[0].forward(&h)?, self.b3x3dbl_3[1].forward(&h)?],
+            1,
+        )?;
+        let pooled = if self.max_pool {
+            max_pool_3x3_same(x)?
+        } else {
+            avg_pool_3x3_exclude_pad(x)?
+        };
         let d = self.pool.forward(&pooled)?;
         Ok(Tensor::cat(&[a, b, c, d], 1)?)
     }
@@ -378,7 +435,10 @@ impl FidInception {
             l("Conv2d_2b_3x3", 32, 64, 3, 1, 1)?,
         ];
         let block1 = if block >= 1 {
-            Some([l("Conv2d_3b_1x1", 64, 80, 1, 1, 0)?, l("Conv2d_4a_3x3", 80, 192, 3, 1, 0)?])
+            Some([
+                l("Conv2d_3b_1x1", 64, 80, 1, 1, 0)?,
+                l("Conv2d_4a_3x3", 80, 192, 3, 1, 0)?,
+            ])
         } else {
             None
         };
@@ -403,12 +463,21 @@ impl FidInception {
         let block3 = if block >= 3 {
             Some((
                 InceptionD::load(src, "Mixed_7a", 768)?,
-                [InceptionE::load(src, "Mixed_7b", 1280, false)?, InceptionE::load(src, "Mixed_7c", 2048, true)?],
+                [
+                    InceptionE::load(src, "Mixed_7b", 1280, false)?,
+                    InceptionE::load(src, "Mixed_7c", 2048, true)?,
+                ],
             ))
         } else {
             None
         };
-        Ok(FidInception { dims, block0, block1, block2, block3 })
+        Ok(FidInception {
+            dims,
+            block0,
+            block1,
+            block2,
+            block3,
+        })
     }
 
     /// The feature width.
@@ -421,7 +490,10 @@ impl FidInception {
     pub fn features(&self, x: &Tensor) -> Result<Tensor> {
         let (_, c, _, _) = x.dims4()?;
         if c != 3 {
-            return Err(Error::param("images", format!("InceptionV3 reads 3-channel images, these have {c} channels")));
+            return Err(Error::param(
+                "images",
+                format!("InceptionV3 reads 3-channel images, these have {c} channels"),
+            ));
         }
         let x = x.to_dtype(DType::F32)?.upsample_bilinear2d(SIZE, SIZE, false)?;
         let x = ((x * 2.0)? - 1.0)?;

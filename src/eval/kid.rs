@@ -38,7 +38,11 @@ fn check(x: &[f64], y: &[f64], d: usize) -> Result<(usize, usize)> {
     if d == 0 || x.len() % d != 0 || y.len() % d != 0 || x.len() / d < 2 || y.len() / d < 2 {
         return Err(Error::param(
             "features",
-            format!("{} and {} values do not form at least 2 rows of dimension {d} each", x.len(), y.len()),
+            format!(
+                "{} and {} values do not form at least 2 rows of dimension {d} each",
+                x.len(),
+                y.len()
+            ),
         ));
     }
     Ok((x.len() / d, y.len() / d))
@@ -55,7 +59,15 @@ fn kernel_matrix(a: &[f64], b: &[f64], d: usize) -> Result<Vec<f64>> {
 
 /// The unbiased MMD^2 from the kernel matrices restricted to the rows `ix` of x and `iy` of y
 /// (`kxx` is nx x nx, `kyy` ny x ny, `kxy` nx x ny).
-fn mmd2_from_kernels(kxx: &[f64], kyy: &[f64], kxy: &[f64], nx: usize, ny: usize, ix: &[usize], iy: &[usize]) -> f64 {
+fn mmd2_from_kernels(
+    kxx: &[f64],
+    kyy: &[f64],
+    kxy: &[f64],
+    nx: usize,
+    ny: usize,
+    ix: &[usize],
+    iy: &[usize],
+) -> f64 {
     let m = ix.len() as f64;
     let (mut xx, mut yy, mut xy) = (0.0, 0.0, 0.0);
     for &i in ix {
@@ -82,10 +94,17 @@ fn mmd2_from_kernels(kxx: &[f64], kyy: &[f64], kxy: &[f64], nx: usize, ny: usize
 pub fn mmd2_unbiased_poly(x: &[f64], y: &[f64], d: usize) -> Result<f64> {
     let (m, my) = check(x, y, d)?;
     if m != my {
-        return Err(Error::param("features", format!("{m} and {my} rows: the estimator needs equal sizes")));
+        return Err(Error::param(
+            "features",
+            format!("{m} and {my} rows: the estimator needs equal sizes"),
+        ));
     }
     let idx: Vec<usize> = (0..m).collect();
-    let (kxx, kyy, kxy) = (kernel_matrix(x, x, d)?, kernel_matrix(y, y, d)?, kernel_matrix(x, y, d)?);
+    let (kxx, kyy, kxy) = (
+        kernel_matrix(x, x, d)?,
+        kernel_matrix(y, y, d)?,
+        kernel_matrix(x, y, d)?,
+    );
     Ok(mmd2_from_kernels(&kxx, &kyy, &kxy, m, m, &idx, &idx))
 }
 
@@ -97,7 +116,10 @@ const FULL_KERNEL_ROWS: usize = 3000;
 pub fn kid(x: &[f64], y: &[f64], d: usize, subsets: usize, subset_size: usize, seed: u64) -> Result<Kid> {
     let (nx, ny) = check(x, y, d)?;
     if subsets == 0 || subset_size < 2 {
-        return Err(Error::param("kid", format!("{subsets} subsets of {subset_size} rows: need >= 1 of >= 2")));
+        return Err(Error::param(
+            "kid",
+            format!("{subsets} subsets of {subset_size} rows: need >= 1 of >= 2"),
+        ));
     }
     let m = subset_size.min(nx).min(ny);
     let mut rng = Rng::new(seed);
@@ -115,11 +137,19 @@ pub fn kid(x: &[f64], y: &[f64], d: usize, subsets: usize, subset_size: usize, s
     };
     let full = nx.max(ny) <= FULL_KERNEL_ROWS;
     let kernels = if full {
-        Some((kernel_matrix(x, x, d)?, kernel_matrix(y, y, d)?, kernel_matrix(x, y, d)?))
+        Some((
+            kernel_matrix(x, x, d)?,
+            kernel_matrix(y, y, d)?,
+            kernel_matrix(x, y, d)?,
+        ))
     } else {
         None
     };
-    let rows = |v: &[f64], idx: &[usize]| -> Vec<f64> { idx.iter().flat_map(|&i| v[i * d..(i + 1) * d].iter().copied()).collect() };
+    let rows = |v: &[f64], idx: &[usize]| -> Vec<f64> {
+        idx.iter()
+            .flat_map(|&i| v[i * d..(i + 1) * d].iter().copied())
+            .collect()
+    };
     let mut values = Vec::with_capacity(subsets);
     for _ in 0..subsets {
         let ix = pick(nx);
@@ -132,7 +162,12 @@ pub fn kid(x: &[f64], y: &[f64], d: usize, subsets: usize, subset_size: usize, s
     }
     let mean = values.iter().sum::<f64>() / values.len() as f64;
     let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / values.len() as f64;
-    Ok(Kid { mean, std: var.sqrt(), subset_size: m, subsets })
+    Ok(Kid {
+        mean,
+        std: var.sqrt(),
+        subset_size: m,
+        subsets,
+    })
 }
 
 #[cfg(test)]

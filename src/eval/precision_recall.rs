@@ -32,7 +32,11 @@ fn squared_distances(a: &[f64], b: &[f64], d: usize) -> Result<Vec<f64>> {
     let ta = Tensor::from_slice(a, (na, d), &Device::Cpu)?;
     let tb = Tensor::from_slice(b, (nb, d), &Device::Cpu)?;
     let dots = ta.matmul(&tb.t()?)?.flatten_all()?.to_vec1::<f64>()?;
-    let norm = |v: &[f64], n: usize| -> Vec<f64> { (0..n).map(|i| v[i * d..(i + 1) * d].iter().map(|x| x * x).sum()).collect() };
+    let norm = |v: &[f64], n: usize| -> Vec<f64> {
+        (0..n)
+            .map(|i| v[i * d..(i + 1) * d].iter().map(|x| x * x).sum())
+            .collect()
+    };
     let (sa, sb) = (norm(a, na), norm(b, nb));
     let mut out = dots;
     for i in 0..na {
@@ -75,7 +79,10 @@ pub fn precision_recall(generated: &[f64], real: &[f64], d: usize, k: usize) -> 
         if d == 0 || v.len() % d != 0 || v.len() / d <= k {
             return Err(Error::param(
                 "features",
-                format!("{name}: {} values are not more than k = {k} rows of dimension {d}", v.len()),
+                format!(
+                    "{name}: {} values are not more than k = {k} rows of dimension {d}",
+                    v.len()
+                ),
             ));
         }
     }

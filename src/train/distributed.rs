@@ -546,6 +546,7 @@ impl Trainer {
             lr: stats_step.lr,
             grad_norm: stats_step.grad_norm,
             elapsed_s: self.elapsed_before + start.elapsed().as_secs_f64(),
+            eval: None,
         };
         if let Err(e) = self.metrics.append(record.clone()) {
             *pending = Some(e);

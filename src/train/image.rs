@@ -37,12 +37,14 @@ use serde_json::Value;
 use crate::data::{EpochSampler, ImageDataset, SamplerState};
 use crate::denoiser::{per_sample, Prediction};
 use crate::error::{Error, Result};
+use crate::eval::digits::{DigitClassifier, FEATURES};
+use crate::eval::fid::{fid, Statistics};
 use crate::forward::q_sample;
 use crate::nets::{unet, UNet, UNetConfig, UNetDenoiser};
 use crate::rng::Rng;
 use crate::schedule::{BetaSchedule, Schedule};
 use crate::train::checkpoint;
-use crate::train::{Collective, HookContext, Shard, TrainTask, Trainer, TrainerConfig};
+use crate::train::{Collective, EvalRecord, HookContext, Shard, TrainTask, Trainer, TrainerConfig};
 
 /// Everything that defines an image-training run's model and data (saved in checkpoints,
 /// compared on resume).
@@ -131,6 +133,93 @@ pub struct ImageTask {
     cond: Option<(f64, u32)>,
     /// The part of each global batch this process computes.
     shard: Shard,
+    /// `train --fid-every`: how samples are measured while training.
+    quality: Option<QualityEval>,
+}
+
+/// `train --fid-every` (issue 15, item 5): every so many steps, `n` samples of the EMA weights
+/// (class `i mod K` each for a class-conditional model, at the guidance scale) drawn with a fast
+/// sampler, their FD of the bundled digit features against the reference images (the test
+/// split), beside the floor: as many real training images against the same reference.
+#[derive(Clone, Debug)]
+pub struct QualityEval {
+    /// Samples per evaluation.
+    pub n: usize,
+    /// Sampler name (the registry's) and its steps.
+    pub sampler: String,
+    pub steps: usize,
+    /// Seed of the samples' noise (the same every time, so evaluations are comparable).
+    pub seed: u64,
+    /// Guidance scale of a class-conditional model's samples.
+    pub guidance_scale: f64,
+    /// The reference images' feature statistics.
+    pub reference: Statistics,
+    /// `n` real training images against the reference.
+    pub floor: Option<f64>,
+}
+
+impl QualityEval {
+    /// The digit-feature evaluation of `n` samples against `reference` images (usually the test
+    /// split), with `train`'s first `n` images as the floor. Needs 1-channel 28x28 or 16x16 images
+    /// and more than 128 samples (a full-rank covariance of the 128 features).
+    pub fn digits(
+        train: &ImageDataset,
+        reference: &ImageDataset,
+        n: usize,
+        sampler: &str,
+        steps: usize,
+        seed: u64,
+        guidance_scale: f64,
+    ) -> Result<Self> {
+        let shape = train.shape();
+        if !digit_shaped(shape) {
+            return Err(Error::param(
+                "fid-every",
+                format!(
+                    "the bundled digit features need 1-channel 28x28 or 16x16 images, these are {}x{}x{}",
+                    shape[0], shape[1], shape[2]
+                ),
+            ));
+        }
+        crate::samplers::SamplerKind::from_name(sampler)?;
+        let net = DigitClassifier::bundled(&Device::Cpu)?;
+        let unit = |ds: &ImageDataset, m: usize| -> Vec<f64> {
+            ds.pixels()[..m * ds.image_len()]
+                .iter()
+                .map(|&v| (v as f64 + 1.0) / 2.0)
+                .collect()
+        };
+        let (f_ref, _) = net.describe(&unit(reference, reference.len()), reference.shape(), &Device::Cpu)?;
+        let reference_stats = Statistics::of_features(&f_ref, FEATURES, "the reference images")?;
+        // n samples need n > 128 for their own statistics; checked here, before training
+        Statistics::of_features(&vec![0.0; n * FEATURES], FEATURES, "--fid-samples")?;
+        let floor = if train.len() >= n {
+            let (f, _) = net.describe(&unit(train, n), shape, &Device::Cpu)?;
+            Some(
+                fid(
+                    &Statistics::of_features(&f, FEATURES, "training images")?,
+                    &reference_stats,
+                )?
+                .value,
+            )
+        } else {
+            None
+        };
+        Ok(QualityEval {
+            n,
+            sampler: sampler.to_string(),
+            steps,
+            seed,
+            guidance_scale,
+            reference: reference_stats,
+            floor,
+        })
+    }
+}
+
+/// Whether the bundled digit classifier reads images of this shape.
+pub fn digit_shaped(shape: [usize; 3]) -> bool {
+    shape[0] == 1 && shape[1] == shape[2] && (shape[1] == 28 || shape[1] == 16)
 }
 
 /// The stream of a step's seed that the dropout masks come from (streams `0 .. B` are the
@@ -206,7 +295,85 @@ impl ImageTask {
             device: device.clone(),
             grid,
             shard: Shard::WHOLE,
+            quality: None,
         })
+    }
+
+    /// The training images.
+    pub fn data(&self) -> &ImageDataset {
+        &self.data
+    }
+
+    /// Measure samples while training (`train --fid-every`). The sampler and its steps are
+    /// checked here, so that a setting it refuses fails before training, not at the first
+    /// measurement.
+    pub fn set_quality(&mut self, quality: Option<QualityEval>) -> Result<()> {
+        if let Some(q) = &quality {
+            use crate::samplers::registry::Opt;
+            let kind = crate::samplers::SamplerKind::from_name(&q.sampler)?;
+            let takes = |o: Opt| kind.spec().options.contains(&o);
+            let options = crate::samplers::SamplerOptions {
+                steps: Some(q.steps.min(self.schedule.timesteps())),
+                clip_x0: takes(Opt::ClipX0).then_some(1.0),
+                spacing: takes(Opt::Spacing).then(|| "trailing".into()),
+                ..Default::default()
+            };
+            crate::samplers::build_sampler(
+                kind,
+                &crate::process::Process::Ddpm(self.schedule.clone()),
+                &options,
+            )
+            .map_err(|e| {
+                Error::param(
+                    "fid-sampler",
+                    format!("{} with --fid-steps {}: {e}", q.sampler, q.steps),
+                )
+            })?;
+        }
+        self.quality = quality;
+        Ok(())
+    }
+
+    /// The figure of [`QualityEval`] for the current EMA weights.
+    fn measure(&self, ctx: &HookContext<'_>) -> Result<Option<EvalRecord>> {
+        let Some(q) = &self.quality else {
+            return Ok(None);
+        };
+        let start = std::time::Instant::now();
+        let ema = unet::from_tensors(&self.unet_config, ctx.ema.tensor_map(), &self.device)?;
+        let den = UNetDenoiser::new(ema, self.schedule.clone(), self.prediction);
+        let classes: Option<Vec<Option<usize>>> =
+            den.num_classes().map(|k| (0..q.n).map(|i| Some(i % k)).collect());
+        let shape = self.data.shape();
+        let images = sample_images(
+            &den,
+            &self.schedule,
+            shape,
+            q.n,
+            &q.sampler,
+            q.steps,
+            q.seed,
+            classes.as_deref().map(|c| (c, q.guidance_scale)),
+            &self.device,
+        )?;
+        let values: Vec<f64> = images
+            .flatten_all()?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?
+            .into_iter()
+            .map(|v| ((v + 1.0) / 2.0).clamp(0.0, 1.0))
+            .collect();
+        let net = DigitClassifier::bundled(&Device::Cpu)?;
+        let (f, _) = net.describe(&values, shape, &Device::Cpu)?;
+        let value = fid(&Statistics::of_features(&f, FEATURES, "samples")?, &q.reference)?.value;
+        Ok(Some(EvalRecord {
+            metric: "fd_digit_features".into(),
+            value,
+            real: q.floor,
+            n_samples: q.n,
+            sampler: format!("{} {}", q.sampler, q.steps),
+            seconds: start.elapsed().as_secs_f64(),
+        }))
     }
 
     /// The simple loss of one batch: of this process's share of it, as its contribution to the
@@ -300,6 +467,7 @@ impl ImageTask {
                     &self.schedule,
                     self.data.shape(),
                     self.grid.n,
+                    "ddpm",
                     self.grid.steps,
                     self.grid.seed,
                     None,
@@ -318,6 +486,7 @@ impl ImageTask {
                     &self.schedule,
                     self.data.shape(),
                     classes.len(),
+                    "ddpm",
                     self.grid.steps,
                     self.grid.seed,
                     Some((&classes, self.grid.guidance_scale)),
@@ -356,22 +525,26 @@ pub fn sample_images(
     schedule: &Schedule,
     shape: [usize; 3],
     n: usize,
+    sampler: &str,
     steps: usize,
     seed: u64,
     guided: Option<(&[Option<usize>], f64)>,
     device: &Device,
 ) -> Result<Tensor> {
     use crate::process::Process;
+    use crate::samplers::registry::Opt;
     use crate::samplers::{build_sampler, sample_batched, NoObserver, SamplerKind, SamplerOptions};
     let process = Process::Ddpm(schedule.clone());
+    let kind = SamplerKind::from_name(sampler)?;
+    let takes = |o: Opt| kind.spec().options.contains(&o);
     let options = SamplerOptions {
         steps: Some(steps.min(schedule.timesteps())),
-        // the data range, as `diffuse sample` does by default
-        clip_x0: Some(1.0),
-        spacing: Some("trailing".into()),
+        // the data range, as `diffuse sample` does by default (where the sampler clips)
+        clip_x0: takes(Opt::ClipX0).then_some(1.0),
+        spacing: takes(Opt::Spacing).then(|| "trailing".into()),
         ..Default::default()
     };
-    let sampler = build_sampler(SamplerKind::from_name("ddpm")?, &process, &options)?;
+    let sampler = build_sampler(kind, &process, &options)?;
     let out = match guided {
         None => sample_batched(
             sampler.as_ref(),
@@ -425,6 +598,10 @@ impl TrainTask for ImageTask {
 
     fn hook(&mut self, ctx: &HookContext<'_>) -> Result<()> {
         self.draw_grid(ctx)
+    }
+
+    fn evaluate(&mut self, ctx: &HookContext<'_>) -> Result<Option<EvalRecord>> {
+        self.measure(ctx)
     }
 }
 

@@ -1,7 +1,8 @@
 //! The training log: one JSON object per step in `metrics.jsonl`, appended as training goes
 //! and fsync'd at every checkpoint, and the loss-curve picture drawn from it.
 //!
-//! A line looks like `{"step":12,"loss":0.53,"lr":0.00012,"grad_norm":1.7,"elapsed_s":0.41}`:
+//! A line looks like `{"step":12,"loss":0.53,"lr":0.00012,"grad_norm":1.7,"elapsed_s":0.41}`
+//! (plus `"eval":{...}` ([`EvalRecord`]) on the steps where `train --fid-every` measured samples):
 //! `loss` is the batch loss computed before update `step` (1-based), `lr` the learning rate that
 //! update used, `grad_norm` the global gradient norm before clipping, `elapsed_s` the training
 //! time of the whole run so far (across resumes). On resume the file is cut back to the
@@ -31,6 +32,29 @@ pub struct MetricRecord {
     pub grad_norm: f64,
     /// Seconds of training so far, over all sessions of the run.
     pub elapsed_s: f64,
+    /// The sample-quality figure measured after this update (`train --fid-every`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalRecord>,
+}
+
+/// A sample-quality figure measured during training: `metric` of `n_samples` samples of the EMA
+/// weights against the reference images, and the same figure for as many real training images
+/// (the floor a perfect model would reach with that many samples).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalRecord {
+    /// What the value is, e.g. `fd_digit_features`.
+    pub metric: String,
+    /// The samples' figure.
+    pub value: f64,
+    /// Real training images against the same reference.
+    pub real: Option<f64>,
+    /// Samples drawn.
+    pub n_samples: usize,
+    /// Sampler and steps they were drawn with, e.g. `dpmpp-2m 20`.
+    pub sampler: String,
+    /// Seconds the evaluation took (sampling and features).
+    pub seconds: f64,
 }
 
 /// An open `metrics.jsonl`, with its records kept in memory for the loss curve.
@@ -240,8 +264,22 @@ pub fn loss_curve_png(path: &Path, records: &[MetricRecord]) -> Result<()> {
     let (w, h) = (900u32, 560u32);
     let mut buf = vec![255u8; (w * h * 3) as usize];
     {
-        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
-        root.fill(&WHITE).map_err(plot_err)?;
+        let full = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        full.fill(&WHITE).map_err(plot_err)?;
+        let evals: Vec<(u64, &EvalRecord)> = records
+            .iter()
+            .filter_map(|r| r.eval.as_ref().map(|e| (r.step, e)))
+            .collect();
+        // with sample-quality figures: the loss on top, the figure against the step below
+        let (root, lower) = if evals.is_empty() {
+            (full, None)
+        } else {
+            let (a, b) = full.split_vertically((h as f64 * 0.62) as u32);
+            (a, Some(b))
+        };
+        if let Some(lower) = &lower {
+            draw_eval(lower, &evals, (x0, x1))?;
+        }
         let title = match records.last() {
             Some(r) => format!(
                 "training loss (step {}, smoothed {:.4})",
@@ -309,6 +347,116 @@ pub fn loss_curve_png(path: &Path, records: &[MetricRecord]) -> Result<()> {
     save_rgb_png(path, w, h, buf)
 }
 
+/// Colour of the samples' quality figure and of the real-image floor.
+const EVAL_COLOUR: RGBColor = RGBColor(117, 112, 179);
+const FLOOR_COLOUR: RGBColor = RGBColor(27, 158, 119);
+
+/// The lower panel of the loss picture: the samples' figure at each evaluated step, and the
+/// real-image floor.
+fn draw_eval<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    evals: &[(u64, &EvalRecord)],
+    (x0, x1): (f64, f64),
+) -> Result<()> {
+    let pts: Vec<(f64, f64)> = evals
+        .iter()
+        .map(|(s, e)| (*s as f64, e.value))
+        .filter(|p| p.1.is_finite())
+        .collect();
+    let floor: Vec<(f64, f64)> = evals
+        .iter()
+        .filter_map(|(s, e)| e.real.map(|r| (*s as f64, r)))
+        .filter(|p| p.1.is_finite())
+        .collect();
+    let all: Vec<f64> = pts.iter().chain(&floor).map(|p| p.1).collect();
+    let lo = all.iter().copied().fold(f64::INFINITY, f64::min).min(0.0);
+    let mut hi = all.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !hi.is_finite() || hi <= lo {
+        hi = lo + 1.0;
+    }
+    let (name, last) = evals
+        .last()
+        .map_or(("", f64::NAN), |(_, e)| (e.metric.as_str(), e.value));
+    let long_name = if name == "fd_digit_features" {
+        "FD of the bundled digit features"
+    } else {
+        name
+    };
+    let title = format!(
+        "{long_name} of {} samples ({}): {last:.3}",
+        evals.last().map_or(0, |e| e.1.n_samples),
+        evals.last().map_or("", |e| e.1.sampler.as_str())
+    );
+    let min_pos = all
+        .iter()
+        .copied()
+        .filter(|v| *v > 0.0)
+        .fold(f64::INFINITY, f64::min);
+    let builder = |area| {
+        let mut b = ChartBuilder::on(area);
+        b.caption(title.clone(), ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(70);
+        b
+    };
+    // figures falling over decades (early samples are far off) read better on a log axis
+    if min_pos.is_finite() && all.iter().all(|v| *v > 0.0) && hi / min_pos > 20.0 {
+        let chart = builder(area)
+            .build_cartesian_2d(x0..x1, (min_pos * 0.8..hi * 1.25).log_scale())
+            .map_err(plot_err)?;
+        draw_eval_series(chart, &pts, &floor)
+    } else {
+        let chart = builder(area)
+            .build_cartesian_2d(x0..x1, lo..hi * 1.08)
+            .map_err(plot_err)?;
+        draw_eval_series(chart, &pts, &floor)
+    }
+}
+
+fn draw_eval_series<'a, DB: DrawingBackend + 'a, Y>(
+    mut chart: ChartContext<'a, DB, Cartesian2d<plotters::coord::types::RangedCoordf64, Y>>,
+    pts: &[(f64, f64)],
+    floor: &[(f64, f64)],
+) -> Result<()>
+where
+    Y: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
+{
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("FD")
+        .y_labels(5)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| tick_label(*v))
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(plot_err)?;
+    chart
+        .draw_series(LineSeries::new(pts.to_vec(), EVAL_COLOUR.stroke_width(2)))
+        .map_err(plot_err)?
+        .label("samples")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], EVAL_COLOUR.stroke_width(2)));
+    chart
+        .draw_series(pts.iter().map(|&p| Circle::new(p, 4, EVAL_COLOUR.filled())))
+        .map_err(plot_err)?;
+    if !floor.is_empty() {
+        chart
+            .draw_series(LineSeries::new(floor.to_vec(), FLOOR_COLOUR.stroke_width(2)))
+            .map_err(plot_err)?
+            .label("real training images (floor)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], FLOOR_COLOUR.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()
+        .map_err(plot_err)?;
+    Ok(())
+}
+
 /// A short axis label: 4 significant digits, no trailing zeros (`0.7000000000000001` -> `0.7`).
 fn tick_label(v: f64) -> String {
     if v == 0.0 || !v.is_finite() {
@@ -343,6 +491,7 @@ mod tests {
             lr: 1e-3,
             grad_norm: 0.5,
             elapsed_s: step as f64 * 0.1,
+            eval: None,
         }
     }
 
@@ -410,5 +559,41 @@ mod tests {
         assert!(blue > 200 && orange > 200, "blue {blue}, orange {orange}");
         // an empty log still gives a picture rather than an error
         loss_curve_png(&p, &[]).unwrap();
+    }
+
+    #[test]
+    fn loss_curve_draws_the_sample_quality_panel() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("loss.png");
+        let mut recs: Vec<MetricRecord> = (1..=300).map(|s| rec(s, 1.0 / (s as f64).sqrt())).collect();
+        let count = |p: &Path, c: RGBColor| {
+            image::open(p)
+                .unwrap()
+                .to_rgb8()
+                .pixels()
+                .filter(|q| q.0 == [c.0, c.1, c.2])
+                .count()
+        };
+        loss_curve_png(&p, &recs).unwrap();
+        assert_eq!(count(&p, EVAL_COLOUR), 0);
+        for (s, v) in [(100, 900.0), (200, 60.0), (300, 20.0)] {
+            recs[s - 1].eval = Some(EvalRecord {
+                metric: "fd_digit_features".into(),
+                value: v,
+                real: Some(5.0),
+                n_samples: 200,
+                sampler: "dpmpp-2m 20".into(),
+                seconds: 1.0,
+            });
+        }
+        loss_curve_png(&p, &recs).unwrap();
+        let (eval, floor) = (count(&p, EVAL_COLOUR), count(&p, FLOOR_COLOUR));
+        assert!(eval > 200 && floor > 200, "eval {eval}, floor {floor}");
+        // the eval field round-trips through a metrics line; lines without it still parse
+        let line = record_line(&recs[99]).unwrap();
+        let back: MetricRecord = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, recs[99]);
+        let plain: MetricRecord = serde_json::from_str(&record_line(&recs[0]).unwrap()).unwrap();
+        assert_eq!(plain.eval, None);
     }
 }

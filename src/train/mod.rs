@@ -52,7 +52,7 @@ pub use checkpoint::CheckpointState;
 pub use distributed::{Collective, ExchangeStats, Shard};
 pub use ema::{Ema, EmaConfig};
 pub use interrupt::Interrupt;
-pub use metrics::{MetricRecord, MetricsLog};
+pub use metrics::{EvalRecord, MetricRecord, MetricsLog};
 pub use optim::{AdamW, AdamWConfig};
 
 /// `metrics.jsonl` in the run directory.
@@ -97,6 +97,13 @@ pub trait TrainTask {
     /// It must not change the weights or draw from the training generator.
     fn hook(&mut self, _ctx: &HookContext<'_>) -> Result<()> {
         Ok(())
+    }
+
+    /// Measures sample quality (`train --fid-every`): called every `eval_every` steps and at
+    /// the last step of a step budget; the figure goes into that step's metrics line. Like
+    /// [`TrainTask::hook`] it must not change the weights or draw from the training generator.
+    fn evaluate(&mut self, _ctx: &HookContext<'_>) -> Result<Option<EvalRecord>> {
+        Ok(None)
     }
 }
 
@@ -143,6 +150,10 @@ pub struct LoopOptions {
     pub checkpoint_every: u64,
     /// Call [`TrainTask::hook`] every this many steps (0: only at the end).
     pub hook_every: u64,
+    /// Call [`TrainTask::evaluate`] every this many steps, and at the last step of a step budget
+    /// of at least this many steps (0: never). One process only (data-parallel runs do not
+    /// evaluate).
+    pub eval_every: u64,
     /// Draw a progress bar on stderr (hidden anyway when stderr is not a terminal).
     pub progress: bool,
 }
@@ -152,6 +163,7 @@ impl Default for LoopOptions {
         LoopOptions {
             checkpoint_every: 1000,
             hook_every: 0,
+            eval_every: 0,
             progress: true,
         }
     }
@@ -424,7 +436,15 @@ impl Trainer {
             if time_limit.is_some_and(|l| start.elapsed() >= l) {
                 break StopReason::Time;
             }
-            let record = self.one_step(task, start)?;
+            let mut record = self.one_step(task, start)?;
+            let eval_due = options.eval_every > 0
+                && (self.step % options.eval_every == 0
+                    || (budget.steps == Some(self.step) && self.step >= options.eval_every));
+            if eval_due {
+                progress.note(&format!("step {}: measuring samples", self.step));
+                record.eval = self.call_evaluate(task)?;
+            }
+            self.metrics.append(record.clone())?;
             progress.update(
                 &record,
                 self.step - session_first,
@@ -500,9 +520,20 @@ impl Trainer {
             lr: stats.lr,
             grad_norm: stats.grad_norm,
             elapsed_s: self.elapsed_before + start.elapsed().as_secs_f64(),
+            eval: None,
         };
-        self.metrics.append(record.clone())?;
+        // appended by the caller, with the step's evaluation if one is due
         Ok(record)
+    }
+
+    fn call_evaluate(&mut self, task: &mut dyn TrainTask) -> Result<Option<EvalRecord>> {
+        task.evaluate(&HookContext {
+            step: self.step,
+            run_dir: &self.run_dir,
+            varmap: &self.varmap,
+            ema: &self.ema,
+            metrics: self.metrics.records(),
+        })
     }
 
     fn call_hook(&mut self, task: &mut dyn TrainTask) -> Result<()> {
@@ -590,6 +621,15 @@ impl Progress {
             by_steps,
             plain,
             last_plain: std::cell::Cell::new(0.0),
+        }
+    }
+
+    /// A message in the bar (or a plain line when the bar cannot draw).
+    fn note(&self, msg: &str) {
+        if self.plain {
+            eprintln!("{msg}");
+        } else {
+            self.bar.set_message(format!("| {msg}"));
         }
     }
 

@@ -8,7 +8,9 @@ use candle_core::{Device, Tensor};
 use diffuse::eval::inception::{WeightFile, WeightSource};
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inception").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/inception")
+        .join(name)
 }
 fn fnv1a64(name: &str) -> u64 {
     let mut h = 0xCBF29CE484222325u64;
@@ -44,11 +46,17 @@ impl WeightSource for Generated {
         let n: usize = shape.iter().product();
         let v: Vec<f64> = if name.ends_with("conv.weight") {
             let bound = (6.0 / (shape[1] * shape[2] * shape[3]) as f64).sqrt();
-            uniforms(name, n).into_iter().map(|u| (2.0 * u - 1.0) * bound).collect()
+            uniforms(name, n)
+                .into_iter()
+                .map(|u| (2.0 * u - 1.0) * bound)
+                .collect()
         } else if name.ends_with("bn.weight") {
             uniforms(name, n).into_iter().map(|u| 0.5 + u).collect()
         } else if name.ends_with("bn.bias") {
-            uniforms(name, n).into_iter().map(|u| (2.0 * u - 1.0) * 0.2).collect()
+            uniforms(name, n)
+                .into_iter()
+                .map(|u| (2.0 * u - 1.0) * 0.2)
+                .collect()
         } else {
             return self.stats.get(name, shape);
         };
@@ -58,6 +66,7 @@ impl WeightSource for Generated {
 }
 
 pub fn weights() -> Generated {
-    Generated { stats: WeightFile::open(&fixture("bn_stats.pth")).expect("bn_stats.pth") }
+    Generated {
+        stats: WeightFile::open(&fixture("bn_stats.pth")).expect("bn_stats.pth"),
+    }
 }
-
