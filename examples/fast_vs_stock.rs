@@ -115,6 +115,7 @@ fn train(a: &Args, fast: bool) -> Result<(Vec<f64>, f64)> {
     let options = LoopOptions {
         checkpoint_every: 0,
         hook_every: 0,
+        eval_every: 0,
         progress: false,
     };
     let budget = Budget {

@@ -239,6 +239,7 @@ fn main() -> diffuse::Result<()> {
         &LoopOptions {
             checkpoint_every: 0,
             hook_every: 0,
+            eval_every: 0,
             progress: true,
         },
         &Interrupt::new(),

@@ -56,6 +56,7 @@ pub mod plot;
 pub mod plot2d;
 pub mod posterior;
 pub mod process;
+pub mod pth;
 pub mod rng;
 pub mod samplers;
 pub mod schedule;

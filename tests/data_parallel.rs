@@ -201,6 +201,7 @@ fn options() -> LoopOptions {
     LoopOptions {
         checkpoint_every: 5,
         hook_every: 0,
+        eval_every: 0,
         progress: false,
     }
 }

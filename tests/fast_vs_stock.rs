@@ -85,6 +85,7 @@ fn losses(fast: bool, dir: &std::path::Path) -> Vec<f64> {
     let options = LoopOptions {
         checkpoint_every: 0,
         hook_every: 0,
+        eval_every: 0,
         progress: false,
     };
     let budget = Budget {

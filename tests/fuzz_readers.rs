@@ -59,6 +59,9 @@ fuzz_tests!(
     checkpoint_manifest,
     checkpoint_metrics,
     image_checkpoint_state,
+    fid_stats_npz,
+    inception_pth,
+    inception_safetensors,
 );
 
 /// The allocator's bound has teeth: a reader that trusts a declared size is caught.

@@ -164,7 +164,7 @@ fn weight_files_of_another_architecture_or_truncated_are_errors() {
         .to_string();
     assert!(e.contains("[32, 3, 5, 5]") && e.contains("[32, 3, 3, 3]"), "{e}");
     // truncated files
-    for name in ["bn_stats.pth"] {
+    for name in ["bn_stats.pth", "tiny.pth"] {
         let bytes = std::fs::read(fixture(name)).unwrap();
         let t = dir.path().join("t.pth");
         std::fs::write(&t, &bytes[..bytes.len() / 3]).unwrap();

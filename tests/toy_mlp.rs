@@ -40,6 +40,7 @@ fn train(dir: &Path, spec: &DataSpec, points: &Points, steps: u64) -> MlpDenoise
     let opts = LoopOptions {
         checkpoint_every: 0,
         hook_every: 0,
+        eval_every: 0,
         progress: false,
     };
     run.run(

@@ -59,6 +59,7 @@ fn options() -> LoopOptions {
     LoopOptions {
         checkpoint_every: 10,
         hook_every: 0,
+        eval_every: 0,
         progress: false,
     }
 }

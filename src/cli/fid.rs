@@ -108,6 +108,10 @@ impl Set {
 }
 
 /// Reads `arg` as --samples / --reference take it (`flag` names it in errors).
+/// One side's statistics (when asked for), its features (image sets only), how many images
+/// were featurised, and the seconds that took.
+type Featurised = (Option<Statistics>, Option<Vec<f64>>, usize, f64);
+
 fn read_set(arg: &str, split: Split, max: Option<usize>, flag: &str) -> anyhow::Result<Set> {
     let path = Path::new(arg);
     let ext = path
@@ -285,9 +289,7 @@ pub fn run(a: FidArgs) -> anyhow::Result<()> {
     let dims = net.as_ref().map_or(a.dims, |n| n.dims());
     let start = Instant::now();
     let mut n_featurised = 0usize;
-    let mut featurise = |set: &Set,
-                         need_stats: bool|
-     -> anyhow::Result<(Option<Statistics>, Option<Vec<f64>>, usize, f64)> {
+    let mut featurise = |set: &Set, need_stats: bool| -> anyhow::Result<Featurised> {
         match set {
             Set::Stats { stats, label } => {
                 if stats.dims != dims {

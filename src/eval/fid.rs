@@ -30,7 +30,7 @@ impl Statistics {
     /// The statistics of `features` (rows of width `dims`); a set of fewer than `dims + 1` rows
     /// has a rank-deficient covariance, which FID cannot use: an error saying how many it needs.
     pub fn of_features(features: &[f64], dims: usize, what: &str) -> Result<Self> {
-        let n = if dims == 0 { 0 } else { features.len() / dims };
+        let n = features.len().checked_div(dims).unwrap_or(0);
         if n < dims + 1 {
             return Err(Error::param(
                 what,
@@ -51,8 +51,15 @@ impl Statistics {
         if !path.is_file() {
             return Err(Error::bad_input(path, "no such statistics file"));
         }
-        let arrays = Tensor::read_npz(path)
-            .map_err(|e| Error::bad_input(path, format!("not a readable .npz file ({e})")))?;
+        let arrays = Tensor::read_npz(path).map_err(|e| {
+            Error::bad_input(
+                path,
+                format!(
+                    "not a readable .npz file ({})",
+                    crate::pth::one_line(&e.to_string())
+                ),
+            )
+        })?;
         let find = |key: &str| -> Result<Tensor> {
             arrays.iter().find(|(k, _)| k == key).map(|(_, t)| t.clone()).ok_or_else(|| {
                 let keys: Vec<&str> = arrays.iter().map(|(k, _)| k.as_str()).collect();

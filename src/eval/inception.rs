@@ -74,20 +74,29 @@ impl WeightFile {
             .unwrap_or("")
             .to_ascii_lowercase();
         let tensors: HashMap<String, Tensor> = if ext == "safetensors" {
-            candle_core::safetensors::load(path, &Device::Cpu)
-                .map_err(|e| Error::bad_input(path, format!("not a readable safetensors file ({e})")))?
-        } else {
-            let pairs = candle_core::pickle::read_all(path).map_err(|e| {
+            candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
                 Error::bad_input(
                     path,
                     format!(
-                        "not a readable PyTorch state dict ({e}); pytorch-fid's published \
-                         pt_inception-2015-12-05-6726825d.pth is in PyTorch's legacy format: convert it \
-                         once with `python3 tools/convert_fid_inception.py IN.pth OUT.safetensors`"
+                        "not a readable safetensors file ({})",
+                        crate::pth::one_line(&e.to_string())
                     ),
                 )
-            })?;
-            pairs.into_iter().collect()
+            })?
+        } else {
+            crate::pth::read_state_dict(path).map_err(|e| match e {
+                Error::BadInput { message, .. } if message.starts_with("not a zip archive") => {
+                    Error::bad_input(
+                        path,
+                        format!(
+                            "{message}; pytorch-fid's published pt_inception-2015-12-05-6726825d.pth is \
+                         in PyTorch's legacy format: convert it once with \
+                         `python3 tools/convert_fid_inception.py IN.pth OUT.safetensors`"
+                        ),
+                    )
+                }
+                e => e,
+            })?
         };
         if tensors.is_empty() {
             return Err(Error::bad_input(path, "holds no tensors"));

@@ -518,6 +518,7 @@ fn toy_run_dir() -> tempfile::TempDir {
     let options = LoopOptions {
         checkpoint_every: 2,
         hook_every: 0,
+        eval_every: 0,
         progress: false,
     };
     let budget = Budget {
@@ -660,6 +661,7 @@ pub fn image_checkpoint_state() -> Target {
     let options = LoopOptions {
         checkpoint_every: 0,
         hook_every: 0,
+        eval_every: 0,
         progress: false,
     };
     let budget = Budget {
@@ -679,6 +681,49 @@ pub fn image_checkpoint_state() -> Target {
     dir_target("image-checkpoint-state", dir, input, file, 8, text(), |d| {
         ok(diffuse::pipeline::load_checkpoint(d, true, &Device::Cpu))
     })
+}
+
+// ---------- FID: statistics files and InceptionV3 weights ----------
+
+/// pytorch-fid's statistics `.npz` (`Statistics::read_npz`): a zip of two float64 `.npy`
+/// arrays, stored; the arrays are read into tensors and copied once to f64 vectors, about 3
+/// bytes per byte; factor 8.
+pub fn fid_stats_npz() -> Target {
+    let dir = tmp();
+    let p = dir.path().join("seed.npz");
+    let feats: Vec<f64> = (0..30).map(|i| ((i * 37) % 11) as f64 / 7.0).collect();
+    diffuse::eval::fid::Statistics::of_features(&feats, 3, "x")
+        .unwrap()
+        .write_npz(&p)
+        .unwrap();
+    let seed = std::fs::read(&p).unwrap();
+    file_target("fid-stats-npz", "stats.npz", seed, 8, Hints::default(), |p| {
+        ok(diffuse::eval::fid::Statistics::read_npz(p))
+    })
+}
+
+/// InceptionV3 weights as a PyTorch state dict (`WeightFile::open` on a zip-format `.pth`,
+/// tests/fixtures/inception/tiny.pth): the tensors' storage, once; factor 8.
+pub fn inception_pth() -> Target {
+    let seed = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inception/tiny.pth"))
+        .unwrap();
+    file_target("inception-pth", "weights.pth", seed, 8, Hints::default(), |p| {
+        ok(diffuse::eval::inception::WeightFile::open(p))
+    })
+}
+
+/// InceptionV3 weights as safetensors (`WeightFile::open`); factor 4 as the other safetensors.
+pub fn inception_safetensors() -> Target {
+    let seed = diffuse::train::checkpoint::safetensors_bytes(&small_tensors()).unwrap();
+    let hints = safetensors_hints(&seed);
+    file_target(
+        "inception-safetensors",
+        "weights.safetensors",
+        seed,
+        4,
+        hints,
+        |p| ok(diffuse::eval::inception::WeightFile::open(p)),
+    )
 }
 
 /// Every target, in a fixed order.
@@ -713,5 +758,8 @@ pub fn all() -> Vec<Target> {
         checkpoint_manifest(),
         checkpoint_metrics(),
         image_checkpoint_state(),
+        fid_stats_npz(),
+        inception_pth(),
+        inception_safetensors(),
     ]
 }
