@@ -155,6 +155,9 @@ const TABLE: &[Row] = &[
     row("sample --checkpoint {d}/imgrun --sampler ddpm --steps 0 --out {d}/gen", 2, "error: invalid"),
     row("sample --checkpoint {d}/imgrun --n 4 --out {d}/file/gen", 2, "error: {d}/file/gen: "),
     row("sample --diffusers {d}/diffusers-nomodel --out {d}/gen", 2, "error: {d}/diffusers-nomodel/config.json: invalid JSON"),
+    row("sample --diffusers {d}/diffusers-badtype --out {d}/gen", 2, "error: {d}/diffusers-badtype/config.json: field `layers_per_block`: expected a non-negative integer, found \"two\""),
+    row("sample --diffusers {d}/diffusers-tiny --scheduler-config {d}/badsched.json --out {d}/gen", 2, "error: {d}/badsched.json: field `clip_sample`: expected a boolean, found \"yes\""),
+    row("eval nll --diffusers {d}/diffusers-tiny --scheduler-config {d}/badsched.json --verbose", 2, "error: {d}/badsched.json: field `clip_sample`: expected a boolean, found \"yes\""),
     // eval
     row("eval nll --checkpoint {d}/missing", 2, "error: {d}/missing: no such directory"),
     row("eval nll --checkpoint {d}/toyrun --n-images 0", 2, "error: --n-images and --batch must be at least 1"),
@@ -205,6 +208,10 @@ fn fixtures(d: &Path) {
     w(
         "hugestd.json",
         br#"{"weights": [1], "means": [[0, 0]], "stds": [1e200]}"#,
+    );
+    w(
+        "badsched.json",
+        br#"{"_class_name": "DDPMScheduler", "clip_sample": "yes"}"#,
     );
     w("bad.csv", b"1,2\n3,abc\n");
     w("inf.csv", b"inf,2\n3,4\n");
@@ -292,6 +299,19 @@ fn fixtures(d: &Path) {
     std::fs::create_dir_all(d.join("diffusers-nomodel")).unwrap();
     w("diffusers-nomodel/config.json", b"{\"_class_name\": \"UNet2D");
     w("diffusers-nomodel/diffusion_pytorch_model.safetensors", b"");
+    // a diffusers folder whose config has a field of the wrong type
+    std::fs::create_dir_all(d.join("diffusers-badtype")).unwrap();
+    w(
+        "diffusers-badtype/config.json",
+        br#"{"_class_name": "UNet2DModel", "layers_per_block": "two"}"#,
+    );
+    w("diffusers-badtype/diffusion_pytorch_model.safetensors", b"");
+    // a small working diffusers model (the committed fixture)
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/diffusers/no_mid_block_1ch16");
+    std::fs::create_dir_all(d.join("diffusers-tiny")).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(tiny.join(f), d.join("diffusers-tiny").join(f)).unwrap();
+    }
 }
 
 #[test]

@@ -74,6 +74,10 @@ struct NllArgs {
     /// A scheduler_config.json for a --diffusers model (default: the folder's own).
     #[arg(long, value_name = "FILE")]
     scheduler_config: Option<PathBuf>,
+    /// List on stderr the fields of a --diffusers model's config.json and scheduler_config.json
+    /// that were ignored (diffusers keys this loader does not read; `_` metadata not listed).
+    #[arg(long)]
+    verbose: bool,
     #[command(flatten)]
     data: DataArgs,
     /// Which split to measure on: test (default) or train.
@@ -346,7 +350,9 @@ fn nll(a: NllArgs) -> anyhow::Result<()> {
     if a.n_images == 0 || a.batch == 0 {
         return super::usage("--n-images and --batch must be at least 1");
     }
-    let model = a.model.load(!a.no_ema, a.scheduler_config.as_deref())?;
+    let model = a
+        .model
+        .load(!a.no_ema, a.scheduler_config.as_deref(), a.verbose)?;
     let mut spec = a.data.spec_or(a.split, model.data.as_ref());
     // Make the data the model's shape unless the user chose otherwise.
     let [c, h, w] = model.shape;

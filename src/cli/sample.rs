@@ -34,6 +34,10 @@ pub struct SampleArgs {
     /// A scheduler_config.json for a --diffusers model (default: the folder's own).
     #[arg(long, value_name = "FILE")]
     scheduler_config: Option<PathBuf>,
+    /// List on stderr the fields of a --diffusers model's config.json and scheduler_config.json
+    /// that were ignored (diffusers keys this loader does not read; `_` metadata not listed).
+    #[arg(long)]
+    verbose: bool,
     #[arg(long, help = sampler_help())]
     sampler: Option<String>,
     /// Process the sampler runs: ddpm (the model's own discrete schedule), or a continuous family
@@ -155,7 +159,9 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
     if a.ema && a.no_ema {
         return super::usage("--ema and --no-ema contradict each other");
     }
-    let model = a.model.load(!a.no_ema, a.scheduler_config.as_deref())?;
+    let model = a
+        .model
+        .load(!a.no_ema, a.scheduler_config.as_deref(), a.verbose)?;
     if model.denoiser.num_classes().is_none() && (a.class.is_some() || a.guidance_scale.is_some()) {
         return super::usage(format!(
             "--class and --guidance-scale need a class-conditional model; {} is unconditional",
