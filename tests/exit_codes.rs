@@ -74,7 +74,9 @@ const TABLE: &[Row] = &[
     row("toy train --data csv:{d}/inf.csv --out {d}/t", 2, "error: {d}/inf.csv: line 1, column 1: inf is not a finite number"),
     row("toy train --data gmm:{d}/badmix.json --out {d}/t", 2, "error: {d}/badmix.json: weights sum to 0.9"),
     row("toy train --data gmm:{d}/latin1.json --out {d}/t", 2, "error: {d}/latin1.json: not UTF-8 text"),
-    row("toy train --data gmm:{d}/hugestd.json --out {d}/t", 2, "error: {d}/hugestd.json: stds[0] = 1e200: its square"),
+    row("toy train --data gmm:{d}/hugestd.json --out {d}/t", 2, "error: {d}/hugestd.json: field `stds[0]`: 1e200: its square"),
+    row("toy train --data gmm:{d}/typomix.json --out {d}/t", 2, "error: {d}/typomix.json: field `std`: unknown field"),
+    row("toy train --data gmm:{d}/strmix.json --out {d}/t", 2, "error: {d}/strmix.json: field `means[1][0]`: expected a number, found \"1\""),
     row("toy train --data moons --n-data 10000001 --out {d}/t", 2, "error: --n-data 10000001: at most 10000000 points"),
     // toy train: the settings and the run directory
     row("toy train --data moons --batch 0 --out {d}/t", 2, "error: invalid batch: got 0"),
@@ -208,6 +210,14 @@ fn fixtures(d: &Path) {
     w(
         "hugestd.json",
         br#"{"weights": [1], "means": [[0, 0]], "stds": [1e200]}"#,
+    );
+    w(
+        "typomix.json",
+        br#"{"weights": [1], "means": [[0, 0]], "std": [1]}"#,
+    );
+    w(
+        "strmix.json",
+        br#"{"weights": [0.5, 0.5], "means": [[0], ["1"]], "stds": [1, 1]}"#,
     );
     w(
         "badsched.json",
