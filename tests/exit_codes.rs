@@ -168,6 +168,8 @@ const TABLE: &[Row] = &[
     row("eval samples --samples {d}/points.npy", 2, "error: {d}/points.npy: expected shape [N, C, H, W]"),
     row("eval samples --samples {d}/gen-nan/samples.npy --data {d}/images", 2, "error: {d}/gen-nan/samples.npy: the value at index [1, 0, 2, 3] (element 83 in C order) is inf"),
     row("eval samples --samples {d}/gen-badinfo/samples.npy", 2, "error: {d}/gen-badinfo/info.json: invalid JSON"),
+    row("eval samples --samples {d}/gen-typoinfo/samples.npy", 2, "error: {d}/gen-typoinfo/info.json: field `training_dat`: unknown field"),
+    row("eval samples --samples {d}/gen-wronginfo/samples.npy", 2, "error: {d}/gen-wronginfo/info.json: field `training_data.data`: expected a string, found 3"),
     row("eval samples --samples {d}/gen-badinfo/samples.npy --data {d}/wide --split train --image-size 12", 2, "error: the samples are [1, 8, 8] but the reference images are [1, 12, 12]"),
     row("eval nll --checkpoint {d}/imgrun --data {d}/wide --split train --image-size 12", 2, "error: the images are [1, 12, 12] but the model makes [1, 8, 8]"),
     row("eval nll --checkpoint {d}/imgrun --split test", 2, "error: {d}/images: has no train/ and test/ subfolders"),
@@ -246,6 +248,18 @@ fn fixtures(d: &Path) {
     std::fs::create_dir_all(d.join("gen-badinfo")).unwrap();
     npy_f32(&d.join("gen-badinfo/samples.npy"), &[2, 1, 8, 8], &[0.5; 128]);
     w("gen-badinfo/info.json", b"{\"training_data\": ");
+    // info.json with a misspelt field, and with a field of the wrong type
+    for (dir, info) in [
+        ("gen-typoinfo", &br#"{"n": 2, "training_dat": null}"#[..]),
+        (
+            "gen-wronginfo",
+            &br#"{"n": 2, "training_data": {"data": 3, "split": "train"}}"#[..],
+        ),
+    ] {
+        std::fs::create_dir_all(d.join(dir)).unwrap();
+        npy_f32(&d.join(dir).join("samples.npy"), &[2, 1, 8, 8], &[0.5; 128]);
+        w(&format!("{dir}/info.json"), info);
+    }
     // a toy run (2 steps) and a damaged copy of it (model.safetensors cut to 100 bytes)
     let run = d.join("toyrun");
     let out = Command::new(BIN)

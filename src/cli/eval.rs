@@ -313,35 +313,13 @@ fn requested_classes(samples: &std::path::Path, n: usize) -> anyhow::Result<Opti
         return Ok(None);
     };
     let path = dir.join("info.json");
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text = diffuse::io::read_text(&path)?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| diffuse::Error::bad_input(&path, format!("not JSON: {e}")))?;
-    let Some(classes) = v.get("classes").and_then(|c| c.as_array()) else {
+    let Some(info) = diffuse::config::samples_info::SamplesInfo::read(&path)? else {
         return Ok(None);
     };
-    if classes.len() != n {
-        return Err(diffuse::Error::bad_input(
-            &path,
-            format!("classes: {} entries for {n} images", classes.len()),
-        )
-        .into());
-    }
-    let req = classes
-        .iter()
-        .enumerate()
-        .map(|(i, c)| match c {
-            serde_json::Value::Null => Ok(None),
-            c => c.as_u64().map(|k| Some(k as usize)).ok_or_else(|| {
-                diffuse::Error::bad_input(
-                    &path,
-                    format!("classes[{i}]: expected a class id or null, got {c}"),
-                )
-            }),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let Some(req) = info.classes_for(n, &path)? else {
+        return Ok(None);
+    };
+    let req = req.to_vec();
     Ok(req.iter().any(Option::is_some).then_some(req))
 }
 

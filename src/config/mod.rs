@@ -19,6 +19,7 @@
 //! Training defaults, the constants the CLI and the library share, are in [`defaults`].
 
 pub mod mixture;
+pub mod samples_info;
 pub mod scheduler;
 pub mod unet;
 
