@@ -18,6 +18,7 @@
 //! `scheduler_config.json: field `clip_sample`: expected a boolean, found "yes"`.
 //! Training defaults, the constants the CLI and the library share, are in [`defaults`].
 
+pub mod defaults;
 pub mod mixture;
 pub mod samples_info;
 pub mod scheduler;
