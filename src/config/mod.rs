@@ -15,7 +15,13 @@
 //! Every file is read through [`from_value`], a small serde deserializer over a parsed
 //! [`serde_json::Value`] that tracks where it is, so each error is one line naming the field and
 //! saying what was expected and what was found:
-//! `scheduler_config.json: field `clip_sample`: expected a boolean, found "yes"`.
+//!
+//! ```text
+//! scheduler_config.json: field `clip_sample`: expected a boolean, found "yes"
+//! mix.json: field `means[1][0]`: expected a number, found "1"
+//! info.json: field `training_dat`: unknown field (this file's fields: n, shape, ...)
+//! ```
+//!
 //! Training defaults, the constants the CLI and the library share, are in [`defaults`].
 
 pub mod defaults;
@@ -68,10 +74,10 @@ impl FieldError {
         let mut s = String::new();
         for seg in &self.path {
             match seg {
-                Segment::Key(k) if s.is_empty() => s.push_str(k),
+                Segment::Key(k) if s.is_empty() => s.push_str(&key_text(k)),
                 Segment::Key(k) => {
                     s.push('.');
-                    s.push_str(k);
+                    s.push_str(&key_text(k));
                 }
                 Segment::Index(i) => s.push_str(&format!("[{i}]")),
             }
@@ -138,6 +144,23 @@ fn found_words(u: de::Unexpected<'_>) -> String {
 fn short(s: &str) -> String {
     let mut out: String = s.chars().take(60).flat_map(char::escape_default).collect();
     if s.chars().nth(60).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+/// A key as it may be shown on one line: control characters escaped, at most 60 characters
+/// (a damaged file may hold any key).
+fn key_text(k: &str) -> String {
+    let mut out = String::new();
+    for c in k.chars().take(60) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if k.chars().nth(60).is_some() {
         out.push_str("...");
     }
     out
@@ -248,8 +271,8 @@ struct ValueDe<'a> {
 impl<'a> ValueDe<'a> {
     fn child(&self, value: &'a Value, seg: &Segment) -> ValueDe<'a> {
         let prefix = match seg {
-            Segment::Key(k) if self.prefix.is_empty() => k.clone(),
-            Segment::Key(k) => format!("{}.{k}", self.prefix),
+            Segment::Key(k) if self.prefix.is_empty() => key_text(k),
+            Segment::Key(k) => format!("{}.{}", self.prefix, key_text(k)),
             Segment::Index(i) => format!("{}[{i}]", self.prefix),
         };
         ValueDe {
@@ -523,6 +546,15 @@ mod tests {
         assert_eq!(p.value.a, 2);
         // serde_json's map keeps keys sorted; metadata (`_...`) is not listed
         assert_eq!(p.ignored, vec!["y".to_string(), "z".to_string()]);
+    }
+
+    #[test]
+    fn odd_keys_stay_on_one_line() {
+        let e = err::<Strict>("{\"a\": 1, \"x\\ny\": 2}");
+        assert_eq!(e, "field `x\\ny`: unknown field (this file's fields: a, b, c)");
+        let long = "k".repeat(100);
+        let p = from_str::<Lax>(&format!("{{\"a\": 1, \"{long}\": 2}}")).unwrap();
+        assert_eq!(p.ignored, vec![format!("{}...", "k".repeat(60))]);
     }
 
     #[test]
