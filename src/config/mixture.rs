@@ -25,14 +25,24 @@ pub struct MixtureFile {
     /// The component means mu_k, each of the dimension D.
     pub means: Vec<Vec<f64>>,
     /// Full covariances Sigma_k, D x D matrices as lists of rows (or `stds`, not both).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     pub covariances: Option<Vec<Vec<Vec<f64>>>>,
     /// Isotropic standard deviations sigma_k (Sigma_k = sigma_k^2 I).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     pub stds: Option<Vec<f64>>,
     /// Class ids per component (every class in 0..max must have a component).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     pub labels: Option<Vec<usize>>,
+}
+
+/// An optional field that, when present, must not be `null` (`"labels": null` is a mistake,
+/// not "no labels": leave the field out).
+fn not_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// A parsed spec: the fields [`crate::gmm::Gmm::build`] takes, checked field by field.
@@ -149,6 +159,15 @@ mod tests {
         assert!(
             err(r#"{"weights": [1], "means": [[0, 0]], "covariances": [[[1, 0], [0]]]}"#)
                 .starts_with("field `covariances[0]`: not square")
+        );
+        // present means not null (the old reader's rule)
+        assert_eq!(
+            err(r#"{"weights": [1], "means": [[0]], "stds": [1], "labels": null}"#),
+            "field `labels`: expected a list, found null"
+        );
+        assert_eq!(
+            err(r#"{"weights": [1], "means": [[0]], "stds": [1], "covariances": null}"#),
+            "field `covariances`: expected a list, found null"
         );
     }
 
