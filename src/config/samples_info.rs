@@ -1,6 +1,6 @@
 //! `info.json`, which `diffuse sample` writes beside `samples.npy` (our own format): how the
 //! samples were made, the training data of the model, the classes asked for. `eval samples`
-//! reads the training data from it, `eval digits` / `eval fid` the classes.
+//! reads the training data from it, and with digit features the classes asked for.
 //!
 //! Every field may be absent (older files lack the newer ones); an unknown field or a field of
 //! the wrong type is an error naming the file and the field, never a silent fall-back to other
