@@ -45,7 +45,7 @@ where
     T::deserialize(d).map(Some)
 }
 
-/// A parsed spec: the fields [`crate::gmm::Gmm::build`] takes, checked field by field.
+/// A parsed spec: what [`crate::gmm::Gmm`]'s validated construction takes, checked field by field.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MixtureSpec {
     /// The weights as written.

@@ -45,7 +45,7 @@ enum Segment {
 }
 
 /// An error reading a config file: where (the field path, empty for the whole document) and
-/// what (`expected ..., found ...`). Displayed as `field `a.b[2]`: message`, one line.
+/// what (`expected ..., found ...`). Displayed as ``field `a.b[2]`: message``, one line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FieldError {
     path: Vec<Segment>,
