@@ -516,8 +516,10 @@ pub fn read_state(ckpt_dir: &Path) -> Result<CheckpointState> {
             ),
         )
     })?;
-    let state: CheckpointState =
-        serde_json::from_str(&text).map_err(|e| Error::bad_input(&path, format!("invalid JSON: {e}")))?;
+    // through the config layer: errors name the field (`field \`step\`: expected ...`)
+    let state: CheckpointState = crate::config::from_str(&text)
+        .map(|p| p.value)
+        .map_err(|e| Error::bad_input(&path, e.to_string()))?;
     if state.format != FORMAT || state.version != VERSION {
         return Err(Error::bad_input(
             &path,
@@ -933,5 +935,19 @@ mod tests {
         assert!(e.contains("no checkpoint here"), "{e}");
         fs::write(dir.path().join(STATE_FILE), b"{\"format\": \"other\"}").unwrap();
         assert!(read_state(dir.path()).is_err());
+        // a field we do not know, and one of the wrong type, by name
+        let mut v = serde_json::to_value(state(1)).unwrap();
+        v["extra"] = json!(1);
+        fs::write(dir.path().join(STATE_FILE), v.to_string()).unwrap();
+        let e = read_state(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("state.json: field `extra`: unknown field"), "{e}");
+        let mut v = serde_json::to_value(state(1)).unwrap();
+        v["step"] = json!(-1);
+        fs::write(dir.path().join(STATE_FILE), v.to_string()).unwrap();
+        let e = read_state(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("state.json: field `step`: expected a non-negative integer, found -1"),
+            "{e}"
+        );
     }
 }
