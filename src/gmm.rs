@@ -380,104 +380,15 @@ impl Gmm {
         })
     }
 
-    /// Parses the JSON format (see the module docs); errors name `source`.
+    /// Parses the JSON format (see the module docs and [`crate::config::mixture`]); errors name
+    /// `source` and the field.
     pub fn from_json(text: &str, source: &Path) -> Result<Self> {
         let bad = |m: String| Error::bad_input(source, m);
-        let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-        let obj = v.as_object().ok_or_else(|| {
-            bad("expected a JSON object with \"weights\", \"means\" and \"covariances\" or \"stds\"".into())
-        })?;
-        for key in obj.keys() {
-            if !["weights", "means", "covariances", "stds", "labels"].contains(&key.as_str()) {
-                return Err(bad(format!(
-                    "unknown field \"{key}\" (allowed: weights, means, covariances, stds, labels)"
-                )));
-            }
-        }
-        let numbers = |v: &Value, what: &str| -> std::result::Result<Vec<f64>, String> {
-            v.as_array()
-                .ok_or(format!("{what} must be an array of numbers"))?
-                .iter()
-                .enumerate()
-                .map(|(i, x)| x.as_f64().ok_or(format!("{what}[{i}] is not a number")))
-                .collect()
-        };
-        let field = |k: &str| obj.get(k).ok_or_else(|| bad(format!("missing field \"{k}\"")));
-        let weights = numbers(field("weights")?, "weights").map_err(bad)?;
-        let means: Vec<Vec<f64>> = field("means")?
-            .as_array()
-            .ok_or_else(|| bad("\"means\" must be an array of arrays".into()))?
-            .iter()
-            .enumerate()
-            .map(|(i, m)| numbers(m, &format!("means[{i}]")))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(bad)?;
-        let covs: Vec<Covariance> = match (obj.get("covariances"), obj.get("stds")) {
-            (Some(_), Some(_)) => {
-                return Err(bad("give either \"covariances\" or \"stds\", not both".into()))
-            }
-            (None, None) => return Err(bad("missing field \"covariances\" (or \"stds\")".into())),
-            (None, Some(s)) => {
-                let stds = numbers(s, "stds").map_err(bad)?;
-                if let Some(i) = stds.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
-                    return Err(bad(format!(
-                        "stds[{i}] = {}, expected a finite number > 0",
-                        stds[i]
-                    )));
-                }
-                // the variance std^2 must be a positive finite number too
-                if let Some(i) = stds.iter().position(|s| !(s * s > 0.0 && (s * s).is_finite())) {
-                    return Err(bad(format!(
-                        "stds[{i}] = {:e}: its square (the variance) is not a positive finite number",
-                        stds[i]
-                    )));
-                }
-                stds.into_iter().map(|s| Covariance::Isotropic(s * s)).collect()
-            }
-            (Some(c), None) => {
-                let arr = c
-                    .as_array()
-                    .ok_or_else(|| bad("\"covariances\" must be an array of matrices".into()))?;
-                let mut out = Vec::with_capacity(arr.len());
-                for (i, m) in arr.iter().enumerate() {
-                    let rows = m
-                        .as_array()
-                        .ok_or_else(|| bad(format!("covariances[{i}] must be a matrix (array of rows)")))?;
-                    let d = rows.len();
-                    let mut flat = Vec::with_capacity(d * d);
-                    for (r, row) in rows.iter().enumerate() {
-                        let row = numbers(row, &format!("covariances[{i}][{r}]")).map_err(bad)?;
-                        if row.len() != d {
-                            return Err(bad(format!(
-                                "covariances[{i}] is not square: row {r} has {} entries, expected {d}",
-                                row.len()
-                            )));
-                        }
-                        flat.extend(row);
-                    }
-                    out.push(Covariance::Full(flat));
-                }
-                out
-            }
-        };
-        let g = Self::build(weights, means, covs).map_err(bad)?;
-        match obj.get("labels") {
+        let spec = crate::config::mixture::parse(text).map_err(|e| bad(e.to_string()))?;
+        let g = Self::build(spec.weights, spec.means, spec.covariances).map_err(bad)?;
+        match spec.labels {
             None => Ok(g),
-            Some(v) => {
-                let arr = v
-                    .as_array()
-                    .ok_or_else(|| bad("\"labels\" must be an array of class ids (integers >= 0)".into()))?;
-                let labels = arr
-                    .iter()
-                    .enumerate()
-                    .map(|(i, x)| {
-                        x.as_u64().map(|c| c as usize).ok_or_else(|| {
-                            bad(format!("labels[{i}] = {x}, expected an integer class id >= 0"))
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                g.with_labels(labels).map_err(|e| bad(e.to_string()))
-            }
+            Some(labels) => g.with_labels(labels).map_err(|e| bad(e.to_string())),
         }
     }
 
@@ -874,13 +785,16 @@ mod tests {
         let e = err(r#"{"weights": [1], "means": [[0, 0]], "covariances": [[[1, 0], [0]]]}"#);
         assert!(e.contains("not square"), "{e}");
         let e = err(r#"{"weights": [1], "means": [[0, 0]], "stds": [0]}"#);
-        assert!(e.contains("stds[0] = 0"), "{e}");
+        assert!(
+            e.contains("field `stds[0]`: expected a finite number > 0, found 0"),
+            "{e}"
+        );
         let e = err(r#"{"weights": [1], "means": [[0, "a"]], "stds": [1]}"#);
-        assert!(e.contains("means[0][1] is not a number"), "{e}");
+        assert!(e.contains("field `means[0][1]`: expected a number"), "{e}");
         let e = err(r#"{"weights": [1], "means": [[0, 0]], "stds": [1], "covariances": []}"#);
         assert!(e.contains("not both"), "{e}");
         let e = err(r#"{"weights": [1], "means": [[0, 0]], "std": [1]}"#);
-        assert!(e.contains("unknown field \"std\""), "{e}");
+        assert!(e.contains("field `std`: unknown field"), "{e}");
         let e = err(r#"{"weights": [1], "means": [[0, 1e999]], "stds": [1]}"#);
         assert!(e.contains("invalid JSON"), "{e}");
         let e = err(r#"{"weights": [-0.5, 1.5], "means": [[0], [1]], "stds": [1, 1]}"#);

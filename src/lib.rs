@@ -37,6 +37,7 @@
 //! - [`bench`]: timing the U-Net's training and sampling steps, FLOP counts, peak memory.
 
 pub mod bench;
+pub mod config;
 pub mod data;
 pub mod denoiser;
 pub mod error;

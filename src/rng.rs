@@ -24,6 +24,7 @@ fn splitmix64(state: &mut u64) -> u64 {
 
 /// A seeded xoshiro256++ generator with standard-normal draws (Box–Muller).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Rng {
     s: [u64; 4],
     /// The second deviate of the last Box–Muller pair, if not yet used.

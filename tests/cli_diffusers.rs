@@ -339,3 +339,63 @@ fn bad_diffusers_folders_exit_2_with_one_line() {
     let m = load_diffusers(&pipe, Some(&good), &Device::Cpu).unwrap();
     assert_eq!(m.scheduler, Some(SchedulerConfig::default()));
 }
+
+/// diffusers files may carry keys this loader does not read: they are accepted, and
+/// `--verbose` lists them on stderr, one line per file (`_` metadata not listed).
+#[test]
+fn verbose_lists_the_ignored_diffusers_fields() {
+    let p = tempfile::tempdir().unwrap();
+    let pipe = p.path().join("pipe");
+    fs::create_dir_all(pipe.join("unet")).unwrap();
+    fs::create_dir_all(pipe.join("scheduler")).unwrap();
+    for f in ["config.json", WEIGHTS_FILE] {
+        fs::copy(
+            fixture("attn_multihead_1ch16/unet").join(f),
+            pipe.join("unet").join(f),
+        )
+        .unwrap();
+    }
+    let sc = pipe.join("scheduler/scheduler_config.json");
+    fs::copy(
+        fixture("attn_multihead_1ch16/scheduler/scheduler_config.json"),
+        &sc,
+    )
+    .unwrap();
+    edit_json(&pipe.join("unet/config.json"), |v| {
+        v["cross_attention_dim"] = 768.into();
+        v["encoder_hid_dim"] = serde_json::Value::Null;
+    });
+    edit_json(&sc, |v| v["skip_prk_steps"] = true.into());
+    let run = |verbose: bool| {
+        let out_dir = p.path().join(if verbose { "gen-v" } else { "gen" });
+        let mut args = vec![
+            "sample",
+            "--diffusers",
+            s(&pipe),
+            "--sampler",
+            "ddim",
+            "--steps",
+            "2",
+            "--n",
+            "1",
+            "--out",
+            s(&out_dir),
+        ];
+        if verbose {
+            args.push("--verbose");
+        }
+        let out = diffuse(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let quiet = run(false);
+    assert!(!quiet.contains("ignored fields"), "{quiet}");
+    let loud = run(true);
+    let unet = format!(
+        "{}: ignored fields: cross_attention_dim, encoder_hid_dim",
+        pipe.join("unet/config.json").display()
+    );
+    let sched = format!("{}: ignored fields: skip_prk_steps", sc.display());
+    assert!(loud.lines().any(|l| l == unet), "{loud}");
+    assert!(loud.lines().any(|l| l == sched), "{loud}");
+}

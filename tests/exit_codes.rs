@@ -74,7 +74,9 @@ const TABLE: &[Row] = &[
     row("toy train --data csv:{d}/inf.csv --out {d}/t", 2, "error: {d}/inf.csv: line 1, column 1: inf is not a finite number"),
     row("toy train --data gmm:{d}/badmix.json --out {d}/t", 2, "error: {d}/badmix.json: weights sum to 0.9"),
     row("toy train --data gmm:{d}/latin1.json --out {d}/t", 2, "error: {d}/latin1.json: not UTF-8 text"),
-    row("toy train --data gmm:{d}/hugestd.json --out {d}/t", 2, "error: {d}/hugestd.json: stds[0] = 1e200: its square"),
+    row("toy train --data gmm:{d}/hugestd.json --out {d}/t", 2, "error: {d}/hugestd.json: field `stds[0]`: 1e200: its square"),
+    row("toy train --data gmm:{d}/typomix.json --out {d}/t", 2, "error: {d}/typomix.json: field `std`: unknown field"),
+    row("toy train --data gmm:{d}/strmix.json --out {d}/t", 2, "error: {d}/strmix.json: field `means[1][0]`: expected a number, found \"1\""),
     row("toy train --data moons --n-data 10000001 --out {d}/t", 2, "error: --n-data 10000001: at most 10000000 points"),
     // toy train: the settings and the run directory
     row("toy train --data moons --batch 0 --out {d}/t", 2, "error: invalid batch: got 0"),
@@ -155,6 +157,9 @@ const TABLE: &[Row] = &[
     row("sample --checkpoint {d}/imgrun --sampler ddpm --steps 0 --out {d}/gen", 2, "error: invalid"),
     row("sample --checkpoint {d}/imgrun --n 4 --out {d}/file/gen", 2, "error: {d}/file/gen: "),
     row("sample --diffusers {d}/diffusers-nomodel --out {d}/gen", 2, "error: {d}/diffusers-nomodel/config.json: invalid JSON"),
+    row("sample --diffusers {d}/diffusers-badtype --out {d}/gen", 2, "error: {d}/diffusers-badtype/config.json: field `layers_per_block`: expected a non-negative integer, found \"two\""),
+    row("sample --diffusers {d}/diffusers-tiny --scheduler-config {d}/badsched.json --out {d}/gen", 2, "error: {d}/badsched.json: field `clip_sample`: expected a boolean, found \"yes\""),
+    row("eval nll --diffusers {d}/diffusers-tiny --scheduler-config {d}/badsched.json --verbose", 2, "error: {d}/badsched.json: field `clip_sample`: expected a boolean, found \"yes\""),
     // eval
     row("eval nll --checkpoint {d}/missing", 2, "error: {d}/missing: no such directory"),
     row("eval nll --checkpoint {d}/toyrun --n-images 0", 2, "error: --n-images and --batch must be at least 1"),
@@ -163,6 +168,8 @@ const TABLE: &[Row] = &[
     row("eval samples --samples {d}/points.npy", 2, "error: {d}/points.npy: expected shape [N, C, H, W]"),
     row("eval samples --samples {d}/gen-nan/samples.npy --data {d}/images", 2, "error: {d}/gen-nan/samples.npy: the value at index [1, 0, 2, 3] (element 83 in C order) is inf"),
     row("eval samples --samples {d}/gen-badinfo/samples.npy", 2, "error: {d}/gen-badinfo/info.json: invalid JSON"),
+    row("eval samples --samples {d}/gen-typoinfo/samples.npy", 2, "error: {d}/gen-typoinfo/info.json: field `training_dat`: unknown field"),
+    row("eval samples --samples {d}/gen-wronginfo/samples.npy", 2, "error: {d}/gen-wronginfo/info.json: field `training_data.data`: expected a string, found 3"),
     row("eval samples --samples {d}/gen-badinfo/samples.npy --data {d}/wide --split train --image-size 12", 2, "error: the samples are [1, 8, 8] but the reference images are [1, 12, 12]"),
     row("eval nll --checkpoint {d}/imgrun --data {d}/wide --split train --image-size 12", 2, "error: the images are [1, 12, 12] but the model makes [1, 8, 8]"),
     row("eval nll --checkpoint {d}/imgrun --split test", 2, "error: {d}/images: has no train/ and test/ subfolders"),
@@ -206,6 +213,18 @@ fn fixtures(d: &Path) {
         "hugestd.json",
         br#"{"weights": [1], "means": [[0, 0]], "stds": [1e200]}"#,
     );
+    w(
+        "typomix.json",
+        br#"{"weights": [1], "means": [[0, 0]], "std": [1]}"#,
+    );
+    w(
+        "strmix.json",
+        br#"{"weights": [0.5, 0.5], "means": [[0], ["1"]], "stds": [1, 1]}"#,
+    );
+    w(
+        "badsched.json",
+        br#"{"_class_name": "DDPMScheduler", "clip_sample": "yes"}"#,
+    );
     w("bad.csv", b"1,2\n3,abc\n");
     w("inf.csv", b"inf,2\n3,4\n");
     w("garbage.npy", b"definitely not numpy");
@@ -229,6 +248,18 @@ fn fixtures(d: &Path) {
     std::fs::create_dir_all(d.join("gen-badinfo")).unwrap();
     npy_f32(&d.join("gen-badinfo/samples.npy"), &[2, 1, 8, 8], &[0.5; 128]);
     w("gen-badinfo/info.json", b"{\"training_data\": ");
+    // info.json with a misspelt field, and with a field of the wrong type
+    for (dir, info) in [
+        ("gen-typoinfo", &br#"{"n": 2, "training_dat": null}"#[..]),
+        (
+            "gen-wronginfo",
+            &br#"{"n": 2, "training_data": {"data": 3, "split": "train"}}"#[..],
+        ),
+    ] {
+        std::fs::create_dir_all(d.join(dir)).unwrap();
+        npy_f32(&d.join(dir).join("samples.npy"), &[2, 1, 8, 8], &[0.5; 128]);
+        w(&format!("{dir}/info.json"), info);
+    }
     // a toy run (2 steps) and a damaged copy of it (model.safetensors cut to 100 bytes)
     let run = d.join("toyrun");
     let out = Command::new(BIN)
@@ -292,6 +323,19 @@ fn fixtures(d: &Path) {
     std::fs::create_dir_all(d.join("diffusers-nomodel")).unwrap();
     w("diffusers-nomodel/config.json", b"{\"_class_name\": \"UNet2D");
     w("diffusers-nomodel/diffusion_pytorch_model.safetensors", b"");
+    // a diffusers folder whose config has a field of the wrong type
+    std::fs::create_dir_all(d.join("diffusers-badtype")).unwrap();
+    w(
+        "diffusers-badtype/config.json",
+        br#"{"_class_name": "UNet2DModel", "layers_per_block": "two"}"#,
+    );
+    w("diffusers-badtype/diffusion_pytorch_model.safetensors", b"");
+    // a small working diffusers model (the committed fixture)
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/diffusers/no_mid_block_1ch16");
+    std::fs::create_dir_all(d.join("diffusers-tiny")).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(tiny.join(f), d.join("diffusers-tiny").join(f)).unwrap();
+    }
 }
 
 #[test]

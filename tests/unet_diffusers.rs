@@ -155,13 +155,28 @@ fn bad_folders_give_clear_errors() {
         &["config.json", "down_block_types[1]", "CrossAttnDownBlock2D"],
     );
 
-    // Unsupported value that changes the math, and an unknown key.
+    // Unsupported value that changes the math; a wrong type.
     let d = scratch(case);
     edit_config(d.path(), |v| v["time_embedding_type"] = "fourier".into());
     check_message(&load_err(d.path()), &["time_embedding_type", "fourier"]);
     let d = scratch(case);
+    edit_config(d.path(), |v| v["layers_per_block"] = "two".into());
+    check_message(
+        &load_err(d.path()),
+        &["config.json: field `layers_per_block`: expected a non-negative integer, found \"two\""],
+    );
+    // An unknown key is accepted (diffusers adds keys with every release) and listed for
+    // --verbose.
+    let d = scratch(case);
     edit_config(d.path(), |v| v["cross_attention_dim"] = 768.into());
-    check_message(&load_err(d.path()), &["unknown key 'cross_attention_dim'"]);
+    diffuse::nets::diffusers::load(d.path(), &Device::Cpu).unwrap();
+    let ignored = diffuse::nets::diffusers::ignored_fields(d.path(), None).unwrap();
+    let unet: Vec<_> = ignored
+        .iter()
+        .filter(|(f, _)| f.ends_with("config.json"))
+        .collect();
+    assert_eq!(unet.len(), 1, "{ignored:?}");
+    assert_eq!(unet[0].1, vec!["cross_attention_dim".to_string()]);
 
     // A missing and an unexpected tensor, by name.
     let d = scratch(case);

@@ -165,13 +165,21 @@ pub struct ModelSource {
 }
 
 impl ModelSource {
-    /// Loads the model (`use_ema` applies to `--checkpoint`).
+    /// Loads the model (`use_ema` applies to `--checkpoint`). With `verbose`, the fields of a
+    /// diffusers folder's config files that the loader ignored are listed on stderr
+    /// (`config.json: ignored fields: a, b`).
     pub fn load(
         &self,
         use_ema: bool,
         scheduler_config: Option<&std::path::Path>,
+        verbose: bool,
     ) -> anyhow::Result<ImageModel> {
         let device = super::device()?;
+        if let (true, Some(dir)) = (verbose, &self.diffusers) {
+            for (file, fields) in diffuse::nets::diffusers::ignored_fields(dir, scheduler_config)? {
+                eprintln!("{}: ignored fields: {}", file.display(), fields.join(", "));
+            }
+        }
         Ok(match (&self.checkpoint, &self.diffusers) {
             (Some(dir), _) => {
                 if scheduler_config.is_some() {

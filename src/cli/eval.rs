@@ -74,6 +74,10 @@ struct NllArgs {
     /// A scheduler_config.json for a --diffusers model (default: the folder's own).
     #[arg(long, value_name = "FILE")]
     scheduler_config: Option<PathBuf>,
+    /// List on stderr the fields of a --diffusers model's config.json and scheduler_config.json
+    /// that were ignored (diffusers keys this loader does not read; `_` metadata not listed).
+    #[arg(long)]
+    verbose: bool,
     #[command(flatten)]
     data: DataArgs,
     /// Which split to measure on: test (default) or train.
@@ -309,35 +313,13 @@ fn requested_classes(samples: &std::path::Path, n: usize) -> anyhow::Result<Opti
         return Ok(None);
     };
     let path = dir.join("info.json");
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text = diffuse::io::read_text(&path)?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| diffuse::Error::bad_input(&path, format!("not JSON: {e}")))?;
-    let Some(classes) = v.get("classes").and_then(|c| c.as_array()) else {
+    let Some(info) = diffuse::config::samples_info::SamplesInfo::read(&path)? else {
         return Ok(None);
     };
-    if classes.len() != n {
-        return Err(diffuse::Error::bad_input(
-            &path,
-            format!("classes: {} entries for {n} images", classes.len()),
-        )
-        .into());
-    }
-    let req = classes
-        .iter()
-        .enumerate()
-        .map(|(i, c)| match c {
-            serde_json::Value::Null => Ok(None),
-            c => c.as_u64().map(|k| Some(k as usize)).ok_or_else(|| {
-                diffuse::Error::bad_input(
-                    &path,
-                    format!("classes[{i}]: expected a class id or null, got {c}"),
-                )
-            }),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let Some(req) = info.classes_for(n, &path)? else {
+        return Ok(None);
+    };
+    let req = req.to_vec();
     Ok(req.iter().any(Option::is_some).then_some(req))
 }
 
@@ -346,7 +328,9 @@ fn nll(a: NllArgs) -> anyhow::Result<()> {
     if a.n_images == 0 || a.batch == 0 {
         return super::usage("--n-images and --batch must be at least 1");
     }
-    let model = a.model.load(!a.no_ema, a.scheduler_config.as_deref())?;
+    let model = a
+        .model
+        .load(!a.no_ema, a.scheduler_config.as_deref(), a.verbose)?;
     let mut spec = a.data.spec_or(a.split, model.data.as_ref());
     // Make the data the model's shape unless the user chose otherwise.
     let [c, h, w] = model.shape;

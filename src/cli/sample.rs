@@ -7,7 +7,6 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::json;
 
 use diffuse::denoiser::NoiseLevel;
 use diffuse::guidance::{Guided, DEFAULT_GUIDANCE_SCALE};
@@ -34,6 +33,10 @@ pub struct SampleArgs {
     /// A scheduler_config.json for a --diffusers model (default: the folder's own).
     #[arg(long, value_name = "FILE")]
     scheduler_config: Option<PathBuf>,
+    /// List on stderr the fields of a --diffusers model's config.json and scheduler_config.json
+    /// that were ignored (diffusers keys this loader does not read; `_` metadata not listed).
+    #[arg(long)]
+    verbose: bool,
     #[arg(long, help = sampler_help())]
     sampler: Option<String>,
     /// Process the sampler runs: ddpm (the model's own discrete schedule), or a continuous family
@@ -155,7 +158,9 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
     if a.ema && a.no_ema {
         return super::usage("--ema and --no-ema contradict each other");
     }
-    let model = a.model.load(!a.no_ema, a.scheduler_config.as_deref())?;
+    let model = a
+        .model
+        .load(!a.no_ema, a.scheduler_config.as_deref(), a.verbose)?;
     if model.denoiser.num_classes().is_none() && (a.class.is_some() || a.guidance_scale.is_some()) {
         return super::usage(format!(
             "--class and --guidance-scale need a class-conditional model; {} is unconditional",
@@ -384,27 +389,27 @@ pub fn run(a: SampleArgs) -> anyhow::Result<()> {
             .collect::<candle_core::Result<_>>()?;
         diffuse::image_out::save_gif(&a.out.join("trajectory.gif"), &gif, 120)?;
     }
-    let info = json!({
-        "n": n,
-        "shape": [c, h, w],
-        "sampler": kind.name(),
-        "process": process.name(),
-        "steps": steps,
-        "clip_x0": clip_x0,
-        "nfe": nfe,
-        "seconds": seconds,
-        "images_per_second": n as f64 / seconds.max(1e-9),
-        "seed": a.seed,
-        "init_noise": a.init_noise,
-        "classes": classes,
-        "guidance_scale": classes.as_ref().map(|_| scale),
-        "model": model.source,
-        "training_data": model.data,
-        "out": a.out,
-    });
+    let info = diffuse::config::samples_info::SamplesInfo {
+        n,
+        shape: [c, h, w],
+        sampler: kind.name().to_string(),
+        process: process.name().to_string(),
+        steps,
+        clip_x0,
+        nfe,
+        seconds,
+        images_per_second: n as f64 / seconds.max(1e-9),
+        seed: a.seed,
+        init_noise: a.init_noise.clone(),
+        classes: classes.clone(),
+        guidance_scale: classes.as_ref().map(|_| scale),
+        model: model.source.clone(),
+        training_data: model.data.clone(),
+        out: a.out.clone(),
+    };
     diffuse::io::write_json(&a.out.join("info.json"), &info)?;
     if a.json {
-        println!("{info}");
+        println!("{}", serde_json::to_string(&info)?);
     } else {
         println!(
             "{} images from {} by {} on {} (NFE {nfe}) in {seconds:.1} s ({:.2} images/s)",

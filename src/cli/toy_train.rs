@@ -8,18 +8,13 @@ use serde_json::json;
 use diffuse::data::toy2d::{load_labels, DataSpec};
 use diffuse::nets::mlp::MlpConfig;
 use diffuse::train::metrics::smooth;
-use diffuse::train::toy::{
-    labels_checksum, load_data, toy_config, LogSnrSampling, ToyRun, ToySeeds, DEFAULT_COND_DROP,
-};
+use diffuse::train::toy::{labels_checksum, load_data, toy_config, LogSnrSampling, ToyRun, ToySeeds};
 use diffuse::train::{
     parameter_count, AdamWConfig, Budget, EmaConfig, LoopOptions, StopReason, TrainerConfig, LOSS_CURVE_FILE,
     METRICS_FILE,
 };
 
-/// Steps when neither --steps nor --minutes is given.
-const DEFAULT_STEPS: u64 = 3000;
-/// Points drawn from a synthetic dataset when --n-data is not given.
-const DEFAULT_N_DATA: usize = 10_000;
+use diffuse::config::defaults::toy as defaults;
 
 #[derive(Args, Debug)]
 pub struct ToyTrainArgs {
@@ -39,25 +34,25 @@ pub struct ToyTrainArgs {
     #[arg(long)]
     minutes: Option<f64>,
     /// Batch size.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = defaults::BATCH)]
     batch: usize,
     /// Peak learning rate of AdamW (reached after --warmup steps).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = defaults::LR)]
     lr: f64,
     /// Linear learning-rate warm-up, in steps (0: none).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = defaults::WARMUP)]
     warmup: u64,
     /// Decoupled weight decay of AdamW (applied to weight matrices only).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = defaults::WEIGHT_DECAY)]
     weight_decay: f64,
     /// Clip the gradient to this global L2 norm (0: no clipping).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = defaults::GRAD_CLIP)]
     grad_clip: f64,
     /// Seed of everything random: the synthetic data, the weights, the data order, the noise.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = defaults::SEED)]
     seed: u64,
     /// Decay of the EMA of the weights (sampling uses the EMA weights by default).
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, default_value_t = defaults::EMA_DECAY)]
     ema_decay: f64,
     /// Use the EMA decay from the first step instead of ramping it up as min(decay, (1+k)/(10+k)).
     #[arg(long)]
@@ -66,23 +61,23 @@ pub struct ToyTrainArgs {
     #[arg(long)]
     n_data: Option<usize>,
     /// Hidden width of the MLP.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = defaults::HIDDEN)]
     hidden: usize,
     /// Number of residual blocks of the MLP.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = defaults::LAYERS)]
     layers: usize,
     /// Size of the sinusoidal log-SNR embedding (even).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = defaults::EMBED_DIM)]
     embed_dim: usize,
     /// Training distribution of the log-SNR: cosine (density ~ sech(lambda/2), the cosine
     /// schedule's) or uniform, on [--log-snr-min, --log-snr-max].
-    #[arg(long, default_value = "cosine")]
+    #[arg(long, default_value = defaults::LOG_SNR_SAMPLING)]
     log_snr_sampling: String,
     /// Lower end of the training log-SNR range.
-    #[arg(long, default_value_t = -12.0, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = defaults::LOG_SNR_MIN, allow_hyphen_values = true)]
     log_snr_min: f64,
     /// Upper end of the training log-SNR range.
-    #[arg(long, default_value_t = 12.0, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = defaults::LOG_SNR_MAX, allow_hyphen_values = true)]
     log_snr_max: f64,
     /// Class labels of npy:/csv: points, one integer per point (a text file, one per line, or a
     /// .npy vector): trains a class-conditional model (a mixture with "labels" does so by itself).
@@ -96,7 +91,7 @@ pub struct ToyTrainArgs {
     #[arg(long)]
     unconditional: bool,
     /// Write a checkpoint every this many steps (0: only at the end and on Ctrl-C/SIGTERM).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = defaults::CHECKPOINT_EVERY)]
     checkpoint_every: u64,
     /// Continue the run in --out from its last checkpoint. The run's settings (every flag but
     /// --steps, --minutes, --checkpoint-every and --json) must be given as in the original run;
@@ -125,13 +120,13 @@ pub fn run(args: ToyTrainArgs) -> anyhow::Result<()> {
     }
     let budget = Budget {
         steps: args.steps.or(if args.minutes.is_none() {
-            Some(DEFAULT_STEPS)
+            Some(defaults::STEPS)
         } else {
             None
         }),
         minutes: args.minutes,
     };
-    let n_data = args.n_data.unwrap_or(DEFAULT_N_DATA);
+    let n_data = args.n_data.unwrap_or(defaults::N_DATA);
     let points = load_data(&spec, n_data, args.seed)?;
     let labels = if args.unconditional {
         if args.labels.is_some() {
@@ -161,7 +156,7 @@ pub fn run(args: ToyTrainArgs) -> anyhow::Result<()> {
     let log_snr = LogSnrSampling::from_name(&args.log_snr_sampling, args.log_snr_min, args.log_snr_max)?;
     let mut config = toy_config(&spec, &points, model, args.batch, log_snr);
     if let Some(l) = &labels {
-        config.cond_drop = Some(args.cond_drop.unwrap_or(DEFAULT_COND_DROP));
+        config.cond_drop = Some(args.cond_drop.unwrap_or(defaults::COND_DROP));
         config.labels_checksum = Some(labels_checksum(l));
     }
     let trainer_config = TrainerConfig {

@@ -11,7 +11,7 @@ use diffuse::denoiser::Prediction;
 use diffuse::guidance::DEFAULT_GUIDANCE_SCALE;
 use diffuse::nets::{unet, UNetConfig};
 use diffuse::schedule::BetaSchedule;
-use diffuse::train::image::{checksum_f32, GridSampling, ImageRun, ImageTrainConfig, DEFAULT_COND_DROP};
+use diffuse::train::image::{checksum_f32, GridSampling, ImageRun, ImageTrainConfig};
 use diffuse::train::{
     checkpoint, AdamWConfig, Budget, Collective, EmaConfig, LoopOptions, StopReason, TrainerConfig,
     LOSS_CURVE_FILE, METRICS_FILE,
@@ -19,13 +19,7 @@ use diffuse::train::{
 
 use super::common::DataArgs;
 
-/// The run's total steps when neither --steps nor --minutes is given. A step budget, not a
-/// time budget: the default model is the same on every machine (a slower one takes longer and
-/// the progress bar shows the ETA); see the README's "The default run, measured" for the
-/// figures behind the number.
-pub const DEFAULT_STEPS: u64 = 2400;
-/// Default of `train --fid-every` on digit-shaped data: three measurements in the default run.
-pub const DEFAULT_FID_EVERY: u64 = DEFAULT_STEPS / 3;
+use diffuse::config::defaults::image as defaults;
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -91,10 +85,10 @@ pub struct TrainArgs {
     #[arg(long)]
     minutes: Option<f64>,
     /// Write a checkpoint every this many steps (also at the end and on Ctrl-C / SIGTERM).
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = defaults::CHECKPOINT_EVERY)]
     checkpoint_every: u64,
     /// Draw a sample grid (EMA weights, ancestral DDPM sampling) every this many steps (0: only at the end).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = defaults::SAMPLE_EVERY)]
     sample_every: u64,
     /// Measure samples every this many steps (0: never): --fid-samples images of the EMA weights
     /// from --fid-sampler, their FD of the bundled digit features against the test split beside
@@ -105,19 +99,19 @@ pub struct TrainArgs {
     #[arg(long)]
     fid_every: Option<u64>,
     /// Samples per measurement (more than 128: the features' covariance must be full rank).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = defaults::FID_SAMPLES)]
     fid_samples: usize,
     /// Sampler of the measured samples (any of `diffuse samplers`).
-    #[arg(long, default_value = "dpmpp-2m")]
+    #[arg(long, default_value = defaults::FID_SAMPLER)]
     fid_sampler: String,
     /// Steps of --fid-sampler.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = defaults::FID_STEPS)]
     fid_steps: usize,
     /// Images in the sample grid (0: none).
-    #[arg(long, default_value_t = 36)]
+    #[arg(long, default_value_t = defaults::GRID_SIZE)]
     grid_size: usize,
     /// Sampling steps of the sample grid (DDPM respaced from T).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = defaults::GRID_STEPS)]
     grid_steps: usize,
     /// Class-conditional runs (labelled data: the bundled mnist5k, IDX with labels, class
     /// subfolders): probability that a training label is replaced by the null class, so the one
@@ -218,11 +212,11 @@ fn run_rank(args: TrainArgs, comm: &Rc<dyn Collective>) -> anyhow::Result<()> {
         }
     };
     let cond_drop =
-        num_classes.map(|_| pick(&args.cond_drop, st.and_then(|s| s.cond_drop), DEFAULT_COND_DROP));
+        num_classes.map(|_| pick(&args.cond_drop, st.and_then(|s| s.cond_drop), defaults::COND_DROP));
     let schedule_name = pick(
         &args.schedule,
         st.map(|s| s.schedule.name().to_string()),
-        "linear".into(),
+        defaults::SCHEDULE.into(),
     );
     let schedule = match st {
         Some(s) if s.schedule.name() == schedule_name => s.schedule.clone(),
@@ -239,9 +233,9 @@ fn run_rank(args: TrainArgs, comm: &Rc<dyn Collective>) -> anyhow::Result<()> {
         preset: preset.clone(),
         unet: unet_json,
         schedule,
-        timesteps: pick(&args.timesteps, st.map(|s| s.timesteps), 1000),
+        timesteps: pick(&args.timesteps, st.map(|s| s.timesteps), defaults::TIMESTEPS),
         prediction,
-        batch: pick(&args.batch, st.map(|s| s.batch), 64),
+        batch: pick(&args.batch, st.map(|s| s.batch), defaults::BATCH),
         flip: args.flip || st.is_some_and(|s| s.flip),
         cond_drop,
     };
@@ -253,26 +247,30 @@ fn run_rank(args: TrainArgs, comm: &Rc<dyn Collective>) -> anyhow::Result<()> {
         None => saved_opt.as_ref().map_or(default_opt.grad_clip, |o| o.grad_clip),
     };
     let trainer_config = TrainerConfig {
-        seed: pick(&args.seed, so.map(|t| t.seed), 0),
+        seed: pick(&args.seed, so.map(|t| t.seed), defaults::SEED),
         optimizer: AdamWConfig {
-            lr: pick(&args.lr, saved_opt.as_ref().map(|o| o.lr), 1e-3),
-            warmup_steps: pick(&args.warmup, saved_opt.as_ref().map(|o| o.warmup_steps), 100),
+            lr: pick(&args.lr, saved_opt.as_ref().map(|o| o.lr), defaults::LR),
+            warmup_steps: pick(
+                &args.warmup,
+                saved_opt.as_ref().map(|o| o.warmup_steps),
+                defaults::WARMUP,
+            ),
             weight_decay: pick(
                 &args.weight_decay,
                 saved_opt.as_ref().map(|o| o.weight_decay),
-                0.0,
+                defaults::WEIGHT_DECAY,
             ),
             grad_clip,
             ..saved_opt.clone().unwrap_or_default()
         },
         ema: EmaConfig {
-            decay: pick(&args.ema_decay, so.map(|t| t.ema.decay), 0.995),
+            decay: pick(&args.ema_decay, so.map(|t| t.ema.decay), defaults::EMA_DECAY),
             warmup: so.is_none_or(|t| t.ema.warmup),
         },
     };
     let budget = Budget {
         steps: args.steps.or(if args.minutes.is_none() {
-            Some(DEFAULT_STEPS)
+            Some(defaults::STEPS)
         } else {
             None
         }),
@@ -324,7 +322,7 @@ fn run_rank(args: TrainArgs, comm: &Rc<dyn Collective>) -> anyhow::Result<()> {
             ))
         }
         Some(k) => k,
-        None if digits => DEFAULT_FID_EVERY,
+        None if digits => defaults::FID_EVERY,
         None => 0,
     };
     let fid_every = if comm.size() > 1 { 0 } else { fid_every };

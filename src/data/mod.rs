@@ -141,6 +141,7 @@ impl FromStr for Format {
 
 /// What to load: the CLI's `--data`, `--format`, `--split`, `--image-size`, `--channels`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DataSpec {
     /// `mnist5k` (the bundled MNIST subset) or a directory.
     pub data: String,
@@ -370,25 +371,11 @@ pub fn load_bundled(split: Split) -> Result<ImageDataset> {
 
 /// The training data recorded in the `info.json` that `diffuse sample` writes beside its
 /// samples (`"training_data"`: a [`DataSpec`], or null for a model without recorded data).
-/// `Ok(None)` when the file does not exist or records no data; an error naming the file when it
-/// is not readable JSON or the record is malformed (never silently other data).
+/// `Ok(None)` when the file does not exist or records no data; an error naming the file and the
+/// field when it is not readable JSON, has an unknown field or a malformed one (never silently
+/// other data; see [`crate::config::samples_info`]).
 pub fn training_data_from_info(path: &Path) -> Result<Option<DataSpec>> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(path, e)),
-    };
-    let value: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| Error::bad_input(path, format!("invalid JSON: {e}")))?;
-    let object = value.as_object().ok_or_else(|| {
-        Error::bad_input(path, "expected a JSON object (the info.json of `diffuse sample`)")
-    })?;
-    match object.get("training_data") {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(v) => serde_json::from_value(v.clone())
-            .map(Some)
-            .map_err(|e| Error::bad_input(path, format!("training_data: {e}"))),
-    }
+    Ok(crate::config::samples_info::SamplesInfo::read(path)?.and_then(|i| i.training_data))
 }
 
 /// The format of a dataset directory: IDX when it holds IDX images files, CIFAR-10 when it

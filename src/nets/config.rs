@@ -5,11 +5,12 @@
 //! `UNet2DModel.from_pretrained` reads back. Our own presets ([`UNetConfig::preset`]) are values of
 //! the same type: one U-Net code path serves both.
 //!
-//! Parsing is strict where it matters: an unknown key, or a value this crate does not implement
-//! and that would change the network's output (Fourier time embeddings, class conditioning,
-//! `SkipDownBlock2D`, ...) is an error naming the key. Keys starting with `_` (`_class_name`,
-//! `_diffusers_version`, `_name_or_path`) carry no math and are accepted; `_class_name`, when
-//! present, must be `UNet2DModel`.
+//! The file is read by [`crate::config::unet`]: a value this crate does not implement and that
+//! would change the network's output (Fourier time embeddings, class-embedding types,
+//! `SkipDownBlock2D`, ...), or one of the wrong type, is an error naming the field. Unknown keys
+//! are accepted (diffusers adds keys with every release) and listed with `--verbose`; keys
+//! starting with `_` (`_class_name`, `_diffusers_version`, `_name_or_path`) are metadata;
+//! `_class_name`, when present, must be `UNet2DModel`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -20,20 +21,24 @@ use crate::error::{Error, Result};
 pub const DIFFUSERS_VERSION: &str = "0.42.1";
 
 /// A down-sampling stage of the U-Net (diffusers' `down_block_types` entries).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 pub enum DownBlockType {
     /// `DownBlock2D`: `layers_per_block` ResNet blocks, then a downsampler (not on the last level).
+    #[serde(alias = "UNetResDownBlock2D")]
     DownBlock2D,
     /// `AttnDownBlock2D`: each ResNet block is followed by a self-attention block.
+    #[serde(alias = "UNetResAttnDownBlock2D")]
     AttnDownBlock2D,
 }
 
 /// An up-sampling stage of the U-Net (diffusers' `up_block_types` entries).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 pub enum UpBlockType {
     /// `UpBlock2D`: `layers_per_block + 1` ResNet blocks on concatenated skips, then an upsampler.
+    #[serde(alias = "UNetResUpBlock2D")]
     UpBlock2D,
     /// `AttnUpBlock2D`: each ResNet block is followed by a self-attention block.
+    #[serde(alias = "UNetResAttnUpBlock2D")]
     AttnUpBlock2D,
 }
 
@@ -68,7 +73,8 @@ impl UpBlockType {
 }
 
 /// How the time embedding enters a ResNet block (`resnet_time_scale_shift`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TimeScaleShift {
     /// `default`: `h = conv1(...) + proj(t)`, then `norm2` (Ho et al. 2020).
     Default,
@@ -80,7 +86,8 @@ pub enum TimeScaleShift {
 /// How a resampling layer is built (`downsample_type` / `upsample_type`). As in diffusers, only
 /// the attention blocks (`AttnDownBlock2D`, `AttnUpBlock2D`) read these; the plain blocks always
 /// use a convolution.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ResampleType {
     /// `conv`: a stride-2 3x3 convolution down; nearest 2x then a 3x3 convolution up.
     Conv,
@@ -92,9 +99,10 @@ pub enum ResampleType {
 /// The position of the sinusoidal time embedding (`time_embedding_type`). Only `positional`
 /// is implemented; diffusers' `fourier` (Gaussian Fourier features, Score-SDE NCSN++) and
 /// `learned` are rejected when parsing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 pub enum TimeEmbeddingType {
     /// `positional`: the DDPM sinusoidal embedding (see [`crate::nets::embedding`]).
+    #[serde(rename = "positional")]
     Positional,
 }
 
@@ -554,17 +562,27 @@ impl UNetConfig {
     /// errors name the key (`down_block_types[2]: 'SkipDownBlock2D' is not supported ...`).
     /// The result is validated ([`UNetConfig::validate`]).
     pub fn from_json(value: &Value) -> Result<Self> {
-        let cfg =
-            crate::nets::config_json::parse_object(value).map_err(|m| Error::param("unet config", m))?;
-        cfg.validate()?;
-        Ok(cfg)
+        Self::from_json_reporting(value).map(|p| p.value)
+    }
+
+    /// [`UNetConfig::from_json`], with the fields of the object that were ignored.
+    pub fn from_json_reporting(value: &Value) -> Result<crate::config::Parsed<Self>> {
+        let parsed =
+            crate::config::unet::parse(value).map_err(|e| Error::param("unet config", e.to_string()))?;
+        parsed.value.validate()?;
+        Ok(parsed)
     }
 
     /// Parses a config from JSON text (see [`UNetConfig::from_json`]).
     pub fn from_json_str(text: &str) -> Result<Self> {
+        Self::from_json_str_reporting(text).map(|p| p.value)
+    }
+
+    /// [`UNetConfig::from_json_str`], with the fields of the text that were ignored.
+    pub fn from_json_str_reporting(text: &str) -> Result<crate::config::Parsed<Self>> {
         let v: Value = serde_json::from_str(text)
             .map_err(|e| Error::param("unet config", format!("invalid JSON: {e}")))?;
-        Self::from_json(&v)
+        Self::from_json_reporting(&v)
     }
 }
 
@@ -645,10 +663,9 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         let cases = [
-            (r#"{"foo": 1}"#, "unknown key 'foo'"),
             (
                 r#"{"time_embedding_type": "fourier"}"#,
-                "time_embedding_type: 'fourier'",
+                "field `time_embedding_type`: expected one of positional, found \"fourier\"",
             ),
             (r#"{"act_fn": "gelu"}"#, "act_fn"),
             (r#"{"class_embed_type": "timestep"}"#, "class_embed_type"),
@@ -660,7 +677,7 @@ mod tests {
             (r#"{"_diffuse_null_class": 3}"#, "_diffuse_null_class"),
             (
                 r#"{"down_block_types": ["DownBlock2D", "SkipDownBlock2D"]}"#,
-                "down_block_types[1]: 'SkipDownBlock2D'",
+                "field `down_block_types[1]`: expected one of DownBlock2D",
             ),
             (
                 r#"{"up_block_types": ["CrossAttnUpBlock2D"]}"#,
@@ -690,8 +707,9 @@ mod tests {
             let e = UNetConfig::from_json_str(text).unwrap_err().to_string();
             assert!(e.contains(want), "{text}: {e}");
         }
-        // Keys that carry no math are accepted, and 'swish' is silu.
-        let ok = r#"{"_diffusers_version": "0.1", "_name_or_path": "x", "act_fn": "swish", "dropout": 0.0}"#;
+        // Keys that carry no math are accepted, unknown keys too (diffusers adds them), and
+        // 'swish' is silu.
+        let ok = r#"{"_diffusers_version": "0.1", "_name_or_path": "x", "foo": 1, "act_fn": "swish", "dropout": 0.0}"#;
         assert!(UNetConfig::from_json_str(ok).is_ok());
     }
 

@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::json;
 
+use crate::config::Parsed;
 use crate::error::{Error, Result};
 use crate::io::{atomic_write, write_json};
 use crate::nets::config::{UNetConfig, DIFFUSERS_VERSION};
@@ -98,10 +99,16 @@ pub fn locate(dir: &Path) -> Result<ModelFolder> {
     })
 }
 
-/// Reads and parses a `UNet2DModel` `config.json`; errors name the file and the key.
+/// Reads and parses a `UNet2DModel` `config.json`; errors name the file and the field.
 pub fn read_unet_config(path: &Path) -> Result<UNetConfig> {
+    read_unet_config_reporting(path).map(|p| p.value)
+}
+
+/// [`read_unet_config`], with the fields of the file that were ignored (see
+/// [`crate::config::unet`]; listed by `--verbose`).
+pub fn read_unet_config_reporting(path: &Path) -> Result<Parsed<UNetConfig>> {
     let text = crate::io::read_text(path)?;
-    UNetConfig::from_json_str(&text).map_err(|e| match e {
+    UNetConfig::from_json_str_reporting(&text).map_err(|e| match e {
         Error::InvalidParameter { name, message } => Error::bad_input(
             path,
             if name == "unet config" {
@@ -112,6 +119,25 @@ pub fn read_unet_config(path: &Path) -> Result<UNetConfig> {
         ),
         other => other,
     })
+}
+
+/// The fields of a diffusers folder's files that the loader ignored: `(file, fields)` for
+/// `config.json` and the scheduler config (`scheduler_config` when given, else the folder's),
+/// files with none left out. For `--verbose`; the files are read again.
+pub fn ignored_fields(dir: &Path, scheduler_config: Option<&Path>) -> Result<Vec<(PathBuf, Vec<String>)>> {
+    let files = locate(dir)?;
+    let mut out = Vec::new();
+    let unet = read_unet_config_reporting(&files.config)?;
+    if !unet.ignored.is_empty() {
+        out.push((files.config.clone(), unet.ignored));
+    }
+    if let Some(p) = scheduler_config.or(files.scheduler_config.as_deref()) {
+        let s = SchedulerConfig::from_file_reporting(p)?;
+        if !s.ignored.is_empty() {
+            out.push((p.to_path_buf(), s.ignored));
+        }
+    }
+    Ok(out)
 }
 
 /// Reads a safetensors file into f32 tensors on the CPU, renaming deprecated attention names.

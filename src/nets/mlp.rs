@@ -76,9 +76,9 @@ impl MlpConfig {
     pub fn new(dim: usize) -> Self {
         MlpConfig {
             dim,
-            hidden: 128,
-            layers: 3,
-            embed_dim: 32,
+            hidden: crate::config::defaults::toy::HIDDEN,
+            layers: crate::config::defaults::toy::LAYERS,
+            embed_dim: crate::config::defaults::toy::EMBED_DIM,
             num_classes: None,
         }
     }

@@ -26,7 +26,6 @@
 pub mod adapter;
 pub mod blocks;
 pub mod config;
-mod config_json;
 pub mod diffusers;
 pub mod embedding;
 pub mod layers;

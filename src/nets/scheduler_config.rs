@@ -14,12 +14,17 @@
 //! | `timestep_spacing`, `steps_offset` | [`TimestepSpacing`], same | how `set_timesteps` picks K of T steps |
 //! | `set_alpha_to_one` | same | DDIM's last step lands on alpha_bar = 1 (else alpha_bar_1) |
 //!
-//! Unknown keys are an error naming the key; keys starting with `_` are metadata. Stepping is
-//! the samplers' job; this module only parses and builds the schedule.
+//! The file is read by [`crate::config::scheduler`]: unknown keys are accepted (and listed with
+//! `--verbose`), keys starting with `_` are metadata, a field of the wrong type or out of range
+//! is an error naming it. Stepping is the samplers' job; this module only holds the config and
+//! builds the schedule.
 
 use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::Parsed;
 
 use crate::denoiser::Prediction;
 use crate::error::{Error, Result};
@@ -89,20 +94,25 @@ impl SchedulerClass {
 }
 
 /// diffusers' `beta_schedule` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 pub enum DiffusersBetaSchedule {
     /// `linear`: `beta_t` linear from `beta_start` to `beta_end` (Ho et al. 2020).
+    #[serde(rename = "linear")]
     Linear,
     /// `scaled_linear`: linear in sqrt(beta) (latent diffusion).
+    #[serde(rename = "scaled_linear")]
     ScaledLinear,
     /// `squaredcos_cap_v2`: Nichol & Dhariwal's cosine, s = 0.008, beta capped at 0.999 (our `cosine`).
+    #[serde(rename = "squaredcos_cap_v2")]
     SquaredcosCapV2,
     /// `sigmoid`: GeoDiff (Xu et al. 2022) `beta_t = sigmoid(linspace(-6, 6, T)_t) * (beta_end - beta_start) + beta_start`.
+    #[serde(rename = "sigmoid")]
     Sigmoid,
 }
 
 /// diffusers' `variance_type` (the reverse-process variance of `DDPMScheduler.step`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum VarianceType {
     /// `fixed_small`: the posterior variance beta~_t (Ho et al. 2020, sigma_t^2 = beta~_t).
     FixedSmall,
@@ -119,7 +129,8 @@ pub enum VarianceType {
 }
 
 /// diffusers' `timestep_spacing` (how K inference steps are chosen among T).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TimestepSpacing {
     /// `leading`: `arange(0, K) * (T // K) + steps_offset` (never reaches T - 1).
     Leading,
@@ -243,75 +254,26 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// Keys of the fast solvers' schedulers (diffusers 0.42) beyond DDPM's and DDIM's. The flow
-/// matching keys (`flow_shift`, `time_shift_type`, `shift_terminal`) are accepted and matter only
-/// with `use_flow_sigmas` / `use_dynamic_shifting`, which the samplers reject.
-const SOLVER_KEYS: [&str; 23] = [
-    "solver_order",
-    "algorithm_type",
-    "solver_type",
-    "lower_order_final",
-    "euler_at_final",
-    "use_karras_sigmas",
-    "use_exponential_sigmas",
-    "use_beta_sigmas",
-    "use_lu_lambdas",
-    "use_flow_sigmas",
-    "flow_shift",
-    "final_sigmas_type",
-    "lambda_min_clipped",
-    "predict_x0",
-    "disable_corrector",
-    "solver_p",
-    "sigma_min",
-    "sigma_max",
-    "interpolation_type",
-    "timestep_type",
-    "use_dynamic_shifting",
-    "time_shift_type",
-    "shift_terminal",
-];
-
-/// Keys of `DDPMScheduler` and `DDIMScheduler` (diffusers 0.42). `tensor_format` is a
-/// long-deprecated key of old configs with no effect on the math.
-const KNOWN_KEYS: [&str; 17] = [
-    "num_train_timesteps",
-    "beta_start",
-    "beta_end",
-    "beta_schedule",
-    "trained_betas",
-    "variance_type",
-    "clip_sample",
-    "prediction_type",
-    "thresholding",
-    "dynamic_thresholding_ratio",
-    "clip_sample_range",
-    "sample_max_value",
-    "timestep_spacing",
-    "steps_offset",
-    "rescale_betas_zero_snr",
-    "set_alpha_to_one",
-    "tensor_format",
-];
-
 impl SchedulerConfig {
-    /// Reads and parses `path` (a `scheduler_config.json`); errors name the file and the key.
+    /// Reads and parses `path` (a `scheduler_config.json`); errors name the file and the field
+    /// (see [`crate::config::scheduler`]).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = crate::io::read_text(path)?;
-        // Python's json writes float('-inf') (DPM-Solver's default lambda_min_clipped) as the
-        // bare token -Infinity, which is not JSON; read it as the string "-Infinity".
-        let text = text.replace("-Infinity", "\"-Infinity\"");
-        let v: Value =
-            serde_json::from_str(&text).map_err(|e| Error::bad_input(path, format!("invalid JSON: {e}")))?;
-        Self::from_json(&v).map_err(|e| match e {
-            Error::InvalidParameter { message, .. } => Error::bad_input(path, message),
-            other => other,
-        })
+        Self::from_file_reporting(path).map(|p| p.value)
     }
 
-    /// Parses a scheduler config object (missing keys take diffusers' defaults).
+    /// [`SchedulerConfig::from_file`], with the fields of the file that were ignored (listed by
+    /// `--verbose`).
+    pub fn from_file_reporting(path: &Path) -> Result<Parsed<Self>> {
+        let text = crate::io::read_text(path)?;
+        crate::config::scheduler::read(&text).map_err(|e| Error::bad_input(path, e.to_string()))
+    }
+
+    /// Parses a scheduler config object (missing keys take diffusers' defaults; unknown keys
+    /// are ignored).
     pub fn from_json(v: &Value) -> Result<Self> {
-        parse(v).map_err(|m| Error::param("scheduler config", m))
+        crate::config::scheduler::parse(v)
+            .map(|p| p.value)
+            .map_err(|e| Error::param("scheduler config", e.to_string()))
     }
 
     /// The betas this config describes (T values, index 0 is t = 1, f64). diffusers computes
@@ -411,269 +373,6 @@ impl SchedulerConfig {
     }
 }
 
-type Parse<T> = std::result::Result<T, String>;
-
-fn parse(v: &Value) -> Parse<SchedulerConfig> {
-    let obj: &Map<String, Value> = v.as_object().ok_or("expected a JSON object")?;
-    for key in obj.keys() {
-        if !key.starts_with('_')
-            && !KNOWN_KEYS.contains(&key.as_str())
-            && !SOLVER_KEYS.contains(&key.as_str())
-        {
-            return Err(format!(
-                "unknown key '{key}': not a DDPMScheduler/DDIMScheduler (or DPM-Solver, UniPC, DEIS, Euler, Heun) field this loader understands"
-            ));
-        }
-    }
-    let class = match obj.get("_class_name").and_then(Value::as_str) {
-        None => SchedulerClass::Ddpm,
-        Some(name) => SchedulerClass::from_name(name).ok_or_else(|| {
-            format!(
-                "_class_name: '{name}' is not supported; expected DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler or HeunDiscreteScheduler"
-            )
-        })?,
-    };
-    // the defaults of the class's own __init__ where they differ from DDPMScheduler's
-    let d = match class {
-        SchedulerClass::Ddpm | SchedulerClass::Ddim => SchedulerConfig::default(),
-        SchedulerClass::HeunDiscrete => SchedulerConfig {
-            beta_start: 0.00085,
-            beta_end: 0.012,
-            clip_sample: false,
-            timestep_spacing: TimestepSpacing::Linspace,
-            ..SchedulerConfig::default()
-        },
-        _ => SchedulerConfig {
-            clip_sample: false,
-            timestep_spacing: TimestepSpacing::Linspace,
-            ..SchedulerConfig::default()
-        },
-    };
-    let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
-    let f64_of = |k: &str, dflt: f64| -> Parse<f64> {
-        match get(k) {
-            None => Ok(dflt),
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| format!("{k}: expected a number, got {v}")),
-        }
-    };
-    let bool_of = |k: &str, dflt: bool| -> Parse<bool> {
-        match get(k) {
-            None => Ok(dflt),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| format!("{k}: expected true or false, got {v}")),
-        }
-    };
-    let usize_of = |k: &str, dflt: usize| -> Parse<usize> {
-        match get(k) {
-            None => Ok(dflt),
-            Some(v) => v
-                .as_u64()
-                .map(|u| u as usize)
-                .ok_or_else(|| format!("{k}: expected a non-negative integer, got {v}")),
-        }
-    };
-    let str_of = |k: &str| -> Parse<Option<&str>> {
-        match get(k) {
-            None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| format!("{k}: expected a string, got {v}")),
-        }
-    };
-    let beta_schedule = match str_of("beta_schedule")? {
-        None | Some("linear") => DiffusersBetaSchedule::Linear,
-        Some("scaled_linear") => DiffusersBetaSchedule::ScaledLinear,
-        Some("squaredcos_cap_v2") => DiffusersBetaSchedule::SquaredcosCapV2,
-        Some("sigmoid") => DiffusersBetaSchedule::Sigmoid,
-        Some(other) => {
-            return Err(format!(
-                "beta_schedule: '{other}' is not supported (supported: linear, scaled_linear, squaredcos_cap_v2, sigmoid)"
-            ))
-        }
-    };
-    let prediction_type = match str_of("prediction_type")? {
-        None | Some("epsilon") => Prediction::Eps,
-        Some("sample") => Prediction::X0,
-        Some("v_prediction") => Prediction::V,
-        Some(other) => {
-            return Err(format!(
-                "prediction_type: '{other}' is not supported (supported: epsilon, sample, v_prediction)"
-            ))
-        }
-    };
-    let variance_type = match str_of("variance_type")? {
-        None | Some("fixed_small") => VarianceType::FixedSmall,
-        Some("fixed_small_log") => VarianceType::FixedSmallLog,
-        Some("fixed_large") => VarianceType::FixedLarge,
-        Some("fixed_large_log") => VarianceType::FixedLargeLog,
-        Some("learned") => VarianceType::Learned,
-        Some("learned_range") => VarianceType::LearnedRange,
-        Some(other) => {
-            return Err(format!(
-                "variance_type: '{other}' is not supported (supported: fixed_small, fixed_small_log, fixed_large, fixed_large_log, learned, learned_range)"
-            ))
-        }
-    };
-    let timestep_spacing = match str_of("timestep_spacing")? {
-        None => d.timestep_spacing,
-        Some("leading") => TimestepSpacing::Leading,
-        Some("trailing") => TimestepSpacing::Trailing,
-        Some("linspace") => TimestepSpacing::Linspace,
-        Some(other) => {
-            return Err(format!(
-                "timestep_spacing: '{other}' is not supported (supported: leading, trailing, linspace)"
-            ))
-        }
-    };
-    let trained_betas = match get("trained_betas") {
-        None => None,
-        Some(v) => Some(
-            v.as_array()
-                .ok_or_else(|| format!("trained_betas: expected a list of numbers, got {v}"))?
-                .iter()
-                .enumerate()
-                .map(|(i, b)| {
-                    b.as_f64()
-                        .ok_or_else(|| format!("trained_betas[{i}]: expected a number, got {b}"))
-                })
-                .collect::<Parse<Vec<f64>>>()?,
-        ),
-    };
-    let cfg = SchedulerConfig {
-        class,
-        num_train_timesteps: usize_of("num_train_timesteps", d.num_train_timesteps)?,
-        beta_start: f64_of("beta_start", d.beta_start)?,
-        beta_end: f64_of("beta_end", d.beta_end)?,
-        beta_schedule,
-        trained_betas,
-        prediction_type,
-        variance_type,
-        clip_sample: bool_of("clip_sample", d.clip_sample)?,
-        clip_sample_range: f64_of("clip_sample_range", d.clip_sample_range)?,
-        thresholding: bool_of("thresholding", d.thresholding)?,
-        dynamic_thresholding_ratio: f64_of("dynamic_thresholding_ratio", d.dynamic_thresholding_ratio)?,
-        sample_max_value: f64_of("sample_max_value", d.sample_max_value)?,
-        timestep_spacing,
-        steps_offset: usize_of("steps_offset", d.steps_offset)?,
-        set_alpha_to_one: bool_of("set_alpha_to_one", d.set_alpha_to_one)?,
-        rescale_betas_zero_snr: bool_of("rescale_betas_zero_snr", d.rescale_betas_zero_snr)?,
-        solver: parse_solver_fields(obj)?,
-    };
-    if !(2..=crate::schedule::MAX_TIMESTEPS).contains(&cfg.num_train_timesteps) {
-        return Err(format!(
-            "num_train_timesteps: got {}, expected 2..={}",
-            cfg.num_train_timesteps,
-            crate::schedule::MAX_TIMESTEPS
-        ));
-    }
-    if !(cfg.clip_sample_range.is_finite() && cfg.clip_sample_range > 0.0) {
-        return Err(format!(
-            "clip_sample_range: got {}, expected a positive number",
-            cfg.clip_sample_range
-        ));
-    }
-    Ok(cfg)
-}
-
-/// The fast solvers' keys (see [`SolverFields`]); strings are checked against diffusers' names.
-fn parse_solver_fields(obj: &Map<String, Value>) -> Parse<SolverFields> {
-    let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
-    let bool_of = |k: &str| -> Parse<Option<bool>> {
-        get(k)
-            .map(|v| {
-                v.as_bool()
-                    .ok_or_else(|| format!("{k}: expected true or false, got {v}"))
-            })
-            .transpose()
-    };
-    let f64_of = |k: &str| -> Parse<Option<f64>> {
-        match get(k) {
-            None => Ok(None),
-            // diffusers writes -inf as the JSON string "-Infinity" only via Python's json (as a bare token)
-            Some(Value::String(s)) if s == "-Infinity" || s == "-inf" => Ok(Some(f64::NEG_INFINITY)),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| format!("{k}: expected a number, got {v}")),
-        }
-    };
-    let str_in = |k: &str, allowed: &[&str]| -> Parse<Option<String>> {
-        match get(k) {
-            None => Ok(None),
-            Some(v) => {
-                let s = v
-                    .as_str()
-                    .ok_or_else(|| format!("{k}: expected a string, got {v}"))?;
-                if allowed.contains(&s) {
-                    Ok(Some(s.to_string()))
-                } else {
-                    Err(format!(
-                        "{k}: '{s}' is not supported (supported: {})",
-                        allowed.join(", ")
-                    ))
-                }
-            }
-        }
-    };
-    let solver_order = match get("solver_order") {
-        None => None,
-        Some(v) => Some(
-            v.as_u64()
-                .filter(|&o| o >= 1)
-                .ok_or_else(|| format!("solver_order: expected a positive integer, got {v}"))?
-                as usize,
-        ),
-    };
-    let disable_corrector = match get("disable_corrector") {
-        None => Vec::new(),
-        Some(v) => v
-            .as_array()
-            .ok_or_else(|| format!("disable_corrector: expected a list of step indices, got {v}"))?
-            .iter()
-            .map(|i| {
-                i.as_u64()
-                    .map(|u| u as usize)
-                    .ok_or_else(|| format!("disable_corrector: expected non-negative integers, got {i}"))
-            })
-            .collect::<Parse<Vec<usize>>>()?,
-    };
-    Ok(SolverFields {
-        solver_order,
-        algorithm_type: str_in(
-            "algorithm_type",
-            &[
-                "dpmsolver",
-                "dpmsolver++",
-                "sde-dpmsolver",
-                "sde-dpmsolver++",
-                "deis",
-            ],
-        )?,
-        solver_type: str_in("solver_type", &["midpoint", "heun", "bh1", "bh2", "logrho"])?,
-        lower_order_final: bool_of("lower_order_final")?,
-        euler_at_final: bool_of("euler_at_final")?,
-        use_karras_sigmas: bool_of("use_karras_sigmas")?.unwrap_or(false),
-        use_exponential_sigmas: bool_of("use_exponential_sigmas")?.unwrap_or(false),
-        use_beta_sigmas: bool_of("use_beta_sigmas")?.unwrap_or(false),
-        use_lu_lambdas: bool_of("use_lu_lambdas")?.unwrap_or(false),
-        use_flow_sigmas: bool_of("use_flow_sigmas")?.unwrap_or(false),
-        final_sigmas_type: str_in("final_sigmas_type", &["zero", "sigma_min"])?,
-        lambda_min_clipped: f64_of("lambda_min_clipped")?,
-        predict_x0: bool_of("predict_x0")?,
-        disable_corrector,
-        solver_p: get("solver_p").is_some(),
-        sigma_min: f64_of("sigma_min")?,
-        sigma_max: f64_of("sigma_max")?,
-        interpolation_type: str_in("interpolation_type", &["linear", "log_linear"])?,
-        timestep_type: str_in("timestep_type", &["discrete", "continuous"])?,
-        use_dynamic_shifting: bool_of("use_dynamic_shifting")?.unwrap_or(false),
-    })
-}
-
 impl SchedulerConfig {
     /// An error unless `schedule` has this config's `num_train_timesteps` (the table the
     /// denoiser was built with must be the config's).
@@ -742,12 +441,14 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         let cases = [
-            (r#"{"beta_schedule": "laplace"}"#, "beta_schedule: 'laplace'"),
+            (
+                r#"{"beta_schedule": "laplace"}"#,
+                "field `beta_schedule`: expected one of",
+            ),
             (r#"{"prediction_type": "noise"}"#, "prediction_type"),
             (r#"{"variance_type": "huge"}"#, "variance_type"),
             (r#"{"timestep_spacing": "quadratic"}"#, "timestep_spacing"),
             (r#"{"_class_name": "PNDMScheduler"}"#, "PNDMScheduler"),
-            (r#"{"skip_prk_steps": true}"#, "unknown key 'skip_prk_steps'"),
             (r#"{"num_train_timesteps": 1}"#, "num_train_timesteps"),
             (r#"{"clip_sample": "yes"}"#, "clip_sample"),
         ];

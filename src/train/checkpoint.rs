@@ -57,8 +57,9 @@ pub const FORMAT: &str = "diffuse-checkpoint";
 /// `state.json`'s `version` value.
 pub const VERSION: u32 = 1;
 
-/// The contents of `state.json`.
+/// The contents of `state.json` (our own file: an unknown field is an error naming it).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CheckpointState {
     /// Always [`FORMAT`].
     pub format: String,
@@ -515,8 +516,10 @@ pub fn read_state(ckpt_dir: &Path) -> Result<CheckpointState> {
             ),
         )
     })?;
-    let state: CheckpointState =
-        serde_json::from_str(&text).map_err(|e| Error::bad_input(&path, format!("invalid JSON: {e}")))?;
+    // through the config layer: errors name the field (`field \`step\`: expected ...`)
+    let state: CheckpointState = crate::config::from_str(&text)
+        .map(|p| p.value)
+        .map_err(|e| Error::bad_input(&path, e.to_string()))?;
     if state.format != FORMAT || state.version != VERSION {
         return Err(Error::bad_input(
             &path,
@@ -616,6 +619,94 @@ mod tests {
             ema_updates: step,
             last_metrics: None,
         }
+    }
+
+    /// state.json and the run configs inside it are our own files: a field we do not know
+    /// (a typo, a file of another version) is an error naming it, at any depth.
+    #[test]
+    fn our_json_files_reject_unknown_fields() {
+        let reject = |v: Value, what: &str| {
+            let e = match what {
+                "state" => serde_json::from_value::<CheckpointState>(v).map(|_| ()),
+                "trainer" => serde_json::from_value::<crate::train::TrainerConfig>(v).map(|_| ()),
+                "image" => serde_json::from_value::<crate::train::image::ImageTrainConfig>(v).map(|_| ()),
+                _ => serde_json::from_value::<crate::train::toy::ToyTrainConfig>(v).map(|_| ()),
+            }
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("unknown field `extra`"), "{what}: {e}");
+        };
+        let m = crate::train::MetricRecord {
+            step: 1,
+            loss: 0.5,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            elapsed_s: 0.1,
+            eval: None,
+        };
+        let mut st = state(2);
+        st.last_metrics = Some(m.clone());
+        let v = serde_json::to_value(&st).unwrap();
+        assert_eq!(serde_json::from_value::<CheckpointState>(v.clone()).unwrap(), st);
+        let mut top = v.clone();
+        top["extra"] = json!(1);
+        reject(top, "state");
+        let mut nested = v.clone();
+        nested["last_metrics"]["extra"] = json!(1);
+        reject(nested, "state");
+        let mut rng = v;
+        rng["rng"]["extra"] = json!(1);
+        reject(rng, "state");
+        let trainer = crate::train::TrainerConfig {
+            seed: 0,
+            optimizer: crate::train::AdamWConfig::default(),
+            ema: crate::train::EmaConfig::default(),
+        };
+        let t = serde_json::to_value(&trainer).unwrap();
+        for path in [&[][..], &["optimizer"][..], &["ema"][..]] {
+            let mut t = t.clone();
+            let mut at = &mut t;
+            for k in path {
+                at = &mut at[*k];
+            }
+            at["extra"] = json!(1);
+            reject(t, "trainer");
+        }
+        let image = crate::train::image::ImageTrainConfig {
+            data: crate::data::DataSpec::default(),
+            n_images: 4,
+            data_checksum: "0".into(),
+            preset: "demo".into(),
+            unet: json!({}),
+            schedule: crate::schedule::BetaSchedule::from_name("linear").unwrap(),
+            timesteps: 10,
+            prediction: crate::denoiser::Prediction::Eps,
+            batch: 2,
+            flip: false,
+            cond_drop: None,
+        };
+        let mut i = serde_json::to_value(&image).unwrap();
+        i["extra"] = json!(1);
+        reject(i.clone(), "image");
+        let mut i = serde_json::to_value(&image).unwrap();
+        i["data"]["extra"] = json!(1);
+        reject(i, "image");
+        let toy = crate::train::toy::ToyTrainConfig {
+            data: "moons".into(),
+            n_data: 10,
+            data_checksum: "0".into(),
+            model: crate::nets::mlp::MlpConfig::new(2),
+            batch: 2,
+            log_snr: Default::default(),
+            cond_drop: None,
+            labels_checksum: None,
+        };
+        let mut y = serde_json::to_value(&toy).unwrap();
+        y["extra"] = json!(1);
+        reject(y.clone(), "toy");
+        let mut y = serde_json::to_value(&toy).unwrap();
+        y["model"]["extra"] = json!(1);
+        reject(y, "toy");
     }
 
     fn named(v: f32) -> Vec<(String, Tensor)> {
@@ -844,5 +935,19 @@ mod tests {
         assert!(e.contains("no checkpoint here"), "{e}");
         fs::write(dir.path().join(STATE_FILE), b"{\"format\": \"other\"}").unwrap();
         assert!(read_state(dir.path()).is_err());
+        // a field we do not know, and one of the wrong type, by name
+        let mut v = serde_json::to_value(state(1)).unwrap();
+        v["extra"] = json!(1);
+        fs::write(dir.path().join(STATE_FILE), v.to_string()).unwrap();
+        let e = read_state(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("state.json: field `extra`: unknown field"), "{e}");
+        let mut v = serde_json::to_value(state(1)).unwrap();
+        v["step"] = json!(-1);
+        fs::write(dir.path().join(STATE_FILE), v.to_string()).unwrap();
+        let e = read_state(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("state.json: field `step`: expected a non-negative integer, found -1"),
+            "{e}"
+        );
     }
 }

@@ -38,7 +38,7 @@ impl Default for EmaConfig {
     /// decay 0.999 with warm-up.
     fn default() -> Self {
         EmaConfig {
-            decay: 0.999,
+            decay: crate::config::defaults::EMA_DECAY,
             warmup: true,
         }
     }

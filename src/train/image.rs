@@ -78,7 +78,7 @@ pub struct ImageTrainConfig {
 
 /// Label dropout of `diffuse train` when `--cond-drop` is not given: 0.1 (Ho & Salimans 2022
 /// report 0.1 and 0.2 best).
-pub const DEFAULT_COND_DROP: f64 = 0.1;
+pub const DEFAULT_COND_DROP: f64 = crate::config::defaults::image::COND_DROP;
 
 impl ImageTrainConfig {
     /// The U-Net config.

@@ -21,6 +21,7 @@ use crate::plot::{ensure_font, plot_err, save_rgb_png};
 
 /// One line of `metrics.jsonl`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MetricRecord {
     /// The update number (1-based).
     pub step: u64,

@@ -161,7 +161,7 @@ pub struct LoopOptions {
 impl Default for LoopOptions {
     fn default() -> Self {
         LoopOptions {
-            checkpoint_every: 1000,
+            checkpoint_every: crate::config::defaults::CHECKPOINT_EVERY,
             hook_every: 0,
             eval_every: 0,
             progress: true,

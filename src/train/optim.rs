@@ -54,19 +54,21 @@ pub struct AdamWConfig {
     pub grad_clip: Option<f64>,
 }
 
+use crate::config::defaults;
+
 impl Default for AdamWConfig {
     /// lr 1e-3 (field notes, section 3: short runs want 1e-3 rather than the DDPM paper's 2e-4),
     /// betas (0.9, 0.999), eps 1e-8 (Kingma & Ba 2015), no weight decay, 100 warm-up steps,
     /// clipping at norm 1 (the DDPM reference implementation's `grad_clip = 1.0`).
     fn default() -> Self {
         AdamWConfig {
-            lr: 1e-3,
+            lr: defaults::LR,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
-            weight_decay: 0.0,
-            warmup_steps: 100,
-            grad_clip: Some(1.0),
+            weight_decay: defaults::WEIGHT_DECAY,
+            warmup_steps: defaults::WARMUP,
+            grad_clip: Some(defaults::GRAD_CLIP),
         }
     }
 }

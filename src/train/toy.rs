@@ -66,8 +66,8 @@ impl Default for LogSnrSampling {
     /// Cosine on [-12, 12].
     fn default() -> Self {
         LogSnrSampling::Cosine {
-            min: -12.0,
-            max: 12.0,
+            min: crate::config::defaults::toy::LOG_SNR_MIN,
+            max: crate::config::defaults::toy::LOG_SNR_MAX,
         }
     }
 }
@@ -401,7 +401,7 @@ pub fn toy_config(
 }
 
 /// Label dropout when `--cond-drop` is not given: 0.1 (Ho & Salimans 2022 found 0.1-0.2 best).
-pub const DEFAULT_COND_DROP: f64 = 0.1;
+pub const DEFAULT_COND_DROP: f64 = crate::config::defaults::toy::COND_DROP;
 
 /// The training points of a toy run (regenerated from the run's saved data spec and seed, or
 /// re-read from its file), e.g. to draw them beside samples.
