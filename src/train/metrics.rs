@@ -448,8 +448,11 @@ where
             .label("real training images (floor)")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], FLOOR_COLOUR.stroke_width(2)));
     }
+    // upper left: the first measurement is at --fid-every (a third of the default run), so
+    // that corner is empty
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .label_font(("sans-serif", 13))
