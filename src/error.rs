@@ -136,6 +136,20 @@ impl Error {
 /// `Result` with the library's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// `text` for a one-line message: control characters (a newline or a stray byte that a damaged
+/// file put into a name or into a parser's own message) shown escaped, everything else as is.
+pub fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Checks that `value` is finite and lies in the open/closed interval described by
 /// `(lo, lo_inclusive)` .. `(hi, hi_inclusive)`; the error names the parameter and the range.
 pub fn check_range(
@@ -163,6 +177,11 @@ pub fn check_range(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escape_controls_keeps_a_message_on_one_line() {
+        assert_eq!(escape_controls("a\nb\u{1f}"), "a\\nb\\u{1f}");
+    }
 
     #[test]
     fn check_range_names_parameter_and_interval() {

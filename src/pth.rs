@@ -15,28 +15,33 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use crate::error::{Error, Result};
+use crate::error::{escape_controls, Error, Result};
 
 /// The tensors of the state dict in `path` (zip format, as `torch.save` writes since PyTorch 1.6).
 pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {
     let bad = |what: String| Error::bad_input(path, what);
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
-        .map_err(|e| bad(format!("not a zip archive ({})", one_line(&e.to_string()))))?;
+        .map_err(|e| bad(format!("not a zip archive ({})", escape_controls(&e.to_string()))))?;
     let file_size = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
     let mut pickles = Vec::new();
     for i in 0..zip.len() {
-        let entry = zip
-            .by_index(i)
-            .map_err(|e| bad(format!("damaged zip archive ({})", one_line(&e.to_string()))))?;
-        let name = entry
-            .name()
-            .map(|n| n.into_owned())
-            .map_err(|e| bad(format!("damaged zip archive ({})", one_line(&e.to_string()))))?;
+        let entry = zip.by_index(i).map_err(|e| {
+            bad(format!(
+                "damaged zip archive ({})",
+                escape_controls(&e.to_string())
+            ))
+        })?;
+        let name = entry.name().map(|n| n.into_owned()).map_err(|e| {
+            bad(format!(
+                "damaged zip archive ({})",
+                escape_controls(&e.to_string())
+            ))
+        })?;
         if entry.size() > file_size {
             return Err(bad(format!(
                 "zip entry `{}` declares {} bytes in a file of {file_size} (damaged or compressed)",
-                one_line(&name),
+                escape_controls(&name),
                 entry.size()
             )));
         }
@@ -48,21 +53,24 @@ pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {
         return Err(bad("no data.pkl in the archive: not a PyTorch state dict".into()));
     }
     for (i, name) in pickles {
-        let mut entry = zip
-            .by_index(i)
-            .map_err(|e| bad(format!("damaged zip archive ({})", one_line(&e.to_string()))))?;
+        let mut entry = zip.by_index(i).map_err(|e| {
+            bad(format!(
+                "damaged zip archive ({})",
+                escape_controls(&e.to_string())
+            ))
+        })?;
         let mut bytes = Vec::with_capacity(entry.size() as usize);
         entry
             .by_ref()
             .take(file_size)
             .read_to_end(&mut bytes)
-            .map_err(|e| bad(format!("`{}` cannot be read ({e})", one_line(&name))))?;
-        check_pickle(&bytes).map_err(|what| bad(format!("`{}`: {what}", one_line(&name))))?;
+            .map_err(|e| bad(format!("`{}` cannot be read ({e})", escape_controls(&name))))?;
+        check_pickle(&bytes).map_err(|what| bad(format!("`{}`: {what}", escape_controls(&name))))?;
     }
     let pth = candle_core::pickle::PthTensors::new(path, None).map_err(|e| {
         bad(format!(
             "not a readable PyTorch state dict ({})",
-            one_line(&e.to_string())
+            escape_controls(&e.to_string())
         ))
     })?;
     let mut tensors = HashMap::new();
@@ -74,15 +82,15 @@ pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {
             .map_err(|_| {
                 bad(format!(
                     "tensor `{}`: no storage `{}` in the archive",
-                    one_line(name),
-                    one_line(&info.path)
+                    escape_controls(name),
+                    escape_controls(&info.path)
                 ))
             })?
             .size();
         if need > have {
             return Err(bad(format!(
                 "tensor `{}` of shape {:?} needs {need} bytes, its storage holds {have}",
-                one_line(name),
+                escape_controls(name),
                 info.layout.dims()
             )));
         }
@@ -91,27 +99,14 @@ pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {
             .map_err(|e| {
                 bad(format!(
                     "tensor `{}`: {}",
-                    one_line(name),
-                    one_line(&e.to_string())
+                    escape_controls(name),
+                    escape_controls(&e.to_string())
                 ))
             })?
-            .ok_or_else(|| bad(format!("tensor `{}` cannot be read", one_line(name))))?;
+            .ok_or_else(|| bad(format!("tensor `{}` cannot be read", escape_controls(name))))?;
         tensors.insert(name.clone(), t.to_device(&Device::Cpu)?);
     }
     Ok(tensors)
-}
-
-/// `text` on one line: control characters (newlines in a damaged header) shown escaped.
-pub fn one_line(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
 }
 
 /// Walks a pickle with candle's opcodes. Every argument must lie inside the bytes, and every
@@ -296,10 +291,5 @@ mod tests {
         ok.extend_from_slice(&3u32.to_le_bytes());
         ok.extend_from_slice(b"abc.");
         check_pickle(&ok).unwrap();
-    }
-
-    #[test]
-    fn one_line_escapes_newlines() {
-        assert_eq!(one_line("a\nb\u{1f}"), "a\\nb\\u{1f}");
     }
 }

@@ -152,14 +152,7 @@ fn short(s: &str) -> String {
 /// A key as it may be shown on one line: control characters escaped, at most 60 characters
 /// (a damaged file may hold any key).
 fn key_text(k: &str) -> String {
-    let mut out = String::new();
-    for c in k.chars().take(60) {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
+    let mut out = crate::error::escape_controls(&k.chars().take(60).collect::<String>());
     if k.chars().nth(60).is_some() {
         out.push_str("...");
     }

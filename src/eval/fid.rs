@@ -56,7 +56,7 @@ impl Statistics {
                 path,
                 format!(
                     "not a readable .npz file ({})",
-                    crate::pth::one_line(&e.to_string())
+                    crate::error::escape_controls(&e.to_string())
                 ),
             )
         })?;

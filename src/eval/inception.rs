@@ -79,7 +79,7 @@ impl WeightFile {
                     path,
                     format!(
                         "not a readable safetensors file ({})",
-                        crate::pth::one_line(&e.to_string())
+                        crate::error::escape_controls(&e.to_string())
                     ),
                 )
             })?
