@@ -239,6 +239,28 @@ fn scratch(name: &str) -> tempfile::TempDir {
     tmp
 }
 
+/// A copy of the `attn_multihead_1ch16` pipeline folder (unet + scheduler) under `root/pipe`:
+/// the folder and its scheduler_config.json.
+fn pipeline_copy(root: &Path) -> (PathBuf, PathBuf) {
+    let pipe = root.join("pipe");
+    fs::create_dir_all(pipe.join("unet")).unwrap();
+    fs::create_dir_all(pipe.join("scheduler")).unwrap();
+    for f in ["config.json", WEIGHTS_FILE] {
+        fs::copy(
+            fixture("attn_multihead_1ch16/unet").join(f),
+            pipe.join("unet").join(f),
+        )
+        .unwrap();
+    }
+    let sc = pipe.join("scheduler/scheduler_config.json");
+    fs::copy(
+        fixture("attn_multihead_1ch16/scheduler/scheduler_config.json"),
+        &sc,
+    )
+    .unwrap();
+    (pipe, sc)
+}
+
 fn edit_json(p: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(p).unwrap()).unwrap();
     f(&mut v);
@@ -300,22 +322,7 @@ fn bad_diffusers_folders_exit_2_with_one_line() {
 
     // A scheduler config diffuse cannot honour: its own folder's, and one given by flag.
     let p = tempfile::tempdir().unwrap();
-    let pipe = p.path().join("pipe");
-    fs::create_dir_all(pipe.join("unet")).unwrap();
-    fs::create_dir_all(pipe.join("scheduler")).unwrap();
-    for f in ["config.json", WEIGHTS_FILE] {
-        fs::copy(
-            fixture("attn_multihead_1ch16/unet").join(f),
-            pipe.join("unet").join(f),
-        )
-        .unwrap();
-    }
-    let sc = pipe.join("scheduler/scheduler_config.json");
-    fs::copy(
-        fixture("attn_multihead_1ch16/scheduler/scheduler_config.json"),
-        &sc,
-    )
-    .unwrap();
+    let (pipe, sc) = pipeline_copy(p.path());
     edit_json(&sc, |v| v["beta_schedule"] = "laplace".into());
     nll(&pipe, &["scheduler_config.json", "beta_schedule", "laplace"]);
     bad(
@@ -345,22 +352,7 @@ fn bad_diffusers_folders_exit_2_with_one_line() {
 #[test]
 fn verbose_lists_the_ignored_diffusers_fields() {
     let p = tempfile::tempdir().unwrap();
-    let pipe = p.path().join("pipe");
-    fs::create_dir_all(pipe.join("unet")).unwrap();
-    fs::create_dir_all(pipe.join("scheduler")).unwrap();
-    for f in ["config.json", WEIGHTS_FILE] {
-        fs::copy(
-            fixture("attn_multihead_1ch16/unet").join(f),
-            pipe.join("unet").join(f),
-        )
-        .unwrap();
-    }
-    let sc = pipe.join("scheduler/scheduler_config.json");
-    fs::copy(
-        fixture("attn_multihead_1ch16/scheduler/scheduler_config.json"),
-        &sc,
-    )
-    .unwrap();
+    let (pipe, sc) = pipeline_copy(p.path());
     edit_json(&pipe.join("unet/config.json"), |v| {
         v["cross_attention_dim"] = 768.into();
         v["encoder_hid_dim"] = serde_json::Value::Null;
