@@ -27,41 +27,26 @@ use super::conv::{col2im, im2col, Geometry};
 use super::cpu::{self, Read, Scratch, SyncPtr};
 use super::direct::{Direct, WeightGrad};
 use super::norm::{check_groups, group_forward, image_backward, GroupIo};
+use super::packed::{self, Builder, Grads};
 use super::{ConvAdd, GroupNormSilu};
 
-/// Where each small input sits in the packed tensor: `[w | b | a | b' | cb]`.
-#[derive(Clone, Copy, Debug)]
-struct Pack {
-    w: usize,
-    b: usize,
-    /// Length of `a` and of `b'` (0 without normalisation; `C_in` or `N * C_in`).
-    a: usize,
-    cb: usize,
-}
-
-impl Pack {
-    fn len(&self) -> usize {
-        self.w + self.b + 2 * self.a + self.cb
-    }
-
-    /// The pieces of `p`.
-    fn split<'a>(&self, p: &'a [f32]) -> Parts<'a> {
-        let (w, rest) = p.split_at(self.w);
-        let (b, rest) = rest.split_at(self.b);
-        let (a, rest) = rest.split_at(self.a);
-        let (bb, cb) = rest.split_at(self.a);
-        Parts { w, b, a, bb, cb }
+packed::pieces! {
+    /// The packed small inputs, in packing order (the one definition of that order).
+    enum Part {
+        /// The weight, `[C_out, C_in, kh, kw]`.
+        W,
+        /// The bias, `[C_out]` (zeros when the convolution has none).
+        B,
+        /// `a = gamma (1 + scale)`, `[C_in]` or `[N, C_in]` (absent without normalisation).
+        A,
+        /// `b' = beta (1 + scale) + shift`, as `a`.
+        Bb,
+        /// The channel bias, `[N, C_out]` (absent without one).
+        Cb,
     }
 }
 
-/// The packed small inputs, unpacked.
-struct Parts<'a> {
-    w: &'a [f32],
-    b: &'a [f32],
-    a: &'a [f32],
-    bb: &'a [f32],
-    cb: &'a [f32],
-}
+type Pack = packed::Layout<Part>;
 
 /// A gradient, when asked for.
 type Grad = Option<Vec<f32>>;
@@ -148,7 +133,8 @@ impl ConvBlock {
                 );
             }
         }
-        let Parts { w, b, a, bb, cb } = self.pack.split(pack);
+        let [w, b, a, bb, cb] =
+            [Part::W, Part::B, Part::A, Part::Bb, Part::Cb].map(|q| self.pack.get(pack, q));
         let mut y = cpu::zeros(g.n * y_len);
         let out = SyncPtr::new(&mut y);
         let direct = Direct::new(&g);
@@ -206,7 +192,11 @@ impl ConvBlock {
         Ok((y, Shape::from((g.n, g.c_out, g.h_out, g.w_out))))
     }
 
-    /// `(dx, dpack)`, each only if asked for.
+    /// `(dx, dpack)`, each only if asked for. Per image ([`BlockBackward`]): the weight
+    /// gradient ([`BlockBackward::weight_grad`]), the bias sums ([`BlockBackward::bias_grads`]),
+    /// `dh_n = col2im(W^T dy_n)` ([`BlockBackward::input_grad`]) and the group-norm + SiLU
+    /// backward of `dh_n` ([`BlockBackward::norm_backward`]); then the threads' sums are packed
+    /// ([`BlockBackward::gradient_pack`]).
     fn backward(
         &self,
         x: &[f32],
@@ -217,203 +207,62 @@ impl ConvBlock {
     ) -> Result<(Grad, Grad)> {
         let g = self.geometry(x_dims)?;
         let (k, p) = (g.k(), g.p());
-        let (x_len, y_len) = (g.c_in * g.h * g.w, g.c_out * p);
-        let Parts { w, a, bb, .. } = self.pack.split(pack);
+        let x_len = g.c_in * g.h * g.w;
         let norm = self.norm.is_some();
-        let need_dw = want.pack;
         let need_dh = want.x || (norm && want.pack);
-        let gemms = need_dw as usize + need_dh as usize;
+        let gemms = want.pack as usize + need_dh as usize;
         super::profile::add_flops("conv_block.bwd", 2.0 * (gemms * g.n * g.c_out * k * p) as f64);
         let mut dx = cpu::zeros(if want.x { g.n * x_len } else { 0 });
         // Per-sample gradients of a, b' ([N, C_in]) and of the channel bias ([N, C_out]).
         let affine_len = if norm && want.pack { g.n * g.c_in } else { 0 };
         let (mut da, mut dbb) = (vec![0f32; affine_len], vec![0f32; affine_len]);
-        let mut dcb = vec![
-            0f32;
-            if want.pack && self.pack.cb > 0 {
-                g.n * g.c_out
-            } else {
-                0
-            }
-        ];
-        let (dx_out, da_out, dbb_out, dcb_out) = (
-            SyncPtr::new(&mut dx),
-            SyncPtr::new(&mut da),
-            SyncPtr::new(&mut dbb),
-            SyncPtr::new(&mut dcb),
-        );
-        let scratch_hw = if norm { x_len } else { 0 };
+        let cb_len = if want.pack { self.pack.len_of(Part::Cb) } else { 0 };
+        let mut dcb = vec![0f32; cb_len];
         let direct = Direct::new(&g);
         let (wt, direct_t) = match &direct {
-            Some(d) if need_dh => (d.pack_transposed(w, g.c_out, g.c_in), Some(d.transposed())),
+            Some(d) if need_dh => (
+                d.pack_transposed(self.pack.get(pack, Part::W), g.c_out, g.c_in),
+                Some(d.transposed()),
+            ),
             _ => (Vec::new(), None),
         };
-        let zero_init = vec![0f32; g.c_in];
-        let scratch_kp = if g.pointwise() || direct.is_some() {
-            0
-        } else {
-            k * p
+        let bw = BlockBackward {
+            op: self,
+            g: &g,
+            x,
+            pack,
+            dy,
+            want,
+            need_dh,
+            direct: direct.as_ref(),
+            direct_t,
+            wt,
+            zeros: vec![0f32; g.c_in],
+            out: [
+                SyncPtr::new(&mut dx),
+                SyncPtr::new(&mut da),
+                SyncPtr::new(&mut dbb),
+                SyncPtr::new(&mut dcb),
+            ],
         };
-        let s = g.h * g.w;
-
-        let run = |images: std::ops::Range<usize>, parallel: bool| -> (Vec<f32>, Vec<f32>) {
-            let mut dw = vec![0f32; if need_dw { g.c_out * k } else { 0 }];
-            let mut db = vec![0f32; if want.pack { g.c_out } else { 0 }];
-            let mut h = Scratch::new(if need_dw { scratch_hw } else { 0 });
-            let mut col = Scratch::new(if need_dw { scratch_kp } else { 0 });
-            let mut dcol = Scratch::new(if need_dh { scratch_kp } else { 0 });
-            let mut dh = Scratch::new(if need_dh { scratch_hw } else { 0 });
-            let mut dx_scratch = Scratch::new(if need_dh && norm && !want.x { x_len } else { 0 });
-            let mut wgrad = match &direct {
-                Some(d) if need_dw => Some(WeightGrad::new(d, g.c_out, g.c_in)),
-                _ => None,
-            };
+        let partials = cpu::map_batch(g.n, |images, parallel| {
+            let mut t = BlockThread::new(&bw);
             for n in images {
-                let x_n = &x[n * x_len..(n + 1) * x_len];
-                let dy_n = &dy[n * y_len..(n + 1) * y_len];
-                let (a_n, bb_n) = (self.affine_row(a, n, g.c_in), self.affine_row(bb, n, g.c_in));
-                if let Some(wg) = &mut wgrad {
-                    wg.add_image(dy_n, self.activation(&g, x_n, a_n, bb_n, &mut h));
-                } else if need_dw {
-                    let h_n = self.activation(&g, x_n, a_n, bb_n, &mut h);
-                    let col: &[f32] = if g.pointwise() {
-                        h_n
-                    } else {
-                        im2col(&g, h_n, &mut col);
-                        &col
-                    };
-                    // dW [C_out, K] += dy_n [C_out, P] col_n^T [P, K]
-                    cpu::gemm(
-                        (g.c_out, k, p),
-                        &mut dw,
-                        true,
-                        dy_n,
-                        (p, 1),
-                        col,
-                        (1, p),
-                        1.0,
-                        parallel,
-                    );
-                }
-                if want.pack {
-                    for (co, row) in dy_n.chunks_exact(p).enumerate() {
-                        let sum = cpu_sum(row) as f32;
-                        db[co] += sum;
-                        if self.pack.cb > 0 {
-                            // SAFETY: image n owns row n of dcb; ranges are disjoint.
-                            unsafe { dcb_out.slice(n * g.c_out + co, 1)[0] = sum };
-                        }
-                    }
-                }
-                if !need_dh {
-                    continue;
-                }
-                // SAFETY (all `slice` calls below): image n owns its rows of dx, da, db'.
-                let dx_n: &mut [f32] = if want.x {
-                    unsafe { dx_out.slice(n * x_len, x_len) }
-                } else {
-                    &mut dx_scratch
-                };
-                // dh_n = col2im(W^T dy_n); without normalisation h = x, so straight into dx_n.
-                let target: &mut [f32] = if norm { &mut dh } else { &mut *dx_n };
-                if let Some(dt) = &direct_t {
-                    dt.conv(dy_n, g.c_out, &wt, &zero_init, None, target, g.c_in);
-                } else if g.pointwise() {
-                    cpu::gemm(
-                        (k, p, g.c_out),
-                        target,
-                        false,
-                        w,
-                        (1, k),
-                        dy_n,
-                        (p, 1),
-                        1.0,
-                        parallel,
-                    );
-                } else {
-                    cpu::gemm(
-                        (k, p, g.c_out),
-                        &mut dcol,
-                        false,
-                        w,
-                        (1, k),
-                        dy_n,
-                        (p, 1),
-                        1.0,
-                        parallel,
-                    );
-                    target.fill(0.0);
-                    col2im(&g, &mut dcol, target);
-                }
-                if let Some((groups, eps)) = self.norm {
-                    let mut da_local = vec![0f32; g.c_in];
-                    let mut dbb_local = vec![0f32; g.c_in];
-                    image_backward(
-                        GroupIo {
-                            x: x_n,
-                            dy: &dh,
-                            dx: dx_n,
-                            da: &mut da_local,
-                            db: &mut dbb_local,
-                        },
-                        s,
-                        groups,
-                        &a_n[..g.c_in],
-                        &bb_n[..g.c_in],
-                        eps,
-                        true,
-                    );
-                    if want.pack {
-                        unsafe {
-                            da_out.slice(n * g.c_in, g.c_in).copy_from_slice(&da_local);
-                            dbb_out.slice(n * g.c_in, g.c_in).copy_from_slice(&dbb_local);
-                        }
-                    }
+                bw.weight_grad(n, &mut t, parallel);
+                bw.bias_grads(n, &mut t);
+                if need_dh {
+                    bw.input_grad(n, &mut t, parallel);
+                    bw.norm_backward(n, &mut t);
                 }
             }
-            if let Some(wg) = wgrad {
-                dw = wg.finish();
-            }
-            (dw, db)
+            t.sums()
+        });
+        let dpack = if want.pack {
+            Some(bw.gradient_pack(partials, da, dbb, dcb)?)
+        } else {
+            None
         };
-        let partials = cpu::map_batch(g.n, run);
-        if !want.pack {
-            return Ok((want.x.then_some(dx), None));
-        }
-        let mut partials = partials.into_iter();
-        let (mut dw, mut db) = partials
-            .next()
-            .unwrap_or_else(|| (vec![0f32; g.c_out * k], vec![0f32; g.c_out]));
-        for (pw, pb) in partials {
-            dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
-            db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
-        }
-        let mut dpack = Vec::with_capacity(self.pack.len());
-        dpack.extend_from_slice(&dw);
-        dpack.extend_from_slice(&db);
-        if norm {
-            if self.per_sample {
-                dpack.extend_from_slice(&da);
-                dpack.extend_from_slice(&dbb);
-            } else {
-                for v in [&da, &dbb] {
-                    let mut sum = vec![0f32; g.c_in];
-                    for row in v.chunks_exact(g.c_in.max(1)) {
-                        sum.iter_mut().zip(row).for_each(|(s, r)| *s += r);
-                    }
-                    dpack.extend_from_slice(&sum);
-                }
-            }
-        }
-        dpack.extend_from_slice(&dcb);
-        if dpack.len() != self.pack.len() {
-            bail!(
-                "conv block: internal error, gradient pack {} != {}",
-                dpack.len(),
-                self.pack.len()
-            );
-        }
-        Ok((want.x.then_some(dx), Some(dpack)))
+        Ok((want.x.then_some(dx), dpack))
     }
 
     fn bwd_common(&self, x: &Tensor, pack: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -434,6 +283,277 @@ impl ConvBlock {
             dx.map(|v| cpu::tensor(v, x.shape())).transpose()?,
             dpack.map(|v| cpu::tensor(v, pack.shape())).transpose()?,
         ))
+    }
+}
+
+/// One backward call of the block: its inputs, kernels and outputs (rows written per image
+/// through `out`).
+struct BlockBackward<'a> {
+    op: &'a ConvBlock,
+    g: &'a Geometry,
+    x: &'a [f32],
+    pack: &'a [f32],
+    dy: &'a [f32],
+    want: Want,
+    /// Whether `dh = col2im(W^T dy)` is needed (for `dx`, or for the norm's parameters).
+    need_dh: bool,
+    /// The direct kernels, when they apply (else im2col + GEMM).
+    direct: Option<&'a Direct>,
+    /// The transposed direct kernels and weights, for `dh`.
+    direct_t: Option<Direct>,
+    wt: Vec<f32>,
+    /// `C_in` zeros (the transposed convolution's bias).
+    zeros: Vec<f32>,
+    /// `dx [N, C_in, H, W]`, `da`, `db'` `[N, C_in]`, `dcb [N, C_out]`.
+    out: [SyncPtr; 4],
+}
+
+/// One thread's scratch and partial sums (`dW`, `db`) in the block's backward pass.
+struct BlockThread<'k> {
+    dw: Vec<f32>,
+    db: Vec<f32>,
+    /// The activation `h_n`, its im2col matrix, the im2col-shaped `W^T dy_n`, `dh_n`.
+    h: Scratch,
+    col: Scratch,
+    dcol: Scratch,
+    dh: Scratch,
+    /// `dx_n` when `dx` itself is not wanted (the norm's parameter gradients still need it).
+    dx: Scratch,
+    wgrad: Option<WeightGrad<'k>>,
+}
+
+impl<'k> BlockThread<'k> {
+    fn new(bw: &'k BlockBackward<'_>) -> Self {
+        let (g, want) = (bw.g, bw.want);
+        let norm = bw.op.norm.is_some();
+        let (k, x_len) = (g.k(), g.c_in * g.h * g.w);
+        let hw = if norm { x_len } else { 0 };
+        let kp = if g.pointwise() || bw.direct.is_some() {
+            0
+        } else {
+            k * g.p()
+        };
+        let need_dw = want.pack;
+        Self {
+            dw: vec![0f32; if need_dw { g.c_out * k } else { 0 }],
+            db: vec![0f32; if want.pack { g.c_out } else { 0 }],
+            h: Scratch::new(if need_dw { hw } else { 0 }),
+            col: Scratch::new(if need_dw { kp } else { 0 }),
+            dcol: Scratch::new(if bw.need_dh { kp } else { 0 }),
+            dh: Scratch::new(if bw.need_dh { hw } else { 0 }),
+            dx: Scratch::new(if bw.need_dh && norm && !want.x { x_len } else { 0 }),
+            wgrad: match bw.direct {
+                Some(d) if need_dw => Some(WeightGrad::new(d, g.c_out, g.c_in)),
+                _ => None,
+            },
+        }
+    }
+
+    /// `(dW, db)` over the thread's images.
+    fn sums(self) -> (Vec<f32>, Vec<f32>) {
+        match self.wgrad {
+            Some(wg) => (wg.finish(), self.db),
+            None => (self.dw, self.db),
+        }
+    }
+}
+
+impl BlockBackward<'_> {
+    fn x_n(&self, n: usize) -> &[f32] {
+        let x_len = self.g.c_in * self.g.h * self.g.w;
+        &self.x[n * x_len..(n + 1) * x_len]
+    }
+
+    fn dy_n(&self, n: usize) -> &[f32] {
+        let y_len = self.g.c_out * self.g.p();
+        &self.dy[n * y_len..(n + 1) * y_len]
+    }
+
+    /// Rows `n` of `a` and `b'`.
+    fn affine_n(&self, n: usize) -> (&[f32], &[f32]) {
+        let c_in = self.g.c_in;
+        let (a, bb) = (
+            self.op.pack.get(self.pack, Part::A),
+            self.op.pack.get(self.pack, Part::Bb),
+        );
+        (self.op.affine_row(a, n, c_in), self.op.affine_row(bb, n, c_in))
+    }
+
+    /// `dW += dy_n h_n^T` (direct kernels) or `dy_n im2col(h_n)^T` (GEMM), `h_n` recomputed.
+    fn weight_grad(&self, n: usize, t: &mut BlockThread<'_>, parallel: bool) {
+        if !self.want.pack {
+            return;
+        }
+        let (g, x_n, dy_n) = (self.g, self.x_n(n), self.dy_n(n));
+        let (a_n, bb_n) = self.affine_n(n);
+        let h_n = self.op.activation(g, x_n, a_n, bb_n, &mut t.h);
+        if let Some(wg) = &mut t.wgrad {
+            wg.add_image(dy_n, h_n);
+            return;
+        }
+        let col: &[f32] = if g.pointwise() {
+            h_n
+        } else {
+            im2col(g, h_n, &mut t.col);
+            &t.col
+        };
+        let (k, p) = (g.k(), g.p());
+        // dW [C_out, K] += dy_n [C_out, P] col_n^T [P, K]
+        cpu::gemm(
+            (g.c_out, k, p),
+            &mut t.dw,
+            true,
+            dy_n,
+            (p, 1),
+            col,
+            (1, p),
+            1.0,
+            parallel,
+        );
+    }
+
+    /// `db += dy_n 1` and row `n` of the channel bias's gradient, `dcb_n = dy_n 1`.
+    fn bias_grads(&self, n: usize, t: &mut BlockThread<'_>) {
+        if !self.want.pack {
+            return;
+        }
+        let (g, dy_n) = (self.g, self.dy_n(n));
+        let has_cb = self.op.pack.len_of(Part::Cb) > 0;
+        for (co, row) in dy_n.chunks_exact(g.p()).enumerate() {
+            let sum = cpu_sum(row) as f32;
+            t.db[co] += sum;
+            if has_cb {
+                // SAFETY: image n owns row n of dcb; the rows of different images are disjoint.
+                unsafe { self.out[3].slice(n * g.c_out + co, 1)[0] = sum };
+            }
+        }
+    }
+
+    /// `dx_n`, the output of this image's input gradient: `dx`'s row, or scratch.
+    #[allow(clippy::mut_from_ref)] // rows owned by image n (see the SAFETY notes)
+    fn dx_row<'t>(&'t self, n: usize, scratch: &'t mut Scratch) -> &'t mut [f32] {
+        let x_len = self.g.c_in * self.g.h * self.g.w;
+        if self.want.x {
+            // SAFETY: image n owns its row of dx; the rows of different images are disjoint.
+            unsafe { self.out[0].slice(n * x_len, x_len) }
+        } else {
+            scratch
+        }
+    }
+
+    /// `dh_n = col2im(W^T dy_n)` (into `t.dh`); without normalisation `h = x`, so straight
+    /// into `dx_n`.
+    fn input_grad(&self, n: usize, t: &mut BlockThread<'_>, parallel: bool) {
+        let (g, dy_n) = (self.g, self.dy_n(n));
+        let w = self.op.pack.get(self.pack, Part::W);
+        let (k, p) = (g.k(), g.p());
+        let norm = self.op.norm.is_some();
+        let target: &mut [f32] = if norm {
+            &mut t.dh
+        } else {
+            self.dx_row(n, &mut t.dx)
+        };
+        if let Some(dt) = &self.direct_t {
+            dt.conv(dy_n, g.c_out, &self.wt, &self.zeros, None, target, g.c_in);
+        } else if g.pointwise() {
+            cpu::gemm(
+                (k, p, g.c_out),
+                target,
+                false,
+                w,
+                (1, k),
+                dy_n,
+                (p, 1),
+                1.0,
+                parallel,
+            );
+        } else {
+            cpu::gemm(
+                (k, p, g.c_out),
+                &mut t.dcol,
+                false,
+                w,
+                (1, k),
+                dy_n,
+                (p, 1),
+                1.0,
+                parallel,
+            );
+            target.fill(0.0);
+            col2im(g, &mut t.dcol, target);
+        }
+    }
+
+    /// The group-norm + SiLU backward of `dh_n` at `x_n`: `dx_n` and row `n` of `da`, `db'`.
+    fn norm_backward(&self, n: usize, t: &mut BlockThread<'_>) {
+        let Some((groups, eps)) = self.op.norm else {
+            return;
+        };
+        let (g, x_n) = (self.g, self.x_n(n));
+        let (a_n, bb_n) = self.affine_n(n);
+        let mut da_n = vec![0f32; g.c_in];
+        let mut dbb_n = vec![0f32; g.c_in];
+        image_backward(
+            GroupIo {
+                x: x_n,
+                dy: &t.dh,
+                dx: self.dx_row(n, &mut t.dx),
+                da: &mut da_n,
+                db: &mut dbb_n,
+            },
+            g.h * g.w,
+            groups,
+            &a_n[..g.c_in],
+            &bb_n[..g.c_in],
+            eps,
+            true,
+        );
+        if self.want.pack {
+            // SAFETY: image n owns rows n of da and db'; the rows of different images are disjoint.
+            unsafe {
+                self.out[1].slice(n * g.c_in, g.c_in).copy_from_slice(&da_n);
+                self.out[2].slice(n * g.c_in, g.c_in).copy_from_slice(&dbb_n);
+            }
+        }
+    }
+
+    /// The packed gradient: the threads' `(dW, db)` added, the per-sample affine rows summed
+    /// over the batch unless the affine map is per sample, in [`Part`] order.
+    fn gradient_pack(
+        &self,
+        partials: Vec<(Vec<f32>, Vec<f32>)>,
+        da: Vec<f32>,
+        dbb: Vec<f32>,
+        dcb: Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let g = self.g;
+        let mut partials = partials.into_iter();
+        let (mut dw, mut db) = partials
+            .next()
+            .unwrap_or_else(|| (vec![0f32; g.c_out * g.k()], vec![0f32; g.c_out]));
+        for (pw, pb) in partials {
+            dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
+        }
+        let mut grads = Grads::new();
+        grads.set(Part::W, dw);
+        grads.set(Part::B, db);
+        if self.op.norm.is_some() {
+            let sum_rows = |v: Vec<f32>| {
+                if self.op.per_sample {
+                    return v;
+                }
+                let mut sum = vec![0f32; g.c_in];
+                for row in v.chunks_exact(g.c_in.max(1)) {
+                    sum.iter_mut().zip(row).for_each(|(s, r)| *s += r);
+                }
+                sum
+            };
+            grads.set(Part::A, sum_rows(da));
+            grads.set(Part::Bb, sum_rows(dbb));
+        }
+        grads.set(Part::Cb, dcb);
+        self.op.pack.assemble(grads, "conv block")
     }
 }
 
@@ -532,13 +652,16 @@ pub fn conv_block(
 ) -> Result<Tensor> {
     let g = Geometry::new(x.dims(), w.dims(), stride, padding)?;
     let w_dims = [g.c_out, g.c_in, g.kh, g.kw];
-    let mut parts = vec![w.flatten_all()?];
-    parts.push(match b {
-        Some(b) if b.dims() == [g.c_out] => b.clone(),
-        Some(b) => bail!("conv2d: bias has shape {:?}, expected [{}]", b.dims(), g.c_out),
-        None => Tensor::zeros(g.c_out, x.dtype(), x.device())?,
-    });
-    let mut a_len = 0;
+    let mut parts = Builder::new();
+    parts.set(Part::W, w)?;
+    parts.set(
+        Part::B,
+        &match b {
+            Some(b) if b.dims() == [g.c_out] => b.clone(),
+            Some(b) => bail!("conv2d: bias has shape {:?}, expected [{}]", b.dims(), g.c_out),
+            None => Tensor::zeros(g.c_out, x.dtype(), x.device())?,
+        },
+    )?;
     let mut per_sample = false;
     if let Some(nm) = norm {
         check_groups(g.c_in, nm.groups)?;
@@ -571,11 +694,9 @@ pub fn conv_block(
                 )
             }
         };
-        a_len = a.elem_count();
-        parts.push(a.flatten_all()?);
-        parts.push(bb.flatten_all()?);
+        parts.set(Part::A, &a)?;
+        parts.set(Part::Bb, &bb)?;
     }
-    let mut cb_len = 0;
     if let Some(cb) = add.channel_bias {
         if cb.dims() != [g.n, g.c_out] {
             bail!(
@@ -585,22 +706,16 @@ pub fn conv_block(
                 g.c_out
             );
         }
-        cb_len = cb.elem_count();
-        parts.push(cb.flatten_all()?);
+        parts.set(Part::Cb, cb)?;
     }
-    let pack = Tensor::cat(&parts, 0)?;
+    let (pack, layout) = parts.finish()?;
     let op = ConvBlock {
         w_dims,
         stride,
         padding,
         norm: norm.map(|nm| (nm.groups, nm.eps)),
         per_sample,
-        pack: Pack {
-            w: w.elem_count(),
-            b: g.c_out,
-            a: a_len,
-            cb: cb_len,
-        },
+        pack: layout,
     };
     let x = x.contiguous()?;
     match add.residual {

@@ -43,6 +43,7 @@ pub(crate) mod direct;
 pub mod dropout;
 pub mod elementwise;
 pub mod norm;
+pub(crate) mod packed;
 pub mod profile;
 pub mod reference;
 pub mod resample;

@@ -40,55 +40,39 @@ use super::conv::Geometry;
 use super::cpu::{self, Read, Scratch, SyncPtr};
 use super::direct::{Direct, WeightGrad};
 use super::norm::{check_groups, group_forward, image_backward, GroupIo};
+use super::packed::{self, Builder, Grads};
 use super::{ResnetBlockParams, TimeCondition};
 
-/// Offsets and lengths of the packed small inputs.
-#[derive(Clone, Copy, Debug, Default)]
-struct Pack {
-    a1: (usize, usize),
-    b1: (usize, usize),
-    w1: (usize, usize),
-    bias1: (usize, usize),
-    cb: (usize, usize),
-    a2: (usize, usize),
-    b2: (usize, usize),
-    w2: (usize, usize),
-    bias2: (usize, usize),
-    ws: (usize, usize),
-    bs: (usize, usize),
-    len: usize,
-}
-
-impl Pack {
-    fn new(lens: [usize; 11]) -> Self {
-        let mut at = 0;
-        let mut next = |len: usize| {
-            let r = (at, len);
-            at += len;
-            r
-        };
-        let mut p = Pack {
-            a1: next(lens[0]),
-            b1: next(lens[1]),
-            w1: next(lens[2]),
-            bias1: next(lens[3]),
-            cb: next(lens[4]),
-            a2: next(lens[5]),
-            b2: next(lens[6]),
-            w2: next(lens[7]),
-            bias2: next(lens[8]),
-            ws: next(lens[9]),
-            bs: next(lens[10]),
-            len: 0,
-        };
-        p.len = at;
-        p
+packed::pieces! {
+    /// The packed small inputs, in packing order (the one definition of that order: the
+    /// forward pass reads them and the backward pass assembles their gradient through it).
+    enum Part {
+        /// `a1 = gamma1`, `[C_in]`.
+        A1,
+        /// `b1 = beta1`, `[C_in]`.
+        B1,
+        /// `W1`, `[C_out, C_in, 3, 3]`.
+        W1,
+        /// `bias1`, `[C_out]`.
+        Bias1,
+        /// The time embedding's channel bias `cb`, `[N, C_out]` (absent with scale-shift).
+        Cb,
+        /// `a2`, `[C_out]` or `[N, C_out]` (scale-shift).
+        A2,
+        /// `b2`, as `a2`.
+        B2,
+        /// `W2`, `[C_out, C_out, 3, 3]`.
+        W2,
+        /// `bias2`, `[C_out]`.
+        Bias2,
+        /// The shortcut's `Ws`, `[C_out, C_in]` (absent without a shortcut).
+        Ws,
+        /// The shortcut's `bs`, `[C_out]`.
+        Bs,
     }
 }
 
-fn part(v: &[f32], (at, len): (usize, usize)) -> &[f32] {
-    &v[at..at + len]
-}
+type Pack = packed::Layout<Part>;
 
 /// The block's shapes and settings.
 #[derive(Clone, Debug)]
@@ -162,21 +146,22 @@ impl ResnetOp {
             None
         };
         let (c_in, c_out) = (d.c_in(), d.c_out);
-        let (w1, w2) = (part(pack, self.pack.w1), part(pack, self.pack.w2));
+        let (w1, w2) = (self.pack.get(pack, Part::W1), self.pack.get(pack, Part::W2));
         let (wp1, wp2, wps) = if transposed {
             (
                 d3.pack_transposed(w1, c_out, c_in),
                 d3.pack_transposed(w2, c_out, c_out),
                 d1.as_ref().map_or(Vec::new(), |d1| {
-                    d1.pack_transposed(part(pack, self.pack.ws), c_out, c_in)
+                    d1.pack_transposed(self.pack.get(pack, Part::Ws), c_out, c_in)
                 }),
             )
         } else {
             (
                 d3.pack(w1, c_out, c_in),
                 d3.pack(w2, c_out, c_out),
-                d1.as_ref()
-                    .map_or(Vec::new(), |d1| d1.pack(part(pack, self.pack.ws), c_out, c_in)),
+                d1.as_ref().map_or(Vec::new(), |d1| {
+                    d1.pack(self.pack.get(pack, Part::Ws), c_out, c_in)
+                }),
             )
         };
         let (d3, d1) = if transposed {
@@ -230,7 +215,7 @@ impl ResnetOp {
 
     /// Rows `n` of the norm2 affine (`a2`, `b2`).
     fn affine2<'a>(&self, pack: &'a [f32], n: usize) -> (&'a [f32], &'a [f32]) {
-        let (a2, b2) = (part(pack, self.pack.a2), part(pack, self.pack.b2));
+        let (a2, b2) = (self.pack.get(pack, Part::A2), self.pack.get(pack, Part::B2));
         let c = self.d.c_out;
         if self.d.per_sample2 {
             (&a2[n * c..(n + 1) * c], &b2[n * c..(n + 1) * c])
@@ -253,10 +238,16 @@ impl ResnetOp {
     ) {
         let d = &self.d;
         let c_in = d.c_in();
-        self.norm_silu(x_n, c_in, part(pack, self.pack.a1), part(pack, self.pack.b1), u);
-        init.copy_from_slice(part(pack, self.pack.bias1));
-        if self.pack.cb.1 > 0 {
-            let cb = &part(pack, self.pack.cb)[n * d.c_out..(n + 1) * d.c_out];
+        self.norm_silu(
+            x_n,
+            c_in,
+            self.pack.get(pack, Part::A1),
+            self.pack.get(pack, Part::B1),
+            u,
+        );
+        init.copy_from_slice(self.pack.get(pack, Part::Bias1));
+        if self.pack.len_of(Part::Cb) > 0 {
+            let cb = &self.pack.get(pack, Part::Cb)[n * d.c_out..(n + 1) * d.c_out];
             init.iter_mut().zip(cb).for_each(|(i, c)| *i += c);
         }
         k.d3.conv(u, c_in, &k.wp1, init, None, h_n, d.c_out);
@@ -273,11 +264,11 @@ impl ResnetOp {
 
     fn forward(&self, xa: &[f32], xb: Option<&[f32]>, pack: &[f32]) -> Result<Vec<f32>> {
         let d = &self.d;
-        if pack.len() != self.pack.len {
+        if pack.len() != self.pack.len() {
             bail!(
                 "resnet block: {} packed values, expected {}",
                 pack.len(),
-                self.pack.len
+                self.pack.len()
             );
         }
         let k = self.kernels(pack, false)?;
@@ -320,7 +311,15 @@ impl ResnetOp {
                 let _s = super::profile::scope("resnet.fwd/shortcut+conv2");
                 let residual: &[f32] = match &k.d1 {
                     Some(d1) => {
-                        d1.conv(x_n, c_in, &k.wps, part(pack, self.pack.bs), None, &mut r, c_out);
+                        d1.conv(
+                            x_n,
+                            c_in,
+                            &k.wps,
+                            self.pack.get(pack, Part::Bs),
+                            None,
+                            &mut r,
+                            c_out,
+                        );
                         &r
                     }
                     None => x_n,
@@ -330,7 +329,7 @@ impl ResnetOp {
                     &g,
                     c_out,
                     &k.wp2,
-                    part(pack, self.pack.bias2),
+                    self.pack.get(pack, Part::Bias2),
                     Some(residual),
                     out_n,
                     c_out,
@@ -348,7 +347,10 @@ impl ResnetOp {
         Ok(out)
     }
 
-    /// `(dx_a, dx_b, dpack)`, each only if asked for.
+    /// `(dx_a, dx_b, dpack)`, each only if asked for. Per image, in the order of the module's
+    /// formulas: [`Backward::inputs`] (`x_n`, `h_n`, `dy`), [`Backward::stage2`],
+    /// [`Backward::shortcut`], [`Backward::stage1`], [`Backward::store`]; then the threads'
+    /// partial sums are reduced and packed ([`Backward::gradient_pack`]).
     fn backward(
         &self,
         xa: &[f32],
@@ -358,7 +360,6 @@ impl ResnetOp {
         want: Want,
     ) -> Result<InputGrads> {
         let d = &self.d;
-        let k = self.kernels(pack, true)?;
         let (p, c_in, c_out, n_img) = (d.p(), d.c_in(), d.c_out, d.n);
         super::profile::add_flops(
             "resnet.bwd",
@@ -366,226 +367,66 @@ impl ResnetOp {
         );
         let out_len = c_out * p;
         let kept = self.kept.lock().ok().and_then(|mut s| s.take());
-        let kept = match kept {
-            Some(v) if v.len() == n_img * out_len => Some(v),
-            _ => None,
-        };
-        let want_x = want.a || want.b;
+        let kept = kept.filter(|v| v.len() == n_img * out_len);
         let (la, lb) = (d.c_a * p, d.c_b * p);
         let mut dxa = cpu::zeros(if want.a { n_img * la } else { 0 });
         let mut dxb = cpu::zeros(if want.b { n_img * lb } else { 0 });
         // per-sample gradients: channel bias [N, C_out]; a2, b2 [N, C_out] (summed later unless
         // per sample); a1, b1 [N, C_in] (summed later)
         let per_n = if want.pack { n_img } else { 0 };
-        let mut dcb = vec![0f32; if self.pack.cb.1 > 0 { per_n * c_out } else { 0 }];
-        let (mut da2, mut db2) = (vec![0f32; per_n * c_out], vec![0f32; per_n * c_out]);
-        let (mut da1, mut db1) = (vec![0f32; per_n * c_in], vec![0f32; per_n * c_in]);
-        let ptrs = [
-            SyncPtr::new(&mut dxa),
-            SyncPtr::new(&mut dxb),
-            SyncPtr::new(&mut dcb),
-            SyncPtr::new(&mut da2),
-            SyncPtr::new(&mut db2),
-            SyncPtr::new(&mut da1),
-            SyncPtr::new(&mut db1),
-        ];
-        // forward kernels: for the weight gradients' activations, or to recompute h
-        let wk = if want.pack || kept.is_none() {
-            Some(self.kernels(pack, false)?)
-        } else {
-            None
-        };
-        let run = |images: std::ops::Range<usize>, _: bool| -> [Vec<f32>; 6] {
-            let mut xcat = Scratch::new(if d.c_b > 0 { c_in * p } else { 0 });
-            let mut u = Scratch::new(c_in * p);
-            let mut g = Scratch::new(out_len);
-            let mut h_scratch = Scratch::new(if kept.is_some() { 0 } else { out_len });
-            let mut dy_s = Scratch::new(if d.scale != 1.0 { out_len } else { 0 });
-            let mut dg = Scratch::new(out_len);
-            let mut dh = Scratch::new(out_len);
-            let mut dx = Scratch::new(c_in * p);
-            let mut du = Scratch::new(c_in * p);
-            let mut dxg = Scratch::new(c_in * p);
-            let mut init = vec![0f32; c_out];
-            let mut sums_n = vec![0f32; c_out];
-            let zeros = vec![0f32; c_in.max(c_out)];
-            // weight gradients with the forward taps (`wk` exists when they are wanted)
-            let fwd = wk.as_ref().filter(|_| want.pack);
-            let mut wg1 = fwd.map(|f| WeightGrad::new(&f.d3, c_out, c_in));
-            let mut wg2 = fwd.map(|f| WeightGrad::new(&f.d3, c_out, c_out));
-            let mut wgs = fwd
-                .and_then(|f| f.d1.as_ref())
-                .map(|d1| WeightGrad::new(d1, c_out, c_in));
-            let (mut dbias1, mut dbias2, mut dbs) = (vec![0f32; c_out], vec![0f32; c_out], vec![0f32; c_out]);
-            let (mut da1_l, mut db1_l) = (vec![0f32; c_in], vec![0f32; c_in]);
-            let (mut da2_l, mut db2_l) = (vec![0f32; c_out], vec![0f32; c_out]);
-            for n in images {
-                let x_n = self.image(xa, xb, n, &mut xcat);
-                let dout_n = &dout[n * out_len..(n + 1) * out_len];
-                let dy: &[f32] = if d.scale != 1.0 {
-                    dy_s.iter_mut().zip(dout_n).for_each(|(a, b)| *a = b * d.scale);
-                    &dy_s
+        let mut rows = PerSample {
+            cb: vec![
+                0f32;
+                if self.pack.len_of(Part::Cb) > 0 {
+                    per_n * c_out
                 } else {
-                    dout_n
-                };
-                // h_n: kept, or recomputed (then u_n comes with it)
-                let h_n: &[f32] = match &kept {
-                    Some(v) => &v[n * out_len..(n + 1) * out_len],
-                    None => {
-                        // nothing kept (a second backward pass): recompute h_n (and u_n)
-                        if let Some(kf) = &wk {
-                            self.stage1(kf, pack, x_n, n, &mut u, &mut init, &mut h_scratch);
-                        }
-                        &h_scratch
-                    }
-                };
-                // second stage
-                if let Some(wg) = &mut wg2 {
-                    let _s = super::profile::scope("resnet.bwd/act2");
-                    self.activation2(pack, h_n, n, &mut g);
-                    drop(_s);
-                    let _s = super::profile::scope("resnet.bwd/wgrad2");
-                    wg.add_image(dy, &g);
-                    add_row_sums(dy, p, &mut dbias2);
+                    0
                 }
-                let _s = super::profile::scope("resnet.bwd/dconv2");
-                k.d3.conv(dy, c_out, &k.wp2, &zeros[..c_out], None, &mut dg, c_out);
-                drop(_s);
-                if let Some(mask) = &self.mask {
-                    mask.apply(n * out_len, &mut dg);
-                }
-                let (a2, b2) = self.affine2(pack, n);
-                let _s = super::profile::scope("resnet.bwd/gn2");
-                self.norm_silu_backward(h_n, &dg, c_out, a2, b2, &mut dh, &mut da2_l, &mut db2_l);
-                drop(_s);
-                // shortcut
-                let _s = super::profile::scope("resnet.bwd/shortcut");
-                if want_x {
-                    match &k.d1 {
-                        Some(d1) => d1.conv(dy, c_out, &k.wps, &zeros[..c_in], None, &mut dx, c_in),
-                        None => dx.copy_from_slice(dy),
-                    }
-                }
-                if let Some(wg) = &mut wgs {
-                    wg.add_image(dy, x_n);
-                    add_row_sums(dy, p, &mut dbs);
-                }
-                drop(_s);
-                // first stage
-                if let Some(wg) = &mut wg1 {
-                    let _s = super::profile::scope("resnet.bwd/act1");
-                    if kept.is_some() {
-                        self.norm_silu(
-                            x_n,
-                            c_in,
-                            part(pack, self.pack.a1),
-                            part(pack, self.pack.b1),
-                            &mut u,
-                        );
-                    }
-                    drop(_s);
-                    let _s = super::profile::scope("resnet.bwd/wgrad1");
-                    wg.add_image(&dh, &u);
-                    sums_n.fill(0.0);
-                    add_row_sums(&dh, p, &mut sums_n);
-                    dbias1.iter_mut().zip(&sums_n).for_each(|(a, b)| *a += b);
-                    if self.pack.cb.1 > 0 {
-                        // SAFETY: image n owns row n of dcb.
-                        unsafe { ptrs[2].slice(n * c_out, c_out) }.copy_from_slice(&sums_n);
-                    }
-                }
-                let _s = super::profile::scope("resnet.bwd/dconv1");
-                k.d3.conv(&dh, c_out, &k.wp1, &zeros[..c_in], None, &mut du, c_in);
-                drop(_s);
-                let _s = super::profile::scope("resnet.bwd/gn1");
-                self.norm_silu_backward(
-                    x_n,
-                    &du,
-                    c_in,
-                    part(pack, self.pack.a1),
-                    part(pack, self.pack.b1),
-                    &mut dxg,
-                    &mut da1_l,
-                    &mut db1_l,
-                );
-                drop(_s);
-                let _s = super::profile::scope("resnet.bwd/copy");
-                if want.pack {
-                    // SAFETY: image n owns rows n of da2, db2, da1, db1.
-                    unsafe {
-                        ptrs[3].slice(n * c_out, c_out).copy_from_slice(&da2_l);
-                        ptrs[4].slice(n * c_out, c_out).copy_from_slice(&db2_l);
-                        ptrs[5].slice(n * c_in, c_in).copy_from_slice(&da1_l);
-                        ptrs[6].slice(n * c_in, c_in).copy_from_slice(&db1_l);
-                    }
-                }
-                if want_x {
-                    dx.iter_mut().zip(dxg.iter()).for_each(|(a, b)| *a += b);
-                    // SAFETY: image n owns its rows of dxa, dxb.
-                    if want.a {
-                        unsafe { ptrs[0].slice(n * la, la) }.copy_from_slice(&dx[..la]);
-                    }
-                    if want.b {
-                        unsafe { ptrs[1].slice(n * lb, lb) }.copy_from_slice(&dx[la..la + lb]);
-                    }
-                }
-            }
-            [
-                wg1.map_or(Vec::new(), WeightGrad::finish),
-                dbias1,
-                wg2.map_or(Vec::new(), WeightGrad::finish),
-                dbias2,
-                wgs.map_or(Vec::new(), WeightGrad::finish),
-                dbs,
-            ]
+            ],
+            a2: vec![0f32; per_n * c_out],
+            b2: vec![0f32; per_n * c_out],
+            a1: vec![0f32; per_n * c_in],
+            b1: vec![0f32; per_n * c_in],
         };
-        let partials = cpu::map_batch(n_img, run);
-        let dpack = if want.pack {
-            let mut sums: [Vec<f32>; 6] = Default::default();
-            for part_n in partials {
-                for (s, v) in sums.iter_mut().zip(part_n) {
-                    if s.is_empty() {
-                        *s = v;
-                    } else {
-                        s.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
-                    }
-                }
-            }
-            let [dw1, dbias1, dw2, dbias2, dws, dbs] = sums;
-            let sum_rows = |v: &[f32], c: usize| -> Vec<f32> {
-                let mut out = vec![0f32; c];
-                for row in v.chunks_exact(c.max(1)) {
-                    out.iter_mut().zip(row).for_each(|(o, r)| *o += r);
-                }
-                out
-            };
-            let mut dp = Vec::with_capacity(self.pack.len);
-            dp.extend(sum_rows(&da1, c_in));
-            dp.extend(sum_rows(&db1, c_in));
-            dp.extend(dw1);
-            dp.extend(dbias1);
-            dp.extend(dcb);
-            if d.per_sample2 {
-                dp.extend(da2);
-                dp.extend(db2);
+        let bw = Backward {
+            op: self,
+            pack,
+            xa,
+            xb,
+            dout,
+            want,
+            kept: kept.as_deref(),
+            k: self.kernels(pack, true)?,
+            // forward kernels: for the weight gradients' activations, or to recompute h
+            fwd: if want.pack || kept.is_none() {
+                Some(self.kernels(pack, false)?)
             } else {
-                dp.extend(sum_rows(&da2, c_out));
-                dp.extend(sum_rows(&db2, c_out));
+                None
+            },
+            out: [
+                SyncPtr::new(&mut dxa),
+                SyncPtr::new(&mut dxb),
+                SyncPtr::new(&mut rows.cb),
+                SyncPtr::new(&mut rows.a2),
+                SyncPtr::new(&mut rows.b2),
+                SyncPtr::new(&mut rows.a1),
+                SyncPtr::new(&mut rows.b1),
+            ],
+        };
+        let partials = cpu::map_batch(n_img, |images, _| {
+            let mut inputs = ImageInputs::new(d, kept.is_some());
+            let mut t = Thread::new(&bw);
+            for n in images {
+                let (x_n, h_n, dy) = bw.inputs(n, &mut inputs, &mut t);
+                bw.stage2(n, h_n, dy, &mut t);
+                bw.shortcut(x_n, dy, &mut t);
+                bw.stage1(x_n, &mut t);
+                bw.store(n, &mut t);
             }
-            dp.extend(dw2);
-            dp.extend(dbias2);
-            if d.shortcut {
-                dp.extend(dws);
-                dp.extend(dbs);
-            }
-            if dp.len() != self.pack.len {
-                bail!(
-                    "resnet block: internal error, gradient pack {} != {}",
-                    dp.len(),
-                    self.pack.len
-                );
-            }
-            Some(dp)
+            t.sums()
+        });
+        let dpack = if want.pack {
+            Some(bw.gradient_pack(partials, rows)?)
         } else {
             None
         };
@@ -656,6 +497,329 @@ impl ResnetOp {
 
     fn out_shape(&self) -> Shape {
         Shape::from((self.d.n, self.d.c_out, self.d.h, self.d.w))
+    }
+}
+
+/// The per-sample rows of the backward pass, `[N, C]` each (summed over the batch for the
+/// per-channel pieces).
+struct PerSample {
+    cb: Vec<f32>,
+    a2: Vec<f32>,
+    b2: Vec<f32>,
+    a1: Vec<f32>,
+    b1: Vec<f32>,
+}
+
+/// One backward call: its inputs, kernels and outputs (written per image through `out`).
+struct Backward<'a> {
+    op: &'a ResnetOp,
+    pack: &'a [f32],
+    xa: &'a [f32],
+    xb: Option<&'a [f32]>,
+    dout: &'a [f32],
+    want: Want,
+    /// `h` kept by the forward pass, `[N, C_out, P]`.
+    kept: Option<&'a [f32]>,
+    /// The transposed kernels (input gradients).
+    k: Kernels,
+    /// The forward kernels (weight gradients, recomputing `h`).
+    fwd: Option<Kernels>,
+    /// `dx_a, dx_b, dcb, da2, db2, da1, db1`, rows owned by image.
+    out: [SyncPtr; 7],
+}
+
+/// One image's inputs to the backward pass, built in per-thread scratch when needed.
+struct ImageInputs {
+    /// `x_n = [x_a; x_b]`, when there is a skip input.
+    xcat: Scratch,
+    /// `h_n`, recomputed when the forward pass kept nothing.
+    h: Scratch,
+    /// `dy = s dout_n` when `s != 1`.
+    dy: Scratch,
+}
+
+impl ImageInputs {
+    fn new(d: &Dims, kept: bool) -> Self {
+        let out_len = d.c_out * d.p();
+        Self {
+            xcat: Scratch::new(if d.c_b > 0 { d.c_in() * d.p() } else { 0 }),
+            h: Scratch::new(if kept { 0 } else { out_len }),
+            dy: Scratch::new(if d.scale != 1.0 { out_len } else { 0 }),
+        }
+    }
+}
+
+/// One thread's scratch, per-image results and partial sums over its images.
+struct Thread<'k> {
+    /// `u_n = silu(a1 norm(x_n) + b1)`, `g_n` (stage 2's activation).
+    u: Scratch,
+    g: Scratch,
+    /// `dg = mask (W2^T * dy)`, `dh_n`, `du = W1^T * dh_n`.
+    dg: Scratch,
+    dh: Scratch,
+    du: Scratch,
+    /// The shortcut's and the first norm's parts of `dx_n`.
+    dx: Scratch,
+    dxg: Scratch,
+    init: Vec<f32>,
+    zeros: Vec<f32>,
+    /// This image's `dcb_n = sum_pixels dh_n` and affine gradients.
+    dcb: Vec<f32>,
+    da1: Vec<f32>,
+    db1: Vec<f32>,
+    da2: Vec<f32>,
+    db2: Vec<f32>,
+    /// Sums over the thread's images.
+    wg1: Option<WeightGrad<'k>>,
+    wg2: Option<WeightGrad<'k>>,
+    wgs: Option<WeightGrad<'k>>,
+    dbias1: Vec<f32>,
+    dbias2: Vec<f32>,
+    dbs: Vec<f32>,
+}
+
+/// A thread's sums: `dW1, dbias1, dW2, dbias2, dWs, dbs`.
+type Sums = [Vec<f32>; 6];
+
+impl<'k> Thread<'k> {
+    fn new(bw: &'k Backward<'_>) -> Self {
+        let d = &bw.op.d;
+        let (c_in, c_out, p) = (d.c_in(), d.c_out, d.p());
+        // weight gradients with the forward taps (`fwd` exists when they are wanted)
+        let fwd = bw.fwd.as_ref().filter(|_| bw.want.pack);
+        Self {
+            u: Scratch::new(c_in * p),
+            g: Scratch::new(c_out * p),
+            dg: Scratch::new(c_out * p),
+            dh: Scratch::new(c_out * p),
+            du: Scratch::new(c_in * p),
+            dx: Scratch::new(c_in * p),
+            dxg: Scratch::new(c_in * p),
+            init: vec![0f32; c_out],
+            zeros: vec![0f32; c_in.max(c_out)],
+            dcb: vec![0f32; c_out],
+            da1: vec![0f32; c_in],
+            db1: vec![0f32; c_in],
+            da2: vec![0f32; c_out],
+            db2: vec![0f32; c_out],
+            wg1: fwd.map(|f| WeightGrad::new(&f.d3, c_out, c_in)),
+            wg2: fwd.map(|f| WeightGrad::new(&f.d3, c_out, c_out)),
+            wgs: fwd
+                .and_then(|f| f.d1.as_ref())
+                .map(|d1| WeightGrad::new(d1, c_out, c_in)),
+            dbias1: vec![0f32; c_out],
+            dbias2: vec![0f32; c_out],
+            dbs: vec![0f32; c_out],
+        }
+    }
+
+    fn sums(self) -> Sums {
+        [
+            self.wg1.map_or(Vec::new(), WeightGrad::finish),
+            self.dbias1,
+            self.wg2.map_or(Vec::new(), WeightGrad::finish),
+            self.dbias2,
+            self.wgs.map_or(Vec::new(), WeightGrad::finish),
+            self.dbs,
+        ]
+    }
+}
+
+impl Backward<'_> {
+    fn d(&self) -> &Dims {
+        &self.op.d
+    }
+
+    fn part(&self, piece: Part) -> &[f32] {
+        self.op.pack.get(self.pack, piece)
+    }
+
+    /// `x_n`, `h_n` (kept, or recomputed with `u_n` into `t.u`) and `dy = s dout_n`.
+    fn inputs<'b>(
+        &'b self,
+        n: usize,
+        io: &'b mut ImageInputs,
+        t: &mut Thread<'_>,
+    ) -> (&'b [f32], &'b [f32], &'b [f32]) {
+        let ImageInputs { xcat, h, dy } = io;
+        let d = self.d();
+        let out_len = d.c_out * d.p();
+        let x_n = self.op.image(self.xa, self.xb, n, xcat);
+        let h_n: &[f32] = match self.kept {
+            Some(v) => &v[n * out_len..(n + 1) * out_len],
+            None => {
+                // nothing kept (a second backward pass): recompute h_n (and u_n)
+                if let Some(kf) = &self.fwd {
+                    self.op.stage1(kf, self.pack, x_n, n, &mut t.u, &mut t.init, h);
+                }
+                h
+            }
+        };
+        let dout_n = &self.dout[n * out_len..(n + 1) * out_len];
+        let dy: &[f32] = if d.scale != 1.0 {
+            dy.iter_mut().zip(dout_n).for_each(|(a, b)| *a = b * d.scale);
+            dy
+        } else {
+            dout_n
+        };
+        (x_n, h_n, dy)
+    }
+
+    /// `dW2 += dy (x) g_n`, `dbias2 += sum dy`; `dg = mask (W2^T * dy)`; then the group-norm +
+    /// SiLU backward at `h_n`: `dh_n`, `da2_n`, `db2_n`.
+    fn stage2(&self, n: usize, h_n: &[f32], dy: &[f32], t: &mut Thread<'_>) {
+        let d = self.d();
+        let (p, c_out) = (d.p(), d.c_out);
+        if let Some(wg) = &mut t.wg2 {
+            let _s = super::profile::scope("resnet.bwd/act2");
+            self.op.activation2(self.pack, h_n, n, &mut t.g);
+            drop(_s);
+            let _s = super::profile::scope("resnet.bwd/wgrad2");
+            wg.add_image(dy, &t.g);
+            add_row_sums(dy, p, &mut t.dbias2);
+        }
+        let _s = super::profile::scope("resnet.bwd/dconv2");
+        self.k
+            .d3
+            .conv(dy, c_out, &self.k.wp2, &t.zeros[..c_out], None, &mut t.dg, c_out);
+        drop(_s);
+        if let Some(mask) = &self.op.mask {
+            mask.apply(n * c_out * p, &mut t.dg);
+        }
+        let (a2, b2) = self.op.affine2(self.pack, n);
+        let _s = super::profile::scope("resnet.bwd/gn2");
+        self.op
+            .norm_silu_backward(h_n, &t.dg, c_out, a2, b2, &mut t.dh, &mut t.da2, &mut t.db2);
+    }
+
+    /// The residual branch: `dx_n = Ws^T dy` (or `dy`), `dWs += dy (x) x_n`, `dbs += sum dy`.
+    fn shortcut(&self, x_n: &[f32], dy: &[f32], t: &mut Thread<'_>) {
+        let _s = super::profile::scope("resnet.bwd/shortcut");
+        let d = self.d();
+        let (c_in, c_out) = (d.c_in(), d.c_out);
+        if self.want.a || self.want.b {
+            match &self.k.d1 {
+                Some(d1) => d1.conv(dy, c_out, &self.k.wps, &t.zeros[..c_in], None, &mut t.dx, c_in),
+                None => t.dx.copy_from_slice(dy),
+            }
+        }
+        if let Some(wg) = &mut t.wgs {
+            wg.add_image(dy, x_n);
+            add_row_sums(dy, d.p(), &mut t.dbs);
+        }
+    }
+
+    /// `dW1 += dh_n (x) u_n`, `dbias1 += sum dh_n`, `dcb_n = sum dh_n`; `du = W1^T * dh_n`;
+    /// then the group-norm + SiLU backward at `x_n`: `dxg`, `da1_n`, `db1_n`.
+    fn stage1(&self, x_n: &[f32], t: &mut Thread<'_>) {
+        let d = self.d();
+        let (p, c_in, c_out) = (d.p(), d.c_in(), d.c_out);
+        if let Some(wg) = &mut t.wg1 {
+            let _s = super::profile::scope("resnet.bwd/act1");
+            if self.kept.is_some() {
+                // (without `kept`, `inputs` recomputed u_n with h_n)
+                self.op
+                    .norm_silu(x_n, c_in, self.part(Part::A1), self.part(Part::B1), &mut t.u);
+            }
+            drop(_s);
+            let _s = super::profile::scope("resnet.bwd/wgrad1");
+            wg.add_image(&t.dh, &t.u);
+            t.dcb.fill(0.0);
+            add_row_sums(&t.dh, p, &mut t.dcb);
+            t.dbias1.iter_mut().zip(&t.dcb).for_each(|(a, b)| *a += b);
+        }
+        let _s = super::profile::scope("resnet.bwd/dconv1");
+        self.k
+            .d3
+            .conv(&t.dh, c_out, &self.k.wp1, &t.zeros[..c_in], None, &mut t.du, c_in);
+        drop(_s);
+        let _s = super::profile::scope("resnet.bwd/gn1");
+        self.op.norm_silu_backward(
+            x_n,
+            &t.du,
+            c_in,
+            self.part(Part::A1),
+            self.part(Part::B1),
+            &mut t.dxg,
+            &mut t.da1,
+            &mut t.db1,
+        );
+    }
+
+    /// Image `n`'s rows of the outputs: the per-sample gradients and `dx_n = shortcut + dxg`,
+    /// split into its `x_a` and `x_b` parts.
+    fn store(&self, n: usize, t: &mut Thread<'_>) {
+        let _s = super::profile::scope("resnet.bwd/copy");
+        let d = self.d();
+        let (p, c_in, c_out) = (d.p(), d.c_in(), d.c_out);
+        let [dxa, dxb, dcb, da2, db2, da1, db1] = &self.out;
+        // SAFETY (every `slice` below): image n owns rows n of these outputs; the ranges of
+        // different images are disjoint.
+        if self.want.pack {
+            unsafe {
+                if self.op.pack.len_of(Part::Cb) > 0 {
+                    dcb.slice(n * c_out, c_out).copy_from_slice(&t.dcb);
+                }
+                da2.slice(n * c_out, c_out).copy_from_slice(&t.da2);
+                db2.slice(n * c_out, c_out).copy_from_slice(&t.db2);
+                da1.slice(n * c_in, c_in).copy_from_slice(&t.da1);
+                db1.slice(n * c_in, c_in).copy_from_slice(&t.db1);
+            }
+        }
+        if self.want.a || self.want.b {
+            t.dx.iter_mut().zip(t.dxg.iter()).for_each(|(a, b)| *a += b);
+            let (la, lb) = (d.c_a * p, d.c_b * p);
+            if self.want.a {
+                unsafe { dxa.slice(n * la, la) }.copy_from_slice(&t.dx[..la]);
+            }
+            if self.want.b {
+                unsafe { dxb.slice(n * lb, lb) }.copy_from_slice(&t.dx[la..la + lb]);
+            }
+        }
+    }
+
+    /// The packed gradient: the threads' sums added, the per-sample rows summed over the batch
+    /// where the piece is per channel, in [`Part`] order.
+    fn gradient_pack(&self, partials: Vec<Sums>, rows: PerSample) -> Result<Vec<f32>> {
+        let d = self.d();
+        let mut sums: Sums = Default::default();
+        for part_n in partials {
+            for (s, v) in sums.iter_mut().zip(part_n) {
+                if s.is_empty() {
+                    *s = v;
+                } else {
+                    s.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
+                }
+            }
+        }
+        let [dw1, dbias1, dw2, dbias2, dws, dbs] = sums;
+        let sum_rows = |v: &[f32], c: usize| -> Vec<f32> {
+            let mut out = vec![0f32; c];
+            for row in v.chunks_exact(c.max(1)) {
+                out.iter_mut().zip(row).for_each(|(o, r)| *o += r);
+            }
+            out
+        };
+        let mut g = Grads::new();
+        g.set(Part::A1, sum_rows(&rows.a1, d.c_in()));
+        g.set(Part::B1, sum_rows(&rows.b1, d.c_in()));
+        g.set(Part::W1, dw1);
+        g.set(Part::Bias1, dbias1);
+        g.set(Part::Cb, rows.cb);
+        if d.per_sample2 {
+            g.set(Part::A2, rows.a2);
+            g.set(Part::B2, rows.b2);
+        } else {
+            g.set(Part::A2, sum_rows(&rows.a2, d.c_out));
+            g.set(Part::B2, sum_rows(&rows.b2, d.c_out));
+        }
+        g.set(Part::W2, dw2);
+        g.set(Part::Bias2, dbias2);
+        if d.shortcut {
+            g.set(Part::Ws, dws);
+            g.set(Part::Bs, dbs);
+        }
+        self.op.pack.assemble(g, "resnet block")
     }
 }
 
@@ -788,54 +952,35 @@ pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>
         }
         None => {}
     }
-    let mut parts: Vec<Tensor> = vec![
-        p.norm1.0.clone(),
-        p.norm1.1.clone(),
-        p.conv1.0.flatten_all()?,
-        p.conv1.1.clone(),
-    ];
-    let mut lens = [
-        c_in,
-        c_in,
-        c_out * c_in * 9,
-        c_out,
-        0,
-        c_out,
-        c_out,
-        c_out * c_out * 9,
-        c_out,
-        0,
-        0,
-    ];
+    let mut parts = Builder::new();
+    parts.set(Part::A1, p.norm1.0)?;
+    parts.set(Part::B1, p.norm1.1)?;
+    parts.set(Part::W1, p.conv1.0)?;
+    parts.set(Part::Bias1, p.conv1.1)?;
     let per_sample2 = match p.time {
         TimeCondition::Bias(t) => {
             expect("time bias", t.dims(), &[n, c_out])?;
-            parts.push(t.flatten_all()?);
-            lens[4] = n * c_out;
-            parts.push(p.norm2.0.clone());
-            parts.push(p.norm2.1.clone());
+            parts.set(Part::Cb, t)?;
+            parts.set(Part::A2, p.norm2.0)?;
+            parts.set(Part::B2, p.norm2.1)?;
             false
         }
         TimeCondition::ScaleShift(scale, shift) => {
             expect("scale", scale.dims(), &[n, c_out])?;
             expect("shift", shift.dims(), &[n, c_out])?;
             let one_plus = (scale + 1.0)?;
-            parts.push(one_plus.broadcast_mul(p.norm2.0)?.flatten_all()?);
-            parts.push(one_plus.broadcast_mul(p.norm2.1)?.add(shift)?.flatten_all()?);
-            lens[5] = n * c_out;
-            lens[6] = n * c_out;
+            parts.set(Part::A2, &one_plus.broadcast_mul(p.norm2.0)?)?;
+            parts.set(Part::B2, &one_plus.broadcast_mul(p.norm2.1)?.add(shift)?)?;
             true
         }
     };
-    parts.push(p.conv2.0.flatten_all()?);
-    parts.push(p.conv2.1.clone());
+    parts.set(Part::W2, p.conv2.0)?;
+    parts.set(Part::Bias2, p.conv2.1)?;
     if let Some((ws, bs)) = p.shortcut {
-        parts.push(ws.flatten_all()?);
-        parts.push(bs.clone());
-        lens[9] = c_out * c_in;
-        lens[10] = c_out;
+        parts.set(Part::Ws, ws)?;
+        parts.set(Part::Bs, bs)?;
     }
-    let pack = Tensor::cat(&parts, 0)?;
+    let (pack, layout) = parts.finish()?;
     let mask = match p.dropout_mask {
         Some(m) if m.len() != n * c_out * h * w => {
             bail!(
@@ -863,7 +1008,7 @@ pub fn resnet_block(x: &Tensor, skip: Option<&Tensor>, p: &ResnetBlockParams<'_>
             shortcut: p.shortcut.is_some(),
             scale: (1.0 / p.output_scale_factor) as f32,
         },
-        pack: Pack::new(lens),
+        pack: layout,
         mask,
         keep,
         kept: Mutex::new(None),
