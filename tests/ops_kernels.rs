@@ -25,6 +25,36 @@ use diffuse::rng::Rng;
 
 const TOL: f64 = 1e-4;
 
+/// Runs `check` twice: with the kernels this CPU uses by default (the AVX-512 direct
+/// convolutions where the CPU has them, else the staged and im2col + GEMM paths), then inside
+/// `with_portable_kernels`, where every fused op built on the direct convolutions (ResNet
+/// block, conv block, stride-2 and upsampling convolutions) takes its fused path on any CPU.
+/// `check(true)` asserts that it did: the fused paths are tested on every machine, never
+/// skipped because of the CPU.
+fn on_every_kernel_set(check: impl Fn(bool)) {
+    if !diffuse::ops::avx512_kernels() {
+        eprintln!(
+            "note: this CPU has no AVX-512 (or DIFFUSE_DIRECT_CONV=0): the AVX-512 kernels are not \
+             tested here; the fused ops are tested with the portable kernels"
+        );
+    }
+    check(false);
+    diffuse::ops::with_portable_kernels(|| check(true));
+}
+
+/// Whether a fused op's `applies` answer is the one this kernel set must give: always with the
+/// portable kernels, and exactly when the CPU has the AVX-512 kernels otherwise.
+fn assert_fused_path(what: &str, applies: bool, portable: bool) {
+    let expected = portable || diffuse::ops::avx512_kernels();
+    assert_eq!(
+        applies,
+        expected,
+        "{what}: the fused path {} (portable kernels: {portable}, AVX-512: {})",
+        if applies { "ran" } else { "did not run" },
+        diffuse::ops::avx512_kernels()
+    );
+}
+
 fn randn(rng: &mut Rng, shape: &[usize]) -> Tensor {
     rng.randn(shape, &Device::Cpu).unwrap()
 }
@@ -79,6 +109,10 @@ fn check_op(
 
 #[test]
 fn conv2d_matches_reference_values_and_gradients() {
+    on_every_kernel_set(conv2d_matches_reference_values_and_gradients_with);
+}
+
+fn conv2d_matches_reference_values_and_gradients_with(_portable: bool) {
     let mut rng = Rng::new(1);
     // (n, c_in, h, w, c_out, kh, kw, stride, padding): batch 1 (GEMMs parallel inside) and
     // batch >= 2 (images split over threads), odd sizes, 1x1 and 3x3, padding 0/1/2, stride 1/2,
@@ -145,6 +179,10 @@ fn conv2d_by_subsampling(t: &[Tensor], stride: usize, padding: usize) -> candle_
 
 #[test]
 fn conv2d_stride_2_with_height_and_width_of_different_parity() {
+    on_every_kernel_set(conv2d_stride_2_with_height_and_width_of_different_parity_with);
+}
+
+fn conv2d_stride_2_with_height_and_width_of_different_parity_with(_portable: bool) {
     // candle 0.11's own conv2d backward fails here ("shape mismatch in add"): it derives the
     // transposed convolution's output padding from the height and uses it for the width too.
     // The reference is therefore a stride-1 convolution subsampled by index_select.
@@ -167,6 +205,10 @@ fn conv2d_stride_2_with_height_and_width_of_different_parity() {
 
 #[test]
 fn conv2d_input_that_needs_no_gradient_gets_none_and_weights_stay_right() {
+    on_every_kernel_set(conv2d_input_that_needs_no_gradient_gets_none_and_weights_stay_right_with);
+}
+
+fn conv2d_input_that_needs_no_gradient_gets_none_and_weights_stay_right_with(_portable: bool) {
     // The network's first convolution sees data, not a Var: only dW and db are computed.
     let mut rng = Rng::new(2);
     let x = randn(&mut rng, &[3, 2, 6, 5]);
@@ -519,6 +561,10 @@ fn block_op(
 
 #[test]
 fn fused_conv_block_matches_reference() {
+    on_every_kernel_set(fused_conv_block_matches_reference_with);
+}
+
+fn fused_conv_block_matches_reference_with(_portable: bool) {
     let mut rng = Rng::new(13);
     // (n, c_in, hw, c_out, k, stride, padding, norm (groups, scale-shift), bias, channel bias, residual)
     let cases = [
@@ -564,6 +610,10 @@ fn fused_conv_block_matches_reference() {
 
 #[test]
 fn fused_conv_block_with_data_input_gives_parameter_gradients() {
+    on_every_kernel_set(fused_conv_block_with_data_input_gives_parameter_gradients_with);
+}
+
+fn fused_conv_block_with_data_input_gives_parameter_gradients_with(_portable: bool) {
     // x is data (no gradient): the parameters' gradients still need dh = col2im(W^T dy) for
     // the group-norm part, computed into scratch.
     let mut rng = Rng::new(14);
@@ -695,6 +745,10 @@ fn tiny_net(fast: bool, p: &[Var], x: &Tensor) -> candle_core::Result<Tensor> {
 
 #[test]
 fn sgd_training_follows_the_reference_loss_curve() {
+    on_every_kernel_set(sgd_training_follows_the_reference_loss_curve_with);
+}
+
+fn sgd_training_follows_the_reference_loss_curve_with(_portable: bool) {
     // Same initial weights, same data, 15 plain SGD steps with each implementation: the losses
     // must agree step by step (they agree to ~1e-7; 1e-4 leaves room for rounding differences
     // to compound). This checks the ops compose inside candle's autodiff and optimizer (a
@@ -764,6 +818,10 @@ fn glibc_accepts_the_allocator_settings() {
 /// conditioning by bias or scale-shift, a dropout mask, an output scale factor, odd sizes.
 #[test]
 fn fused_resnet_block_matches_reference() {
+    on_every_kernel_set(fused_resnet_block_matches_reference_with);
+}
+
+fn fused_resnet_block_matches_reference_with(portable: bool) {
     use diffuse::ops::{resnet, ResnetBlockParams, TimeCondition};
     let mut rng = Rng::new(21);
     // (n, c_x, c_skip, c_out, h, w, groups, scale_shift, dropout, output_scale_factor); at least
@@ -833,10 +891,16 @@ fn fused_resnet_block_matches_reference() {
                 dropout_mask: mask.as_ref(),
                 output_scale_factor: osf,
             };
-            match (fast, resnet::applies(x, &p)) {
-                (true, true) => resnet::resnet_block(x, skip, &p),
-                (true, false) => diffuse::ops::resnet_block(x, skip, &p),
-                (false, _) => reference::resnet_block(x, skip, &p),
+            if !fast {
+                return reference::resnet_block(x, skip, &p);
+            }
+            let fused = resnet::applies(x, &p);
+            assert_fused_path("resnet block", fused, portable);
+            if fused {
+                resnet::resnet_block(x, skip, &p)
+            } else {
+                // the staged path, what the public op runs on this CPU
+                diffuse::ops::resnet_block(x, skip, &p)
             }
         };
         let what =
@@ -849,6 +913,10 @@ fn fused_resnet_block_matches_reference() {
 /// convolving; odd and non-square sizes, one channel, a batch larger than the thread split.
 #[test]
 fn upsample_conv_matches_reference() {
+    on_every_kernel_set(upsample_conv_matches_reference_with);
+}
+
+fn upsample_conv_matches_reference_with(portable: bool) {
     use diffuse::ops::upconv;
     let mut rng = Rng::new(22);
     for (n, ci, co, h, w) in [
@@ -862,6 +930,7 @@ fn upsample_conv_matches_reference() {
             .map(|s| var(&mut rng, s))
             .collect();
         let fast = |t: &[Tensor]| {
+            assert_fused_path("upsample conv", upconv::applies(&t[0]), portable);
             if upconv::applies(&t[0]) {
                 upconv::upsample_conv2d(&t[0], &t[1], &t[2])
             } else {

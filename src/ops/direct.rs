@@ -25,8 +25,14 @@
 //! The weight gradient keeps 4 output x 6 input channels of 16-lane partial sums over `q` and
 //! adds their horizontal sums into `dw` once per image and tap.
 
-// Without the intrinsics (a compiler before 1.89, or not x86-64) the kernels are left out and
-// `available()` is false: nothing here runs.
+//! The same formulas also run as portable Rust loops over the valid rectangle of each tap
+//! (`Isa::Portable`), reading the same packed layouts: slower than either the AVX-512 kernels or
+//! im2col + GEMM, so never chosen by default, but it lets [`with_portable_kernels`] run every
+//! fused op built on these kernels on any CPU (the kernel tests do, on every machine).
+
+// Without the intrinsics (a compiler before 1.89, or not x86-64) the AVX-512 kernels are left
+// out and `available()` is false: only the portable kernels can run, inside
+// `with_portable_kernels`.
 #![cfg_attr(
     not(all(target_arch = "x86_64", diffuse_avx512)),
     allow(dead_code, unused_variables, unused_imports)
@@ -46,6 +52,8 @@ const CB: usize = 64;
 /// The taps of one geometry: offsets and per-vector validity masks.
 #[derive(Clone, Debug)]
 pub(crate) struct Direct {
+    /// Which kernels run: the AVX-512 ones, or portable Rust ([`with_portable_kernels`]).
+    isa: Isa,
     /// Plane height and width.
     h: usize,
     w: usize,
@@ -84,7 +92,11 @@ impl Direct {
     /// The kernels for an `h x w` plane and any set of taps (zero padding outside the plane),
     /// on a CPU with AVX-512.
     pub(crate) fn with_taps(h: usize, w: usize, taps: &[(isize, isize)]) -> Option<Self> {
-        if !available() || h == 0 || w == 0 || taps.is_empty() {
+        Self::with_isa(Isa::current()?, h, w, taps)
+    }
+
+    fn with_isa(isa: Isa, h: usize, w: usize, taps: &[(isize, isize)]) -> Option<Self> {
+        if h == 0 || w == 0 || taps.is_empty() {
             return None;
         }
         let p = h * w;
@@ -116,6 +128,7 @@ impl Direct {
             .max()
             .unwrap_or(0);
         Some(Self {
+            isa,
             h,
             w,
             taps: taps.to_vec(),
@@ -132,8 +145,8 @@ impl Direct {
     /// in the same order. Use with weights packed by [`Direct::pack_transposed`].
     pub(crate) fn transposed(&self) -> Self {
         let taps: Vec<(isize, isize)> = self.taps.iter().map(|&(dy, dx)| (-dy, -dx)).collect();
-        // `self` exists, so the CPU has the kernels and the taps are not empty.
-        Self::with_taps(self.h, self.w, &taps).unwrap_or_else(|| self.clone())
+        // `self` exists, so the taps are not empty; the same kernels as `self`.
+        Self::with_isa(self.isa, self.h, self.w, &taps).unwrap_or_else(|| self.clone())
     }
 
     fn taps(&self) -> usize {
@@ -200,16 +213,161 @@ impl Direct {
         if let Some(r) = residual {
             assert!(r.len() >= cy * p, "direct conv: residual");
         }
-        #[cfg(all(target_arch = "x86_64", diffuse_avx512))]
-        // SAFETY: `available()` (checked in `new`) guarantees AVX-512F; the asserts above keep
-        // every unmasked access inside the slices (see `tile`).
-        unsafe {
-            conv_image(self, x, cx, wp, init, residual, y, cy)
+        match self.isa {
+            #[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+            // SAFETY: `Isa::Avx512` is only chosen when the CPU has AVX-512F (`available()`);
+            // the asserts above keep every unmasked access inside the slices (see `tile`).
+            Isa::Avx512 => unsafe { conv_image(self, x, cx, wp, init, residual, y, cy) },
+            _ => portable::conv_image(self, x, cx, wp, init, residual, y, cy),
         }
-        #[cfg(not(all(target_arch = "x86_64", diffuse_avx512)))]
-        {
-            let _ = (x, cx, wp, init, residual, y, cy);
-            unreachable!("direct convolution needs AVX-512")
+    }
+
+    /// For each tap: the output rows it reads inside the image and the columns `x0 .. x1`
+    /// of each such row whose input `(y + dy, x + dx)` is inside too.
+    fn valid_rows(&self, t: usize) -> (std::ops::Range<usize>, usize, usize) {
+        let (dy, dx) = self.taps[t];
+        let (h, w) = (self.h as isize, self.w as isize);
+        let y0 = (-dy).clamp(0, h) as usize;
+        let y1 = (h - dy).clamp(0, h) as usize;
+        let x0 = (-dx).clamp(0, w) as usize;
+        let x1 = (w - dx).clamp(0, w) as usize;
+        (y0..y1.max(y0), x0, x1.max(x0))
+    }
+}
+
+/// Which direct kernels a [`Direct`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// The AVX-512 micro-kernels (the fast path).
+    Avx512,
+    /// Plain Rust loops over the same packed layouts: any CPU, for tests and for checking the
+    /// fused ops on a machine without AVX-512 ([`with_portable_kernels`]).
+    Portable,
+}
+
+thread_local! {
+    static PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl Isa {
+    /// The kernels for a `Direct` built on this thread now: portable inside
+    /// [`with_portable_kernels`], else AVX-512 when [`available`], else none (the callers then
+    /// take their im2col + GEMM or staged paths).
+    fn current() -> Option<Self> {
+        if PORTABLE.with(|p| p.get()) {
+            Some(Isa::Portable)
+        } else if available() {
+            Some(Isa::Avx512)
+        } else {
+            None
+        }
+    }
+}
+
+/// Runs `f` with the direct convolution kernels (and so every fused op built on them: the
+/// ResNet block, the conv block, the stride-2 and upsampling convolutions) in portable Rust
+/// instead of AVX-512, on this thread: the fused ops then run on any CPU, to rounding the same
+/// results. The kernels are chosen when an op starts (on the calling thread), so the op's
+/// worker threads follow. For tests; slower than either fast path.
+pub fn with_portable_kernels<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            PORTABLE.with(|p| p.set(self.0));
+        }
+    }
+    let _reset = Reset(PORTABLE.with(|p| p.replace(true)));
+    f()
+}
+
+/// Whether a `Direct` built on this thread now would run the portable kernels.
+#[cfg(test)]
+fn portable_now() -> bool {
+    Isa::current() == Some(Isa::Portable)
+}
+
+/// The portable kernels: the formulas of the module's header as loops over the valid
+/// rectangle of each tap, reading the same packed layouts as the AVX-512 kernels.
+mod portable {
+    use super::{Direct, NR};
+
+    /// `y [cy, P] = init + sum_{t, ci} w[co, ci, t] m_t x[ci, q + off_t] (+ residual)`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn conv_image(
+        d: &Direct,
+        x: &[f32],
+        cx: usize,
+        wp: &[f32],
+        init: &[f32],
+        residual: Option<&[f32]>,
+        y: &mut [f32],
+        cy: usize,
+    ) {
+        let (p, w, t_n) = (d.p, d.w, d.taps());
+        for co in 0..cy {
+            y[co * p..(co + 1) * p].fill(init[co]);
+        }
+        for t in 0..t_n {
+            let (rows, x0, x1) = d.valid_rows(t);
+            let off = d.off[t];
+            for co in 0..cy {
+                let (tile, j) = (co / NR, co % NR);
+                let y_co = &mut y[co * p..(co + 1) * p];
+                for ci in 0..cx {
+                    let wv = wp[((tile * t_n + t) * cx + ci) * NR + j];
+                    let x_ci = &x[ci * p..(ci + 1) * p];
+                    for row in rows.clone() {
+                        let q0 = row * w + x0;
+                        let src = (q0 as isize + off) as usize;
+                        let n = x1 - x0;
+                        y_co[q0..q0 + n]
+                            .iter_mut()
+                            .zip(&x_ci[src..src + n])
+                            .for_each(|(a, b)| *a += wv * b);
+                    }
+                }
+            }
+        }
+        if let Some(r) = residual {
+            y[..cy * p]
+                .iter_mut()
+                .zip(&r[..cy * p])
+                .for_each(|(a, b)| *a += b);
+        }
+    }
+
+    /// `dw[co, ci, t] += sum_q dy[co, q] m_t(q) x[ci, q + off_t]`, into `acc [(ci, t)][co_pad]`.
+    pub(super) fn weight_grad(
+        d: &Direct,
+        dy: &[f32],
+        c_out: usize,
+        x: &[f32],
+        c_in: usize,
+        acc: &mut [f32],
+        co_pad: usize,
+    ) {
+        let (p, w, t_n) = (d.p, d.w, d.taps());
+        for t in 0..t_n {
+            let (rows, x0, x1) = d.valid_rows(t);
+            let off = d.off[t];
+            for ci in 0..c_in {
+                let x_ci = &x[ci * p..(ci + 1) * p];
+                for co in 0..c_out {
+                    let dy_co = &dy[co * p..(co + 1) * p];
+                    let mut s = 0f32;
+                    for row in rows.clone() {
+                        let q0 = row * w + x0;
+                        let src = (q0 as isize + off) as usize;
+                        let n = x1 - x0;
+                        s += dy_co[q0..q0 + n]
+                            .iter()
+                            .zip(&x_ci[src..src + n])
+                            .map(|(a, b)| a * b)
+                            .sum::<f32>();
+                    }
+                    acc[(ci * t_n + t) * co_pad + co] += s;
+                }
+            }
         }
     }
 }
@@ -489,6 +647,10 @@ impl<'a> WeightGrad<'a> {
             dy.len() >= self.c_out * p && x.len() >= self.c_in * p,
             "direct conv: sizes"
         );
+        if d.isa == Isa::Portable {
+            portable::weight_grad(d, dy, self.c_out, x, self.c_in, &mut self.acc, self.co_pad);
+            return;
+        }
         // x_pad[ci, (y + pad) Wp + x + pad] = x[ci, y W + x]; the rest stays zero
         for ci in 0..self.c_in {
             let dst = &mut self.x_pad[ci * self.plane..(ci + 1) * self.plane];
@@ -646,6 +808,146 @@ unsafe fn grad_kernel<const C: usize, const K: usize>(a: &GradArgs<'_>) {
             let o = a.out.add(j * a.ld + c * L);
             _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), *v));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `y[co, q] = init[co] + sum_{t, ci} w[co, ci, t] x[ci, q + off_t]` over valid pixels, and
+    /// `dw[co, ci, t] = sum_q dy[co, q] x[ci, q + off_t]`, straight from the definition.
+    fn naive(
+        d: &Direct,
+        x: &[f32],
+        w: &[f32],
+        init: &[f32],
+        dy: &[f32],
+        cx: usize,
+        cy: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (h, wd, t_n) = (d.h as isize, d.w as isize, d.taps.len());
+        let p = d.p;
+        let mut y = vec![0f32; cy * p];
+        let mut dw = vec![0f32; cy * cx * t_n];
+        for co in 0..cy {
+            for q in 0..p {
+                let (qy, qx) = ((q / d.w) as isize, (q % d.w) as isize);
+                let mut acc = init[co] as f64;
+                for (t, &(dy_t, dx_t)) in d.taps.iter().enumerate() {
+                    let (iy, ix) = (qy + dy_t, qx + dx_t);
+                    if iy < 0 || iy >= h || ix < 0 || ix >= wd {
+                        continue;
+                    }
+                    let src = (iy * wd + ix) as usize;
+                    for ci in 0..cx {
+                        acc += (w[(co * cx + ci) * t_n + t] * x[ci * p + src]) as f64;
+                        dw[(co * cx + ci) * t_n + t] += dy[co * p + q] * x[ci * p + src];
+                    }
+                }
+                y[co * p + q] = acc as f32;
+            }
+        }
+        (y, dw)
+    }
+
+    fn close(what: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max).max(1.0);
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * scale, "{what}: element {i}: {a} vs {b}");
+        }
+    }
+
+    /// Every kernel set this CPU has (the portable one always; AVX-512 where present) against
+    /// the definition: 3x3 and 1x1 taps, the stride-2 phase taps, odd planes, channel counts
+    /// that leave partial tiles, a residual, the weight gradient.
+    #[test]
+    fn every_kernel_set_matches_the_definition() {
+        let mut isas = vec![Isa::Portable];
+        if available() {
+            isas.push(Isa::Avx512);
+        }
+        let t3: Vec<(isize, isize)> = (0..9).map(|t| (t / 3 - 1, t % 3 - 1)).collect();
+        let phase = vec![(-1, -1), (-1, 0), (0, -1), (0, 0)];
+        type Case<'a> = (usize, usize, usize, usize, &'a [(isize, isize)]);
+        let cases: [Case; 5] = [
+            (5, 7, 3, 9, &t3),
+            (4, 4, 17, 8, &t3),
+            (1, 1, 2, 3, &t3),
+            (6, 5, 8, 20, &[(0, 0)]),
+            (3, 6, 5, 7, &phase),
+        ];
+        let mut seed = 1u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        for (h, w, cx, cy, taps) in cases {
+            let p = h * w;
+            let t_n = taps.len();
+            let x: Vec<f32> = (0..cx * p).map(|_| next()).collect();
+            let wt: Vec<f32> = (0..cy * cx * t_n).map(|_| next()).collect();
+            let init: Vec<f32> = (0..cy).map(|_| next()).collect();
+            let dy: Vec<f32> = (0..cy * p).map(|_| next()).collect();
+            let r: Vec<f32> = (0..cy * p).map(|_| next()).collect();
+            for &isa in &isas {
+                let what = format!("{isa:?} {h}x{w} {cx}->{cy} taps {t_n}");
+                let d = Direct::with_isa(isa, h, w, taps).unwrap();
+                let (y_ref, dw_ref) = naive(&d, &x, &wt, &init, &dy, cx, cy);
+                let mut y = vec![0f32; cy * p];
+                d.conv(&x, cx, &d.pack(&wt, cy, cx), &init, None, &mut y, cy);
+                close(&format!("{what}: y"), &y, &y_ref);
+                d.conv(&x, cx, &d.pack(&wt, cy, cx), &init, Some(&r), &mut y, cy);
+                let y_res: Vec<f32> = y_ref.iter().zip(&r).map(|(a, b)| a + b).collect();
+                close(&format!("{what}: y + residual"), &y, &y_res);
+                let mut wg = WeightGrad::new(&d, cy, cx);
+                wg.add_image(&dy, &x);
+                wg.add_image(&dy, &x);
+                let dw2: Vec<f32> = dw_ref.iter().map(|v| 2.0 * v).collect();
+                close(&format!("{what}: dw over two images"), &wg.finish(), &dw2);
+                // the input gradient: the transposed kernels on dy give
+                // dx[ci, q] = sum_{t, co} w[co, ci, t] dy[co, q - off_t]; check it as the
+                // adjoint of the forward map: <dx, x> = <dy, y - init>
+                let dt = d.transposed();
+                let mut dx = vec![0f32; cx * p];
+                dt.conv(
+                    &dy,
+                    cy,
+                    &d.pack_transposed(&wt, cy, cx),
+                    &vec![0f32; cx],
+                    None,
+                    &mut dx,
+                    cx,
+                );
+                let lhs: f64 = dx.iter().zip(&x).map(|(a, b)| (a * b) as f64).sum();
+                let rhs: f64 = (0..cy * p)
+                    .map(|i| (dy[i] * (y_ref[i] - init[i / p])) as f64)
+                    .sum();
+                assert!(
+                    (lhs - rhs).abs() <= 1e-4 * rhs.abs().max(1.0),
+                    "{what}: adjoint {lhs} vs {rhs}"
+                );
+                assert_eq!(dt.isa, isa, "{what}: the transposed kernels keep the kernel set");
+            }
+        }
+    }
+
+    #[test]
+    fn portable_kernels_are_chosen_on_this_thread_only_inside_the_scope() {
+        let t3: Vec<(isize, isize)> = vec![(0, 0)];
+        let outside = Direct::with_taps(2, 2, &t3).map(|d| d.isa);
+        assert_eq!(outside, available().then_some(Isa::Avx512));
+        let inside = with_portable_kernels(|| {
+            // another thread is not affected
+            let other = std::thread::spawn(move || Direct::with_taps(2, 2, &[(0, 0)]).map(|d| d.isa))
+                .join()
+                .unwrap();
+            assert_eq!(other, available().then_some(Isa::Avx512));
+            (portable_now(), Direct::with_taps(2, 2, &t3).map(|d| d.isa))
+        });
+        assert_eq!(inside, (true, Some(Isa::Portable)));
+        assert!(!portable_now());
     }
 }
 

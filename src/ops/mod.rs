@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Result, Tensor};
 
+pub use direct::with_portable_kernels;
 pub use dropout::DropoutMask;
 
 pub mod attention;
@@ -57,6 +58,14 @@ static FAST_KERNELS: AtomicBool = AtomicBool::new(true);
 /// every op runs as candle's stock composition ([`reference`](mod@reference)).
 pub fn set_fast_kernels(on: bool) {
     FAST_KERNELS.store(on, Ordering::Relaxed);
+}
+
+/// Whether this CPU runs the AVX-512 direct convolution kernels that the fused ResNet block,
+/// the fused conv block and the stride-2 and upsampling convolutions are built on (and they are
+/// not switched off with `DIFFUSE_DIRECT_CONV=0`). Without them those ops take their staged or
+/// im2col + GEMM paths; [`with_portable_kernels`] runs the fused ops anyway, in portable Rust.
+pub fn avx512_kernels() -> bool {
+    direct::available()
 }
 
 /// Whether the fast CPU kernels are used for tensors on the CPU.

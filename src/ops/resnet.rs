@@ -30,7 +30,7 @@
 //! backward pass.
 //!
 //! The small inputs travel packed in one tensor (candle custom ops take at most three), in the
-//! order of [`Pack`]; `Tensor::cat` routes their gradients back.
+//! order of `Part` (one definition, `ops::packed`); `Tensor::cat` routes their gradients back.
 
 use std::sync::Mutex;
 
