@@ -15,7 +15,9 @@ iteration (reset through /proc/self/clear_refs where the kernel allows it).
 
 Prints one JSON object: {"workload", "batch", "threads", "median_ms", "times_ms", "params",
 "peak_rss_mib", "base_rss_mib" (VmRSS right after the reset: the interpreter, libtorch, the
-model and its inputs), "torch_version"}.
+model and its inputs), "torch_version"}. With --profile, --iters more steps run under
+torch.profiler (CPU activities) after the timed ones, and "profile" lists every op's calls,
+self CPU time and total CPU time per step (ms), largest self time first.
 """
 
 import argparse
@@ -286,6 +288,9 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                    help="bf16: forward and loss under torch.autocast('cpu', dtype=torch.bfloat16)")
+    ap.add_argument("--profile", action="store_true", help="also profile --iters steps per op (torch.profiler)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -301,6 +306,13 @@ def main():
     # `or`: diffusers configs write "num_train_timesteps": null.
     t = torch.randint(0, config.get("num_train_timesteps") or 1000, (args.batch,)).float()
 
+    import contextlib
+
+    def cast():
+        if args.precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     if args.workload == "train":
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -308,7 +320,8 @@ def main():
 
         def step():
             opt.zero_grad(set_to_none=True)
-            loss = F.mse_loss(model(x, t), target)
+            with cast():
+                loss = F.mse_loss(model(x, t).float(), target)
             loss.backward()
             opt.step()
 
@@ -316,7 +329,7 @@ def main():
         model.eval()
 
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), cast():
                 model(x, t)
 
     reset_peak_rss()
@@ -328,8 +341,27 @@ def main():
         t0 = time.perf_counter()
         step()
         times.append((time.perf_counter() - t0) * 1000.0)
+    profile = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.iters):
+                step()
+        rows = [
+            {
+                "name": e.key,
+                "calls": e.count / args.iters,
+                "self_ms": e.self_cpu_time_total / 1000.0 / args.iters,
+                "total_ms": e.cpu_time_total / 1000.0 / args.iters,
+            }
+            for e in prof.key_averages()
+        ]
+        profile = sorted(rows, key=lambda r: -r["self_ms"])
     out = {
         "workload": args.workload,
+        "precision": args.precision,
         "batch": args.batch,
         "threads": args.threads,
         "median_ms": statistics.median(times),
@@ -339,6 +371,8 @@ def main():
         "base_rss_mib": base_rss,
         "torch_version": torch.__version__,
     }
+    if profile is not None:
+        out["profile"] = profile
     print(json.dumps(out))
 
 

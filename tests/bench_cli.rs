@@ -67,7 +67,11 @@ fn json_has_every_figure_for_every_preset_and_workload() {
 
 #[test]
 fn bad_flags_exit_2_with_one_line() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--precision", "fp8"],
+            "unknown precision 'fp8', expected f32 or bf16",
+        ),
         (&["--presets", "huge"], "unknown U-Net preset 'huge'"),
         (&["--image-size", "30"], "divisible by"),
         (&["--workloads", "infer"], "expected train, sample or guided"),
@@ -79,5 +83,76 @@ fn bad_flags_exit_2_with_one_line() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.trim().lines().count(), 1, "{err}");
         assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn profile_prints_a_per_op_table_for_every_workload() {
+    let out = bench(&[
+        "--presets",
+        "demo",
+        "--image-size",
+        "8",
+        "--train-batch",
+        "2",
+        "--sample-batch",
+        "2",
+        "--workloads",
+        "train,sample",
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+        "--sgemm-size",
+        "64",
+        "--threads",
+        "1",
+        "--profile",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for header in ["train 2 (ours, wall)", "sample 2 (ours, wall)"] {
+        assert!(text.contains(header), "{text}");
+    }
+    // the whole step, the backward pass and the optimizer, and the fused ResNet blocks
+    for row in ["step ", "backward ", "adamw ", "unet.resnet "] {
+        assert!(text.lines().any(|l| l.starts_with(row)), "no {row}row in {text}");
+    }
+}
+
+/// bf16 where the CPU has AVX512_BF16, else a one-line error with exit 2.
+#[test]
+fn bf16_runs_or_says_why_not() {
+    let out = bench(&[
+        "--presets",
+        "demo",
+        "--image-size",
+        "8",
+        "--train-batch",
+        "2",
+        "--sample-batch",
+        "2",
+        "--workloads",
+        "train",
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+        "--sgemm-size",
+        "64",
+        "--threads",
+        "1",
+        "--precision",
+        "bf16",
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    if diffuse::ops::set_precision(diffuse::ops::Precision::Bf16).is_ok() {
+        assert!(out.status.success(), "{err}");
+        let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(j["presets"][0]["workloads"][0]["precision"], "bf16");
+    } else {
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("bf16 needs a CPU with the AVX512_BF16"), "{err}");
     }
 }

@@ -136,6 +136,28 @@ pub struct WorkloadSpec {
     pub iters: usize,
     /// Seed of the weights, inputs, timesteps, target and dropout masks.
     pub seed: u64,
+    /// After the timed steps, `iters` more steps with the per-op profile on
+    /// ([`crate::ops::profile`]); the timed figures are not affected.
+    pub profile: bool,
+    /// The convolutions' arithmetic ([`crate::ops::set_precision`] sets it for our side, which
+    /// runs in this process; the PyTorch reference runs under bf16 autocast with `Bf16`).
+    pub precision: crate::ops::Precision,
+}
+
+/// One entry of our per-op profile, per step: a scope of [`crate::ops::profile`] (scopes nest,
+/// so a block's time includes its ops').
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProfileRow {
+    /// The scope (`resnet.bwd`, `unet.attention`, ...).
+    pub name: String,
+    /// Entries per step.
+    pub calls: f64,
+    /// Wall time per step (ms), all threads at work inside.
+    pub ms: f64,
+    /// Process CPU time per step (ms, all threads).
+    pub cpu_ms: f64,
+    /// Achieved GFLOP/s where the scope counts its FLOPs.
+    pub gflops: Option<f64>,
 }
 
 /// The measurements of one workload in this process.
@@ -164,6 +186,9 @@ pub struct WorkloadRun {
     pub candle_threads: usize,
     /// Whether the fast CPU kernels were on.
     pub fast_kernels: bool,
+    /// With [`WorkloadSpec::profile`]: every scope's figures per step, largest time first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Vec<ProfileRow>>,
 }
 
 /// The median of `xs` (mean of the middle two for an even count); NaN for an empty slice.
@@ -187,6 +212,7 @@ fn randn(rng: &mut Rng, shape: &[usize], device: &Device) -> Result<Tensor> {
 /// The timed durations (ms) of a workload and the memory figures around all its steps.
 struct Timed {
     times: Vec<f64>,
+    profile: Option<Vec<ProfileRow>>,
     base: Option<f64>,
     peak: Option<f64>,
     peak_reset: bool,
@@ -206,12 +232,51 @@ fn time_steps(spec: &WorkloadSpec, mut step: impl FnMut() -> Result<()>) -> Resu
         step()?;
         times.push(t0.elapsed().as_secs_f64() * 1e3);
     }
+    let peak = memory::peak_rss_mib();
+    let profile = if spec.profile {
+        Some(profile_steps(spec.iters, step)?)
+    } else {
+        None
+    };
     Ok(Timed {
         times,
+        profile,
         base,
-        peak: memory::peak_rss_mib(),
+        peak,
         peak_reset,
     })
+}
+
+/// Runs `step` `iters` times with the per-op profile on; the table per step, largest first.
+fn profile_steps(iters: usize, mut step: impl FnMut() -> Result<()>) -> Result<Vec<ProfileRow>> {
+    use crate::ops::profile;
+    let was = profile::enabled();
+    profile::set_enabled(true);
+    profile::take();
+    let steps = (|| {
+        for _ in 0..iters {
+            let _s = profile::scope("step");
+            step()?;
+        }
+        Ok::<_, Error>(())
+    })();
+    let entries = profile::take();
+    profile::set_enabled(was);
+    steps?;
+    let per = iters.max(1) as f64;
+    let mut rows: Vec<ProfileRow> = entries
+        .into_iter()
+        .filter(|e| e.calls > 0)
+        .map(|e| ProfileRow {
+            name: e.name.to_string(),
+            calls: e.calls as f64 / per,
+            ms: e.seconds * 1e3 / per,
+            cpu_ms: e.cpu_seconds * 1e3 / per,
+            gflops: (e.flops > 0.0 && e.seconds > 0.0).then(|| e.flops / e.seconds / 1e9),
+        })
+        .collect();
+    rows.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    Ok(rows)
 }
 
 /// Builds the network of `cfg` (its `sample_size` gives the image size) with fresh weights and
@@ -317,6 +382,7 @@ pub fn run_workload(cfg: &UNetConfig, spec: &WorkloadSpec, device: &Device) -> R
         rayon_threads: rayon::current_num_threads(),
         candle_threads: candle_core::utils::get_num_threads(),
         fast_kernels: crate::ops::fast_kernels(),
+        profile: timed.profile,
     })
 }
 
@@ -410,12 +476,32 @@ mod tests {
                 warmup: 0,
                 iters: 1,
                 seed: 0,
+                profile: workload == Workload::Train,
+                precision: crate::ops::Precision::F32,
             };
             let r = run_workload(&cfg, &spec, &Device::Cpu).unwrap();
             assert_eq!(r.times_ms.len(), 1);
             assert_eq!(r.median_ms, r.times_ms[0]);
             assert_eq!(r.params, unet::num_parameters(&cfg).unwrap());
             assert!(r.rayon_threads >= 1 && r.candle_threads >= 1);
+            // the profiled train step: the whole step, the backward pass and the optimizer
+            // inside it, each entered once per step
+            if let Some(rows) = &r.profile {
+                let find = |name: &str| {
+                    rows.iter()
+                        .find(|e| e.name == name)
+                        .unwrap_or_else(|| panic!("no {name} in {rows:?}"))
+                };
+                let step = find("step");
+                assert_eq!(rows[0].name, "step", "the whole step is the largest entry");
+                for inner in ["backward", "adamw"] {
+                    let e = find(inner);
+                    assert_eq!(e.calls, 1.0);
+                    assert!(e.ms <= step.ms, "{inner} inside the step");
+                }
+            } else {
+                assert_ne!(workload, Workload::Train, "the train step was profiled");
+            }
         }
         let spec = WorkloadSpec {
             workload: Workload::Sample,
@@ -423,6 +509,8 @@ mod tests {
             warmup: 0,
             iters: 1,
             seed: 0,
+            profile: false,
+            precision: crate::ops::Precision::F32,
         };
         assert!(run_workload(&cfg, &spec, &Device::Cpu).is_err());
     }

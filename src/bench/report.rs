@@ -103,6 +103,17 @@ pub struct WorkloadReport {
     pub torch: Option<Figures>,
     /// Ours / PyTorch (with `--compare-torch`).
     pub ratio: Option<Ratios>,
+    /// `f32` or `bf16` (the convolutions' arithmetic; PyTorch under bf16 autocast with bf16).
+    pub precision: &'static str,
+    /// With bf16 and `--compare-torch`: PyTorch's f32 median step (ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub torch_f32_ms: Option<f64>,
+    /// With `--profile`: our per-op profile, per step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Vec<crate::bench::ProfileRow>>,
+    /// With `--profile --compare-torch`: PyTorch's per-op profile, per step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub torch_profile: Option<Vec<crate::bench::torch::TorchProfileRow>>,
 }
 
 impl WorkloadReport {
@@ -111,6 +122,7 @@ impl WorkloadReport {
     pub fn new(run: &WorkloadRun, flops: &FlopCount, sgemm_gflops: f64, torch: Option<&TorchRun>) -> Self {
         let gflop_per_step =
             (run.workload.forwards_per_step() * flops.total()) as f64 * run.batch as f64 / 1e9;
+        let torch_profile = torch.and_then(|t| t.profile.clone());
         let ours = Figures::new(
             run.median_ms,
             &run.times_ms,
@@ -151,8 +163,71 @@ impl WorkloadReport {
             threads: [run.rayon_threads, run.candle_threads],
             torch,
             ratio,
+            precision: "f32",
+            torch_f32_ms: None,
+            profile: run.profile.clone(),
+            torch_profile,
         }
     }
+
+    /// The two per-op profiles side by side (`rows` largest entries of each), or None without
+    /// a profile. Ours: our scopes, wall time on the thread that entered them (inclusive: a
+    /// block's time contains its ops'; the per-image stages `resnet.fwd/...`, `resnet.bwd/...`
+    /// run on every worker thread, so they add up to the threads' time, about the thread count
+    /// times the wall time); PyTorch's: each aten op's self time (`torch.profiler`'s
+    /// `self_cpu_time_total`: the op's own span on the calling thread, its intra-op threads
+    /// working inside it).
+    pub fn profile_table(&self, rows: usize) -> Option<String> {
+        let ours = self.profile.as_ref()?;
+        let step_ms = self.ours.median_ms;
+        let mut out = format!(
+            "{:<32} {:>6} {:>9} {:>6}   ",
+            format!("{} {} (ours, wall)", self.workload, self.batch),
+            "calls",
+            "ms/step",
+            "%step"
+        );
+        let torch = self.torch_profile.as_deref();
+        if torch.is_some() {
+            out += &format!(
+                "{:<36} {:>6} {:>9} {:>6}",
+                "PyTorch (self CPU)", "calls", "ms/step", "%step"
+            );
+        }
+        out += "\n";
+        let torch_step = self.torch.as_ref().map(|t| t.median_ms);
+        for i in 0..rows {
+            let left = ours.get(i).map_or(format!("{:<57}", ""), |r| {
+                format!(
+                    "{:<32} {:>6.0} {:>9.1} {:>5.1}%",
+                    truncate(&r.name, 32),
+                    r.calls,
+                    r.ms,
+                    100.0 * r.ms / step_ms
+                )
+            });
+            let right = torch.and_then(|t| t.get(i)).map_or(String::new(), |r| {
+                format!(
+                    "{:<36} {:>6.0} {:>9.1} {:>5.1}%",
+                    truncate(&r.name, 36),
+                    r.calls,
+                    r.self_ms,
+                    torch_step.map_or(f64::NAN, |s| 100.0 * r.self_ms / s)
+                )
+            });
+            if left.trim().is_empty() && right.is_empty() {
+                break;
+            }
+            out += format!("{left}   {right}").trim_end();
+            out += "\n";
+        }
+        Some(out)
+    }
+}
+
+/// `s` cut to `n` characters.
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
 }
 
 /// One network.
@@ -330,7 +405,72 @@ mod tests {
             rayon_threads: 2,
             candle_threads: 2,
             fast_kernels: true,
+            profile: None,
         }
+    }
+
+    #[test]
+    fn profile_tables_sit_side_by_side_with_shares_of_each_step() {
+        let flops = FlopCount {
+            conv: 1_000_000,
+            linear: 0,
+            attention: 0,
+        };
+        let mut r = run(Workload::Train, 64, 200.0);
+        r.profile = Some(vec![
+            crate::bench::ProfileRow {
+                name: "step".into(),
+                calls: 1.0,
+                ms: 200.0,
+                cpu_ms: 390.0,
+                gflops: None,
+            },
+            crate::bench::ProfileRow {
+                name: "resnet.bwd".into(),
+                calls: 12.0,
+                ms: 50.0,
+                cpu_ms: 99.0,
+                gflops: Some(100.0),
+            },
+        ]);
+        let t = TorchRun {
+            median_ms: 400.0,
+            times_ms: vec![400.0],
+            params: 1000,
+            peak_rss_mib: None,
+            base_rss_mib: None,
+            threads: 2,
+            torch_version: "2".into(),
+            profile: Some(vec![crate::bench::torch::TorchProfileRow {
+                name: "aten::convolution_backward".into(),
+                calls: 30.0,
+                self_ms: 100.0,
+                total_ms: 120.0,
+            }]),
+        };
+        let w = WorkloadReport::new(&r, &flops, 100.0, Some(&t));
+        let table = w.profile_table(10).unwrap();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(lines[0].starts_with("train 64 (ours, wall)") && lines[0].contains("PyTorch (self CPU)"));
+        assert!(
+            lines[1].starts_with("step") && lines[1].contains("100.0%"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[1].contains("aten::convolution_backward") && lines[1].ends_with("25.0%"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].starts_with("resnet.bwd") && lines[2].ends_with("25.0%"),
+            "{}",
+            lines[2]
+        );
+        // without a profile there is no table
+        let plain = WorkloadReport::new(&run(Workload::Sample, 8, 1.0), &flops, 100.0, None);
+        assert!(plain.profile_table(10).is_none());
     }
 
     #[test]
@@ -348,6 +488,7 @@ mod tests {
             base_rss_mib: Some(400.0),
             threads: 2,
             torch_version: "2".into(),
+            profile: None,
         };
         let w = WorkloadReport::new(&run(Workload::Train, 64, 500.0), &flops, 768.0, Some(&torch));
         // 3 forwards x 1 GFLOP x 64 images = 192 GFLOP per step, in 0.5 s: 384 GFLOP/s, half of

@@ -34,6 +34,23 @@ pub struct TorchRun {
     pub threads: usize,
     /// `torch.__version__`.
     pub torch_version: String,
+    /// With `--profile`: every op's figures per step (`torch.profiler`), largest self time first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Vec<TorchProfileRow>>,
+}
+
+/// One op of PyTorch's profile (`torch.profiler`'s `key_averages`), per step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TorchProfileRow {
+    /// The op (`aten::convolution_backward`, ...).
+    pub name: String,
+    /// Calls per step.
+    pub calls: f64,
+    /// Time in the op itself, without the ops it calls (ms per step; `self_cpu_time_total`:
+    /// the op's span on the calling thread).
+    pub self_ms: f64,
+    /// CPU time including the ops it calls (ms per step).
+    pub total_ms: f64,
 }
 
 /// How to run the reference: the interpreter and the script.
@@ -118,6 +135,14 @@ impl TorchReference {
             .args(["--warmup", &spec.warmup.to_string()])
             .args(["--iters", &spec.iters.to_string()])
             .args(["--seed", &spec.seed.to_string()])
+            .args(spec.profile.then_some("--profile"))
+            .args([
+                "--precision",
+                match spec.precision {
+                    crate::ops::Precision::F32 => "f32",
+                    crate::ops::Precision::Bf16 => "bf16",
+                },
+            ])
             .env("OMP_NUM_THREADS", &n)
             .env("MKL_NUM_THREADS", &n)
             .output()

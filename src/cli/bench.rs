@@ -70,6 +70,13 @@ pub struct BenchArgs {
     /// in the source tree diffuse was built from).
     #[arg(long, value_name = "FILE.py")]
     torch_script: Option<PathBuf>,
+    /// Arithmetic of the convolutions: f32, or bf16 (bf16 operands with f32 accumulation in
+    /// the direct convolution kernels and their input gradients; weights, weight gradients,
+    /// norms, attention, linear layers and optimizer state stay f32). bf16 needs a CPU with
+    /// AVX512_BF16. With --compare-torch, PyTorch runs under
+    /// torch.autocast("cpu", dtype=torch.bfloat16) and, for the ratio to fp32, once more in f32.
+    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    precision: String,
     /// Use candle's stock ops instead of the fast CPU kernels (to see the kernels' effect).
     #[arg(long)]
     stock_ops: bool,
@@ -78,6 +85,15 @@ pub struct BenchArgs {
     /// the first preset's sampling forward.
     #[arg(long)]
     solvers: bool,
+    /// After the timed steps, run --iters more with the per-op profile on and print where a
+    /// step's time goes: our scopes (blocks and kernels, inclusive) beside PyTorch's per-op
+    /// self CPU time from torch.profiler (with --compare-torch). The timed figures are not
+    /// affected.
+    #[arg(long)]
+    profile: bool,
+    /// Rows of each profile table.
+    #[arg(long, default_value_t = 25)]
+    profile_rows: usize,
     /// Print every figure as one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -127,6 +143,8 @@ impl BenchArgs {
             warmup: self.warmup,
             iters: self.iters,
             seed: self.seed,
+            profile: self.profile,
+            precision: diffuse::ops::precision(),
         }
     }
 
@@ -146,6 +164,10 @@ impl BenchArgs {
             .args(["--sgemm-size", &self.sgemm_size.to_string()])
             .args(["--threads", &threads.to_string()])
             .env("RAYON_NUM_THREADS", threads.to_string());
+        cmd.args(["--precision", &self.precision]);
+        if self.profile {
+            cmd.arg("--profile");
+        }
         if self.stock_ops {
             cmd.arg("--stock-ops");
         }
@@ -173,6 +195,7 @@ fn run_worker<T: serde::de::DeserializeOwned>(mut cmd: Command, what: &str) -> a
 /// `diffuse bench --worker ...`: one measurement in this process, JSON on stdout.
 fn worker(args: &BenchArgs, what: &str) -> anyhow::Result<()> {
     diffuse::ops::set_fast_kernels(!args.stock_ops);
+    super::set_precision(&args.precision)?;
     let device = candle_core::Device::Cpu;
     let json = if what == "sgemm" {
         serde_json::to_string(&bench::sgemm(args.sgemm_size, 2, 5, args.seed, &device)?)?
@@ -214,6 +237,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(what) = &args.worker {
         return worker(&args, what);
     }
+    super::set_precision(&args.precision)?; // an unsupported precision fails here, before any run
+    let bf16 = diffuse::ops::precision() == diffuse::ops::Precision::Bf16;
     for (flag, v) in [
         ("train-batch", args.train_batch),
         ("sample-batch", args.sample_batch),
@@ -244,8 +269,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         None
     };
     eprintln!(
-        "bench: {threads} threads, fast kernels {}, {}x{}x{} images, warm-up {}, {} timed steps",
+        "bench: {threads} threads, fast kernels {}, {} convolutions, {}x{}x{} images, warm-up {}, {} timed steps",
         if args.stock_ops { "off" } else { "on" },
+        if bf16 { "bf16" } else { "f32" },
         args.channels,
         args.image_size,
         args.image_size,
@@ -294,7 +320,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     let r = t
                         .run(path, &args.spec(w), threads)
                         .with_context(|| format!("PyTorch reference, {name} {}", w.name()))?;
-                    eprint!(", PyTorch {:.1} ms", r.median_ms);
+                    eprint!(
+                        ", PyTorch{} {:.1} ms",
+                        if bf16 { " (bf16 autocast)" } else { "" },
+                        r.median_ms
+                    );
                     if r.params != params {
                         bail!(
                             "the PyTorch reference built a different network for {name}: {} parameters, ours {params}",
@@ -305,8 +335,26 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 }
                 _ => None,
             };
+            // with bf16: PyTorch in f32 too, for the ratio to plain f32
+            let theirs_f32: Option<TorchRun> = match (&torch, &config_path) {
+                (Some(t), Some(path)) if bf16 && w != Workload::Guided => {
+                    let spec = WorkloadSpec {
+                        precision: diffuse::ops::Precision::F32,
+                        ..args.spec(w)
+                    };
+                    let r = t
+                        .run(path, &spec, threads)
+                        .with_context(|| format!("PyTorch reference (f32), {name} {}", w.name()))?;
+                    eprint!(", PyTorch f32 {:.1} ms", r.median_ms);
+                    Some(r)
+                }
+                _ => None,
+            };
             eprintln!();
-            reports.push(WorkloadReport::new(&ours, &flops, sgemm.gflops, theirs.as_ref()));
+            let mut report = WorkloadReport::new(&ours, &flops, sgemm.gflops, theirs.as_ref());
+            report.torch_f32_ms = theirs_f32.map(|t| t.median_ms);
+            report.precision = if bf16 { "bf16" } else { "f32" };
+            reports.push(report);
         }
         if let Some(p) = config_path {
             let _ = std::fs::remove_file(p); // a leftover temp file is harmless
@@ -369,6 +417,30 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{json}");
     } else {
         print!("{}", report.table());
+        for p in &report.presets {
+            for w in &p.workloads {
+                if let Some(f32_ms) = w.torch_f32_ms {
+                    println!(
+                        "{} {} {}: ours bf16 / PyTorch bf16 autocast {}; ours bf16 / PyTorch f32 {:.2} ({f32_ms:.1} ms)",
+                        p.preset,
+                        w.workload,
+                        w.batch,
+                        w.ratio.as_ref().map_or("-".into(), |r| format!("{:.2}", r.time)),
+                        w.ours.median_ms / f32_ms
+                    );
+                }
+            }
+        }
+        if args.profile {
+            for p in &report.presets {
+                for w in &p.workloads {
+                    if let Some(t) = w.profile_table(args.profile_rows) {
+                        println!("\nprofile: {}", p.preset);
+                        print!("{t}");
+                    }
+                }
+            }
+        }
         if let Some(costs) = &solvers {
             println!(
                 "solver's own cost per NFE at batch {} ({}):",

@@ -94,6 +94,14 @@ pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--precision`: the arithmetic of the fast convolution kernels (`f32`, or `bf16` on CPUs with
+/// AVX512_BF16: bf16 operands, f32 accumulation, f32 weights, norms and optimizer state).
+pub fn set_precision(precision: &str) -> anyhow::Result<()> {
+    let p: diffuse::ops::Precision = precision.parse()?;
+    diffuse::ops::set_precision(p)?;
+    Ok(())
+}
+
 /// Exit status after a second interrupt: 128 + SIGINT, the shell convention.
 const EXIT_ON_SECOND_SIGNAL: i32 = 130;
 

@@ -90,6 +90,12 @@ pub struct SampleArgs {
     /// reverse process) and trajectory.gif.
     #[arg(long)]
     trajectory: bool,
+    /// Arithmetic of the convolutions: f32, or bf16 (bf16 operands with f32 accumulation in
+    /// the direct convolution kernels and their input gradients; weights, weight gradients,
+    /// norms, attention, linear layers and optimizer state stay f32). bf16 needs a CPU with
+    /// AVX512_BF16.
+    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    precision: String,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -152,6 +158,7 @@ fn vp_scale(l: &NoiseLevel) -> f64 {
 
 pub fn run(a: SampleArgs) -> anyhow::Result<()> {
     super::set_threads(a.threads)?;
+    super::set_precision(&a.precision)?;
     if a.n == Some(0) || a.batch == 0 {
         return super::usage("--n and --batch must be at least 1");
     }

@@ -125,6 +125,12 @@ pub struct TrainArgs {
     /// Guidance scale of a class-conditional run's sample grids (default: the sampling default).
     #[arg(long)]
     grid_guidance_scale: Option<f64>,
+    /// Arithmetic of the convolutions: f32, or bf16 (bf16 operands with f32 accumulation in
+    /// the direct convolution kernels and their input gradients; weights, weight gradients,
+    /// norms, attention, linear layers and optimizer state stay f32). bf16 needs a CPU with
+    /// AVX512_BF16.
+    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    precision: String,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -140,6 +146,7 @@ fn pick<T: Clone>(flag: &Option<T>, saved: Option<T>, default: T) -> T {
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     super::set_threads(args.threads)?;
+    super::set_precision(&args.precision)?;
     // one process, or one of K ranks under mpirun (`--features mpi`)
     let comm = super::launch::launch(&super::device()?)?;
     let result = run_rank(args, &comm);

@@ -153,8 +153,33 @@ impl Direct {
         self.off.len()
     }
 
-    /// Packs `w [c_out, c_in, T]` for [`Direct::conv`] as `[c_out tile][t][ci][8]`.
+    /// Packs `w [c_out, c_in, T]` for [`Direct::conv`] as `[c_out tile][t][ci][8]` (with the
+    /// bf16 kernels `[c_out tile][t][ci pair][8]`, each slot a pair of bf16, see [`pair_rows`]).
     pub(crate) fn pack(&self, w: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
+        let packed = self.pack_f32(w, c_out, c_in);
+        self.pair_packed(packed, c_out, c_in)
+    }
+
+    /// The f32 packed weights (`[tile][t][ci][8]`, `tiles` tiles) as bf16 pairs over `ci` for
+    /// the bf16 kernels; unchanged for the others.
+    fn pair_packed(&self, packed: Vec<f32>, cy: usize, cx: usize) -> Vec<f32> {
+        if self.isa != Isa::Avx512Bf16 {
+            return packed;
+        }
+        let blocks = cy.div_ceil(NR) * self.taps();
+        let mut out = vec![0f32; blocks * cx.div_ceil(2) * NR];
+        for (src, dst) in packed
+            .chunks_exact(cx * NR)
+            .zip(out.chunks_exact_mut(cx.div_ceil(2) * NR))
+            .take(blocks)
+        {
+            // src is [ci][8]: pairs of its rows, as the input's channel pairs
+            pair_rows(src, cx, NR, dst);
+        }
+        out
+    }
+
+    fn pack_f32(&self, w: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
         let t_n = self.taps();
         let tiles = c_out.div_ceil(NR);
         let mut out = vec![0f32; tiles * t_n * c_in * NR];
@@ -173,6 +198,11 @@ impl Direct {
     /// convolution `w'[ci, co, t] = w[co, ci, t]`, packed as by [`Direct::pack`], for the
     /// kernels of [`Direct::transposed`].
     pub(crate) fn pack_transposed(&self, w: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
+        let packed = self.pack_transposed_f32(w, c_out, c_in);
+        self.pair_packed(packed, c_in, c_out)
+    }
+
+    fn pack_transposed_f32(&self, w: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
         let t_n = self.taps();
         let tiles = c_in.div_ceil(NR);
         let mut out = vec![0f32; tiles * t_n * c_out * NR];
@@ -206,8 +236,13 @@ impl Direct {
             x.len() >= cx * p && y.len() >= cy * p && init.len() >= cy,
             "direct conv: sizes"
         );
+        let rows = if self.isa == Isa::Avx512Bf16 {
+            cx.div_ceil(2)
+        } else {
+            cx
+        };
         assert!(
-            wp.len() >= cy.div_ceil(NR) * self.taps() * cx * NR,
+            wp.len() >= cy.div_ceil(NR) * self.taps() * rows * NR,
             "direct conv: weights"
         );
         if let Some(r) = residual {
@@ -218,6 +253,15 @@ impl Direct {
             // SAFETY: `Isa::Avx512` is only chosen when the CPU has AVX-512F (`available()`);
             // the asserts above keep every unmasked access inside the slices (see `tile`).
             Isa::Avx512 => unsafe { conv_image(self, x, cx, wp, init, residual, y, cy) },
+            #[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+            Isa::Avx512Bf16 => {
+                let mut xp = super::cpu::Scratch::new(cx.div_ceil(2) * p);
+                pair_rows(x, cx, p, &mut xp);
+                // SAFETY: `Isa::Avx512Bf16` is only chosen when the CPU has AVX-512F and
+                // AVX512_BF16 (`has_bf16()`); sizes as for `conv_image`, with `xp` holding
+                // ceil(cx / 2) planes of pairs and `wp` the pairs `pair_packed` built.
+                unsafe { conv_image_bf16(self, &xp, cx.div_ceil(2), wp, init, residual, y, cy) }
+            }
             _ => portable::conv_image(self, x, cx, wp, init, residual, y, cy),
         }
     }
@@ -240,6 +284,10 @@ impl Direct {
 pub(crate) enum Isa {
     /// The AVX-512 micro-kernels (the fast path).
     Avx512,
+    /// The AVX-512 micro-kernels with bf16 operands and f32 accumulation (`vdpbf16ps`, CPUs
+    /// with AVX512_BF16), under [`super::Precision::Bf16`]: the convolution and its input
+    /// gradient; weight gradients stay f32.
+    Avx512Bf16,
     /// Plain Rust loops over the same packed layouts: any CPU, for tests and for checking the
     /// fused ops on a machine without AVX-512 ([`with_portable_kernels`]).
     Portable,
@@ -257,7 +305,11 @@ impl Isa {
         if PORTABLE.with(|p| p.get()) {
             Some(Isa::Portable)
         } else if available() {
-            Some(Isa::Avx512)
+            Some(if super::precision() == super::Precision::Bf16 && has_bf16() {
+                Isa::Avx512Bf16
+            } else {
+                Isa::Avx512
+            })
         } else {
             None
         }
@@ -384,6 +436,53 @@ pub(crate) fn available() -> bool {
         let cpu = false;
         cpu && std::env::var("DIFFUSE_DIRECT_CONV").map_or(true, |v| v != "0")
     })
+}
+
+/// Whether the CPU has the AVX512_BF16 dot products (and the AVX-512 kernels are available).
+pub(crate) fn has_bf16() -> bool {
+    #[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+    {
+        available() && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(all(target_arch = "x86_64", diffuse_avx512)))]
+    {
+        false
+    }
+}
+
+/// `x` rounded to bf16 (round to nearest, ties to even; NaN stays NaN): the upper 16 bits.
+pub(crate) fn bf16_bits(x: f32) -> u32 {
+    if x.is_nan() {
+        return 0x7fc0;
+    }
+    let b = x.to_bits();
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16
+}
+
+/// The f32 value of bf16 bits.
+#[cfg(test)]
+fn bf16_value(bits: u32) -> f32 {
+    f32::from_bits(bits << 16)
+}
+
+/// Pairs of consecutive rows of `rows [r, len]` as bf16 pairs: `out[k][i]` holds
+/// `bf16(rows[2k][i]) | bf16(rows[2k + 1][i]) << 16` (the second zero past the last row), in
+/// f32 slots (their bits). `out` has `ceil(r / 2) * len` slots.
+fn pair_rows(rows: &[f32], r: usize, len: usize, out: &mut [f32]) {
+    for k in 0..r.div_ceil(2) {
+        let lo = &rows[2 * k * len..(2 * k + 1) * len];
+        let dst = &mut out[k * len..(k + 1) * len];
+        if 2 * k + 1 < r {
+            let hi = &rows[(2 * k + 1) * len..(2 * k + 2) * len];
+            for ((d, a), b) in dst.iter_mut().zip(lo).zip(hi) {
+                *d = f32::from_bits(bf16_bits(*a) | (bf16_bits(*b) << 16));
+            }
+        } else {
+            for (d, a) in dst.iter_mut().zip(lo) {
+                *d = f32::from_bits(bf16_bits(*a));
+            }
+        }
+    }
 }
 
 #[cfg(all(target_arch = "x86_64", diffuse_avx512))]
@@ -523,6 +622,138 @@ unsafe fn tile_kernel<const V: usize>(a: &TileArgs<'_>) {
                 let b = _mm512_set1_ps(*w.add(j));
                 for i in 0..V {
                     acc[j][i] = _mm512_fmadd_ps(xv[i], b, acc[j][i]);
+                }
+            }
+            xp = xp.wrapping_add(a.plane);
+            w = w.add(NR);
+        }
+    }
+    for (j, row) in acc.iter().enumerate().take(a.nr) {
+        for i in 0..V {
+            let mut v = row[i];
+            let at = j * a.plane + i * L;
+            if !a.residual.is_null() {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(sm[i], a.residual.add(at)));
+            }
+            _mm512_mask_storeu_ps(a.y.add(at), sm[i], v);
+        }
+    }
+}
+
+/// [`conv_image`] with bf16 operands: `xp` holds `cp` planes of input-channel pairs and `wp`
+/// the weights as pairs (see [`Direct::pack`]); each `vdpbf16ps` adds both channels of a pair
+/// into the f32 accumulators.
+///
+/// # Safety
+/// AVX-512F and AVX512_BF16; sizes as asserted by [`Direct::conv`].
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+#[clippy::msrv = "1.89"]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn conv_image_bf16(
+    d: &Direct,
+    xp: &[f32],
+    cp: usize,
+    wp: &[f32],
+    init: &[f32],
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+    cy: usize,
+) {
+    let (p, t_n) = (d.p, d.taps());
+    let tile_len = t_n * cp * NR;
+    // blocks of CB / 2 pairs: the same bytes of input per block as the f32 kernel's CB channels
+    let block = CB / 2;
+    let mut c0 = 0;
+    while c0 < cp {
+        let ncb = (cp - c0).min(block);
+        let (first, last) = (c0 == 0, c0 + ncb == cp);
+        let mut v0 = 0;
+        while v0 < d.nvec {
+            let mv = (d.nvec - v0).min(MV);
+            for tile in 0..cy.div_ceil(NR) {
+                let co0 = tile * NR;
+                let nr = (cy - co0).min(NR);
+                let mut init8 = [0f32; NR];
+                init8[..nr].copy_from_slice(&init[co0..co0 + nr]);
+                let args = TileArgs {
+                    cx: cp,
+                    ci0: c0,
+                    ncb,
+                    accumulate: !first,
+                    plane: p,
+                    x: xp.as_ptr().add(c0 * p + v0 * L),
+                    d,
+                    v0,
+                    wp: wp.as_ptr().add(tile * tile_len),
+                    init: &init8,
+                    y: y.as_mut_ptr().add(co0 * p + v0 * L),
+                    residual: match residual {
+                        Some(r) if last => r.as_ptr().add(co0 * p + v0 * L),
+                        _ => std::ptr::null(),
+                    },
+                    nr,
+                };
+                match mv {
+                    3 => tile_kernel_bf16::<3>(&args),
+                    2 => tile_kernel_bf16::<2>(&args),
+                    _ => tile_kernel_bf16::<1>(&args),
+                }
+            }
+            v0 += mv;
+        }
+        c0 += ncb;
+    }
+}
+
+/// [`tile_kernel`] over channel pairs: `args.cx`, `ci0`, `ncb` count pairs, `x` points at pair
+/// planes and `wp` at pair weights.
+///
+/// # Safety
+/// AVX-512F and AVX512_BF16; memory as for [`tile_kernel`] (a pair is one 32-bit lane).
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+#[clippy::msrv = "1.89"]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::needless_range_loop)] // register blocking: acc[j][i] indexed on purpose
+unsafe fn tile_kernel_bf16<const V: usize>(a: &TileArgs<'_>) {
+    let d = a.d;
+    let mut sm = [0u16; V];
+    for (i, s) in sm.iter_mut().enumerate() {
+        *s = d.store[a.v0 + i];
+    }
+    let mut acc = [[_mm512_setzero_ps(); V]; NR];
+    for (j, row) in acc.iter_mut().enumerate() {
+        if a.accumulate {
+            if j < a.nr {
+                for (i, v) in row.iter_mut().enumerate() {
+                    *v = _mm512_maskz_loadu_ps(sm[i], a.y.add(j * a.plane + i * L));
+                }
+            }
+        } else {
+            let b = _mm512_set1_ps(a.init[j]);
+            for v in row.iter_mut() {
+                *v = b;
+            }
+        }
+    }
+    for (t, &off) in d.off.iter().enumerate() {
+        let mut m = [0u16; V];
+        for (i, mi) in m.iter_mut().enumerate() {
+            *mi = *d.masks.get_unchecked(t * d.nvec + a.v0 + i);
+        }
+        let xt = a.x.wrapping_offset(off) as *const i32;
+        let mut w = a.wp.add((t * a.cx + a.ci0) * NR) as *const i32;
+        let mut xp = xt;
+        for _ in 0..a.ncb {
+            let mut xv = [_mm512_setzero_si512(); V];
+            for i in 0..V {
+                xv[i] = _mm512_maskz_loadu_epi32(m[i], xp.wrapping_add(i * L));
+            }
+            for j in 0..NR {
+                let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(*w.add(j)));
+                for i in 0..V {
+                    let x: __m512bh = std::mem::transmute(xv[i]);
+                    acc[j][i] = _mm512_dpbf16_ps(acc[j][i], x, b);
                 }
             }
             xp = xp.wrapping_add(a.plane);
@@ -931,6 +1162,102 @@ mod tests {
                 assert_eq!(dt.isa, isa, "{what}: the transposed kernels keep the kernel set");
             }
         }
+    }
+
+    /// The bf16 kernels (where the CPU has them) against the f32 kernels, within bf16's error
+    /// bound: both operands rounded to 8 significant bits (relative error <= 2^-9 each), so
+    /// `|y_bf16 - y_f32| <= 2^-8 sum |w| |x|` (+ f32 rounding), the sum computed by the f32
+    /// kernels on `|w|` and `|x|`. The convolution, with a residual, and the input gradient
+    /// (the transposed kernels); odd channel counts leave a half pair.
+    #[test]
+    fn bf16_kernels_are_within_the_bf16_bound_of_f32() {
+        if !has_bf16() {
+            eprintln!("note: no AVX512_BF16 on this CPU: the bf16 kernels are not tested here");
+            return;
+        }
+        let t3: Vec<(isize, isize)> = (0..9).map(|t| (t / 3 - 1, t % 3 - 1)).collect();
+        let mut seed = 7u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        for (h, w, cx, cy, taps) in [
+            (7, 7, 64, 64, &t3[..]),
+            (5, 9, 3, 17, &t3[..]),
+            (4, 4, 131, 9, &t3[..]),
+            (6, 6, 9, 10, &[(0, 0)][..]),
+        ] {
+            let p = h * w;
+            let x: Vec<f32> = (0..cx * p).map(|_| next()).collect();
+            let wt: Vec<f32> = (0..cy * cx * taps.len()).map(|_| next()).collect();
+            let init: Vec<f32> = (0..cy).map(|_| next()).collect();
+            let r: Vec<f32> = (0..cy * p).map(|_| next()).collect();
+            let dy: Vec<f32> = (0..cy * p).map(|_| next()).collect();
+            let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<f32>>();
+            let f = Direct::with_isa(Isa::Avx512, h, w, taps).unwrap();
+            let b = Direct::with_isa(Isa::Avx512Bf16, h, w, taps).unwrap();
+            let run = |d: &Direct, x: &[f32], wt: &[f32], init: &[f32], r: Option<&[f32]>| {
+                let mut y = vec![0f32; cy * p];
+                d.conv(x, cx, &d.pack(wt, cy, cx), init, r, &mut y, cy);
+                y
+            };
+            let run_t = |d: &Direct, dy: &[f32], wt: &[f32]| {
+                let mut dx = vec![0f32; cx * p];
+                d.transposed().conv(
+                    dy,
+                    cy,
+                    &d.pack_transposed(wt, cy, cx),
+                    &vec![0f32; cx],
+                    None,
+                    &mut dx,
+                    cx,
+                );
+                dx
+            };
+            let check = |what: &str, got: &[f32], want: &[f32], sum_abs: &[f32]| {
+                let mut worst = 0f32;
+                for i in 0..want.len() {
+                    let bound = sum_abs[i] / 256.0 + 1e-5 * (1.0 + want[i].abs());
+                    let err = (got[i] - want[i]).abs();
+                    assert!(
+                        err <= bound,
+                        "{what} {h}x{w} {cx}->{cy}: element {i}: {} vs {}, bound {bound}",
+                        got[i],
+                        want[i]
+                    );
+                    worst = worst.max(err / bound);
+                }
+                // not exact f32 either: the operands really were rounded
+                assert!(worst > 1e-3, "{what}: the bf16 kernel gave f32 results");
+            };
+            let zeros = vec![0f32; cy];
+            let sum_abs = run(&f, &abs(&x), &abs(&wt), &zeros, None);
+            check(
+                "conv",
+                &run(&b, &x, &wt, &init, Some(&r)),
+                &run(&f, &x, &wt, &init, Some(&r)),
+                &sum_abs,
+            );
+            let sum_abs_t = run_t(&f, &abs(&dy), &abs(&wt));
+            check(
+                "input gradient",
+                &run_t(&b, &dy, &wt),
+                &run_t(&f, &dy, &wt),
+                &sum_abs_t,
+            );
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even() {
+        assert_eq!(bf16_value(bf16_bits(1.0)), 1.0);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1)
+        assert_eq!(bf16_value(bf16_bits(1.0 + 1.0 / 256.0)), 1.0);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: ties to even (1 + 2^-6)
+        assert_eq!(bf16_value(bf16_bits(1.0 + 3.0 / 256.0)), 1.0 + 1.0 / 64.0);
+        assert_eq!(bf16_value(bf16_bits(-3.0)), -3.0);
+        assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
+        assert_eq!(bf16_value(bf16_bits(f32::INFINITY)), f32::INFINITY);
     }
 
     #[test]

@@ -53,6 +53,57 @@ pub(crate) mod strided;
 pub mod upconv;
 
 static FAST_KERNELS: AtomicBool = AtomicBool::new(true);
+static BF16: AtomicBool = AtomicBool::new(false);
+
+/// The arithmetic of the fast convolution kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 everywhere (the default).
+    #[default]
+    F32,
+    /// bf16 operands with f32 accumulation in the direct convolutions (the convolutions of the
+    /// ResNet blocks, the stride-2 and upsampling convolutions, and their input gradients) on
+    /// CPUs with AVX512_BF16. Weights stay f32 (rounded to bf16 as they are packed for each
+    /// call), as do weight gradients, norms, activations, softmax, the linear layers, the
+    /// attention products and the optimizer state.
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(crate::error::Error::param(
+                "precision",
+                format!("unknown precision '{other}', expected f32 or bf16"),
+            )),
+        }
+    }
+}
+
+/// Sets the arithmetic of the fast convolution kernels for the whole process. `Bf16` needs a
+/// CPU with AVX-512 and AVX512_BF16: an error (and no change) otherwise.
+pub fn set_precision(p: Precision) -> crate::error::Result<()> {
+    if p == Precision::Bf16 && !direct::has_bf16() {
+        return Err(crate::error::Error::param(
+            "precision",
+            "bf16 needs a CPU with the AVX512_BF16 instructions (and AVX-512); this one has none: use f32",
+        ));
+    }
+    BF16.store(p == Precision::Bf16, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The arithmetic of the fast convolution kernels ([`set_precision`]).
+pub fn precision() -> Precision {
+    if BF16.load(Ordering::Relaxed) {
+        Precision::Bf16
+    } else {
+        Precision::F32
+    }
+}
 
 /// Turns the fast CPU kernels on or off for the whole process (on by default). Off means
 /// every op runs as candle's stock composition ([`reference`](mod@reference)).
