@@ -853,6 +853,11 @@ impl<'a> WeightGrad<'a> {
         for y in 0..h {
             dyt[(y * wp + w) * co_pad..(y + 1) * wp * co_pad].fill(0.0);
         }
+        if d.isa == Isa::Avx512Bf16 {
+            // the bf16 views write only the image's pixels: everything else stays zero
+            x_pad.fill(0.0);
+            dyt.fill(0.0);
+        }
         Self {
             d,
             c_out,
@@ -880,6 +885,11 @@ impl<'a> WeightGrad<'a> {
         );
         if d.isa == Isa::Portable {
             portable::weight_grad(d, dy, self.c_out, x, self.c_in, &mut self.acc, self.co_pad);
+            return;
+        }
+        #[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+        if d.isa == Isa::Avx512Bf16 {
+            self.add_image_bf16(dy, x);
             return;
         }
         // x_pad[ci, (y + pad) Wp + x + pad] = x[ci, y W + x]; the rest stays zero
@@ -930,6 +940,79 @@ impl<'a> WeightGrad<'a> {
                 k0 += tk;
             }
             q0 = q1;
+        }
+    }
+
+    /// [`WeightGrad::add_image`] with bf16 operands: `x_pad` as bf16 values and `dyT` as bf16
+    /// pairs of consecutive padded pixels, `dyT2[k][co] = (dy[co, 2k], dy[co, 2k + 1])`; each
+    /// `vdpbf16ps` adds two pixels' products into the f32 sums. Both live in the f32 scratch
+    /// buffers (half their size is used).
+    #[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+    fn add_image_bf16(&mut self, dy: &[f32], x: &[f32]) {
+        let d = self.d;
+        let (h, w, pad, wp, p) = (d.h, d.w, d.pad, self.wp, d.p);
+        let ld = self.co_pad;
+        let npair = (h * wp).div_ceil(2);
+        assert!(
+            2 * self.x_pad.len() >= (self.c_in + 1) * self.plane && self.dyt.len() >= npair * ld,
+            "direct conv: bf16 scratch"
+        );
+        // SAFETY: the u16 views cover the first halves of the f32 buffers (the assert above),
+        // which nothing else borrows while they live.
+        let xb: &mut [u16] = unsafe {
+            std::slice::from_raw_parts_mut(self.x_pad.as_mut_ptr() as *mut u16, (self.c_in + 1) * self.plane)
+        };
+        for ci in 0..self.c_in {
+            for y in 0..h {
+                let at = ci * self.plane + (y + pad) * wp + pad;
+                let src = &x[ci * p + y * w..ci * p + (y + 1) * w];
+                for (dst, v) in xb[at..at + w].iter_mut().zip(src) {
+                    *dst = bf16_bits(*v) as u16;
+                }
+            }
+        }
+        // SAFETY: as above.
+        let db: &mut [u16] =
+            unsafe { std::slice::from_raw_parts_mut(self.dyt.as_mut_ptr() as *mut u16, npair * ld * 2) };
+        for co in 0..self.c_out {
+            for y in 0..h {
+                for xx in 0..w {
+                    let q = y * wp + xx;
+                    db[((q / 2) * ld + co) * 2 + (q & 1)] = bf16_bits(dy[co * p + y * w + xx]) as u16;
+                }
+            }
+        }
+        let (tc, tk) = (self.tc, self.tk);
+        let xb = self.x_pad.as_ptr() as *const u16;
+        let mut k0p = 0;
+        while k0p < npair {
+            let k1p = (k0p + QB / 2).min(npair);
+            let mut k0 = 0;
+            while k0 < self.rows {
+                let offs = &self.offsets[k0..k0 + tk];
+                let mut c0 = 0;
+                while c0 < self.co_pad {
+                    let nc = ((self.co_pad - c0) / L).min(tc);
+                    let args = GradArgs {
+                        nq: k1p - k0p,
+                        dyt: self.dyt[k0p * ld + c0..].as_ptr(),
+                        ld,
+                        // the pair k0p's first pixel in x_pad's u16 view
+                        x: xb.wrapping_add(2 * k0p) as *const f32,
+                        offs,
+                        out: self.acc[k0 * ld + c0..].as_mut_ptr(),
+                    };
+                    // SAFETY: AVX-512F + AVX512_BF16 (the bf16 kernels exist only then). The
+                    // kernel reads dyT2[k, c0 .. c0 + 16 nc] for k0p <= k < k1p <= npair (inside
+                    // dyt), the u16 pairs at offs[j] + 2k, 2k + 1 <= ci plane + plane (the
+                    // next plane's first value, or the zero plane's; times a zero half of dy
+                    // when h Wp is odd), and writes acc[(k0 + j) ld + c0 ..][.. 16 nc].
+                    unsafe { grad_dispatch_bf16(nc, tk, &args) };
+                    c0 += nc * L;
+                }
+                k0 += tk;
+            }
+            k0p = k1p;
         }
     }
 
@@ -1004,6 +1087,63 @@ unsafe fn grad_dispatch(nc: usize, nk: usize, a: &GradArgs<'_>) {
         };
     }
     run!(4, 6; 3, 6; 2, 6; 1, 6; 3, 8; 2, 8; 1, 8; 2, 12; 1, 12; 1, 16);
+}
+
+/// # Safety
+/// AVX-512F and AVX512_BF16; see [`WeightGrad::add_image_bf16`].
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+#[clippy::msrv = "1.89"]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn grad_dispatch_bf16(nc: usize, nk: usize, a: &GradArgs<'_>) {
+    macro_rules! run {
+        ($($nc:literal, $nk:literal);*) => {
+            match (nc, nk) {
+                $(($nc, $nk) => grad_kernel_bf16::<$nc, $nk>(a),)*
+                _ => unreachable!("weight-gradient tile {nc} x {nk}"),
+            }
+        };
+    }
+    run!(4, 6; 3, 6; 2, 6; 1, 6; 3, 8; 2, 8; 1, 8; 2, 12; 1, 12; 1, 16);
+}
+
+/// [`grad_kernel`] over pixel pairs: `a.nq` pairs, `a.dyt` the pairs `dyT2[k][co]`, `a.x` the
+/// u16 bf16 values of `x_pad` (read two at a time, unaligned).
+///
+/// # Safety
+/// AVX-512F and AVX512_BF16; see [`WeightGrad::add_image_bf16`].
+#[cfg(all(target_arch = "x86_64", diffuse_avx512))]
+#[clippy::msrv = "1.89"]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::needless_range_loop)] // register blocking: acc[j][c] indexed on purpose
+unsafe fn grad_kernel_bf16<const C: usize, const K: usize>(a: &GradArgs<'_>) {
+    let mut acc = [[_mm512_setzero_ps(); C]; K];
+    let xb = a.x as *const u16;
+    let mut xs = [std::ptr::null::<u16>(); K];
+    for (j, x) in xs.iter_mut().enumerate() {
+        *x = xb.add(a.offs[j]);
+    }
+    let mut dy = a.dyt;
+    for k in 0..a.nq {
+        let mut dv = [_mm512_setzero_si512(); C];
+        for (c, v) in dv.iter_mut().enumerate() {
+            *v = _mm512_loadu_si512(dy.add(c * L) as *const _);
+        }
+        for j in 0..K {
+            let pair = std::ptr::read_unaligned(xs[j].add(2 * k) as *const i32);
+            let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+            for c in 0..C {
+                let d: __m512bh = std::mem::transmute(dv[c]);
+                acc[j][c] = _mm512_dpbf16_ps(acc[j][c], d, b);
+            }
+        }
+        dy = dy.add(a.ld);
+    }
+    for (j, row) in acc.iter().enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            let o = a.out.add(j * a.ld + c * L);
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), *v));
+        }
+    }
 }
 
 /// `acc[j, c] += sum_q x[offs[j] + q] dyT[q, c]` for `K` rows and `C` vectors of channels.
@@ -1244,6 +1384,19 @@ mod tests {
                 &run_t(&b, &dy, &wt),
                 &run_t(&f, &dy, &wt),
                 &sum_abs_t,
+            );
+            let run_w = |d: &Direct, dy: &[f32], x: &[f32]| {
+                let mut wg = WeightGrad::new(d, cy, cx);
+                wg.add_image(dy, x);
+                wg.add_image(dy, x);
+                wg.finish()
+            };
+            let sum_abs_w = run_w(&f, &abs(&dy), &abs(&x));
+            check(
+                "weight gradient",
+                &run_w(&b, &dy, &x),
+                &run_w(&f, &dy, &x),
+                &sum_abs_w,
             );
         }
     }
