@@ -476,7 +476,7 @@ mod tests {
                 warmup: 0,
                 iters: 1,
                 seed: 0,
-                profile: workload == Workload::Train,
+                profile: false,
                 precision: crate::ops::Precision::F32,
             };
             let r = run_workload(&cfg, &spec, &Device::Cpu).unwrap();
@@ -484,24 +484,9 @@ mod tests {
             assert_eq!(r.median_ms, r.times_ms[0]);
             assert_eq!(r.params, unet::num_parameters(&cfg).unwrap());
             assert!(r.rayon_threads >= 1 && r.candle_threads >= 1);
-            // the profiled train step: the whole step, the backward pass and the optimizer
-            // inside it, each entered once per step
-            if let Some(rows) = &r.profile {
-                let find = |name: &str| {
-                    rows.iter()
-                        .find(|e| e.name == name)
-                        .unwrap_or_else(|| panic!("no {name} in {rows:?}"))
-                };
-                let step = find("step");
-                assert_eq!(rows[0].name, "step", "the whole step is the largest entry");
-                for inner in ["backward", "adamw"] {
-                    let e = find(inner);
-                    assert_eq!(e.calls, 1.0);
-                    assert!(e.ms <= step.ms, "{inner} inside the step");
-                }
-            } else {
-                assert_ne!(workload, Workload::Train, "the train step was profiled");
-            }
+            // (the profile is process-wide, shared with the tests running beside this one:
+            // `tests/bench_cli.rs` checks `--profile` in a process of its own)
+            assert!(r.profile.is_none());
         }
         let spec = WorkloadSpec {
             workload: Workload::Sample,
