@@ -56,21 +56,28 @@ pub fn finish(comm: &dyn Collective, result: anyhow::Result<()>) -> anyhow::Resu
     let Some(&reporter) = failed.first() else {
         return result;
     };
-    match result {
-        Err(e) if comm.rank() == reporter => {
-            if failed.len() == comm.size() {
-                Err(e)
+    super::ending();
+    if let Err(e) = result {
+        if comm.rank() == reporter {
+            let e = if failed.len() == comm.size() {
+                e
             } else {
-                Err(e.context(format!("rank {reporter} of {}", comm.size())))
-            }
+                e.context(format!("rank {reporter} of {}", comm.size()))
+            };
+            eprintln!("error: {}", super::one_line(&e));
         }
-        _ => Err(diffuse::Error::PeerFailed {
-            rank: reporter,
-            size: comm.size(),
-            user_error: statuses[reporter] == 2,
-        }
-        .into()),
     }
+    // Every rank waits until the reporter has printed its line: mpirun ends the job (SIGTERM to
+    // the rest) as soon as the first rank exits with an error, which could otherwise come
+    // before the line, or make a rank's signal handler print a line of its own.
+    comm.all_gather_u64(0)?;
+    // every rank, the reporter too, exits with the reporter's status and prints nothing more
+    Err(diffuse::Error::PeerFailed {
+        rank: reporter,
+        size: comm.size(),
+        user_error: statuses[reporter] == 2,
+    }
+    .into())
 }
 
 /// Refuses ranks started with different flags (MPMD launches: `mpirun -n 1 A : -n 1 B`).
@@ -87,15 +94,24 @@ fn same_command_line(comm: &dyn Collective) -> anyhow::Result<()> {
     };
     let mut theirs = joined.clone().into_bytes();
     comm.broadcast_bytes(&mut theirs, other)?;
-    if comm.rank() != 0 {
-        return Err(diffuse::Error::PeerFailed {
-            rank: 0,
-            size: comm.size(),
-            user_error: true,
-        }
-        .into());
+    if comm.rank() == 0 {
+        eprintln!("error: {}", mismatch_message(&args, &theirs, other));
     }
-    let theirs: Vec<String> = String::from_utf8_lossy(&theirs)
+    // The other ranks wait until rank 0 has said why: mpirun ends the whole job as soon as the
+    // first rank exits with an error, which could otherwise be before rank 0 printed anything.
+    comm.all_gather_u64(0)?;
+    Err(diffuse::Error::PeerFailed {
+        rank: 0,
+        size: comm.size(),
+        user_error: true,
+    }
+    .into())
+}
+
+/// What rank 0 says when rank `other` was started with the command line `theirs` (arguments
+/// joined by U+001F) instead of `args`.
+fn mismatch_message(args: &[String], theirs: &[u8], other: usize) -> String {
+    let theirs: Vec<String> = String::from_utf8_lossy(theirs)
         .split('\u{1f}')
         .map(str::to_string)
         .collect();
@@ -113,12 +129,12 @@ fn same_command_line(comm: &dyn Collective) -> anyhow::Result<()> {
             format!("`{shown}`")
         }
     };
-    super::usage(format!(
+    format!(
         "rank {other} was started with other flags than rank 0 ({} where rank 0 has {}); every \
          rank of `diffuse train` needs the same command line",
         around(&theirs),
-        around(&args)
-    ))
+        around(args)
+    )
 }
 
 /// Sends this process's stdout to /dev/null (ranks other than 0).

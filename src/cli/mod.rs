@@ -109,6 +109,15 @@ const EXIT_ON_SECOND_SIGNAL: i32 = 130;
 /// "termination" feature; one handler per process, installed on the first call). The first
 /// signal asks the loop to finish the step and write a checkpoint; a second one quits at once
 /// (the last complete checkpoint is kept: checkpoints become visible only when whole).
+/// Set when the command has failed and is about to exit: a signal then arriving (mpirun's
+/// SIGTERM to the other ranks once one exits) is ignored, and the error line stays the only one.
+static ENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Silences the interrupt handler's messages for the rest of the process (see [`ENDING`]).
+pub fn ending() {
+    ENDING.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 pub fn interrupt_on_signals() -> anyhow::Result<diffuse::train::Interrupt> {
     use std::sync::Mutex;
     static INSTALLED: Mutex<Option<diffuse::train::Interrupt>> = Mutex::new(None);
@@ -121,6 +130,9 @@ pub fn interrupt_on_signals() -> anyhow::Result<diffuse::train::Interrupt> {
     // under mpirun every rank gets the signal: only rank 0 says so (it alone checkpoints)
     let quiet = diffuse::train::distributed::launcher_world().is_some_and(|(rank, _)| rank != 0);
     ctrlc::set_handler(move || {
+        if ENDING.load(std::sync::atomic::Ordering::SeqCst) {
+            return; // already on the way out with an error: nothing to finish or say
+        }
         if flag.trigger() {
             if !quiet {
                 eprintln!("\nsecond interrupt: quitting now (the last complete checkpoint is kept)");
